@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Launch the distillation job with torchrun; every argument is passed to Hydra.
+#   bash launch/distill.sh                                   # embedded defaults
+#   bash launch/distill.sh distill.retention=0.125 deepspeed=zero3
+#   bash launch/distill.sh -m distill.retention=0.5,0.25,0.125   # one run per ratio (Hydra multirun)
+# Processes: $NPROC if set, else every visible GPU, else 1 (CPU: DeepSpeed's CPU accelerator with gloo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+if [ "$gpus" -eq 0 ]; then
+  export DS_ACCELERATOR=cpu
+fi
+nproc=${NPROC:-$(( gpus > 0 ? gpus : 1 ))}
+port=${MASTER_PORT:-$(( 29500 + RANDOM % 1000 ))}
+exec torchrun --nnodes=1 --nproc_per_node="$nproc" --master_addr=127.0.0.1 --master_port="$port" \
+  -m train.distill "$@"

@@ -1,0 +1,209 @@
+"""The distillation job: `python -m train.distill` (one process) or `bash launch/distill.sh` (torchrun).
+
+Freeze the backbone, put the pattern in place, train each F layer's indexer against the centroid of
+the attention of the layers it serves (dense stage, then sparse stage), evaluate, checkpoint, export.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from distill.objective import Distiller
+from distill.pattern import resolve_pattern
+from train.checkpoint import (check_compatible, checkpoint_root, latest_checkpoint, load_checkpoint,
+                              read_meta, save_checkpoint)
+from train.data import BatchLoader, eval_batches, packed_datasets
+from train.logger import Logger
+from train.model import build_model
+from train.tokenizer import load_tokenizer
+
+
+def setup_distributed(device_cfg: str) -> tuple[torch.device, int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns device, rank, world."""
+    import deepspeed
+    use_cuda = torch.cuda.is_available() and device_cfg != "cpu"
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(cfg: DictConfig, device: torch.device, world_size: int) -> dict:
+    """The DeepSpeed config of `conf/deepspeed/*` completed from `distill.*`."""
+    d = cfg.distill
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    ds["bf16"]["enabled"] = device.type == "cuda" if bf16 == "auto" else bool(bf16)
+    total = d.dense_steps + d.sparse_steps
+    ds.update({
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": d.grad_accum,
+        "train_batch_size": d.micro_batch_size * d.grad_accum * world_size,
+        "gradient_clipping": d.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": d.lr, "weight_decay": d.weight_decay,
+                                                  "betas": list(d.betas)}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(total, 1), "warmup_num_steps": min(d.warmup_steps, max(total - 1, 0)),
+            "warmup_type": "linear", "cos_min_ratio": d.min_lr_ratio}},
+    })
+    return ds
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[torch.Tensor], sparse: bool, device: torch.device) -> dict[str, float]:
+    """Per-group distillation loss and top-k recall on the validation batches (every rank, same batches)."""
+    sums: dict[str, float] = {}
+    for batch in batches:
+        out = engine(batch.to(device), sparse=sparse, with_recall=True)
+        for f, value in out.group_losses.items():
+            sums[f"eval/loss/layer_{f}"] = sums.get(f"eval/loss/layer_{f}", 0.0) + value.item()
+        for f, value in out.recall.items():
+            sums[f"eval/recall/layer_{f}"] = sums.get(f"eval/recall/layer_{f}", 0.0) + value
+        sums["eval/loss"] = sums.get("eval/loss", 0.0) + out.loss.item()
+    metrics = {k: v / len(batches) for k, v in sums.items()}
+    recalls = [v for k, v in metrics.items() if k.startswith("eval/recall/")]
+    metrics["eval/recall"] = sum(recalls) / len(recalls)
+    return metrics
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def run(cfg: DictConfig, run_dir: str) -> dict:
+    """Train and export; returns the final metrics. Every rank calls this."""
+    import deepspeed
+    device, rank, world_size = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    d = cfg.distill
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+
+    backbone = build_model(cfg.model, device)
+    num_layers = backbone.config.num_hidden_layers
+    pattern = resolve_pattern(num_layers, d.pattern, d.retention, d.freq)
+    max_len = backbone.config.max_position_embeddings
+    if d.seq_len > max_len:
+        raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings={max_len}")
+    resume_from = _resume_path(cfg, run_dir, str(pattern), model_cfg)
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = packed_datasets(cfg.data, tokenizer, d.seq_len, os.path.join(cfg.cache_dir, "data"))
+    loader = BatchLoader(data["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
+    val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches)
+
+    distiller = Distiller(backbone, pattern, kernel=d.kernel, target=d.target, reduction=d.loss_reduction)
+    trainable = [p for p in distiller.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=distiller, model_parameters=trainable, config=deepspeed_config(cfg, device, world_size))
+
+    step = 0
+    if resume_from:
+        meta = load_checkpoint(engine, resume_from)
+        step = meta["step"]
+        loader.load_state_dict(meta["loader"])
+        torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = Logger(cfg.logger, run_dir, cfg.name, resolved, rank)
+    if rank == 0:
+        print(f"[distill] {cfg.name}: pattern {pattern} (retention {pattern.retention:.3f}), groups "
+              f"{pattern.groups()}, {sum(p.numel() for p in trainable)} trainable parameters, world {world_size}, "
+              f"{device}" + (f", resumed at step {step}" if step else ""), flush=True)
+
+    total = d.dense_steps + d.sparse_steps
+    tokens_per_step = d.micro_batch_size * d.grad_accum * world_size * d.seq_len
+    metrics: dict[str, float] = {}
+    bad_steps = 0
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
+    meta = {"pattern": str(pattern), "model": model_cfg, "config": resolved}
+    while step < total:
+        sparse = step >= d.dense_steps
+        t0 = time.perf_counter()
+        losses = []
+        for _ in range(d.grad_accum):
+            out = engine(next(loader).to(device), sparse=sparse)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out)
+        step += 1
+        loss = sum(o.loss.item() for o in losses) / len(losses)
+        grad_norm = engine.get_global_grad_norm()
+        bad_steps = bad_steps + 1 if not (math.isfinite(loss) and _finite(grad_norm)) else 0
+        if bad_steps >= d.max_bad_steps:
+            raise FloatingPointError(f"{bad_steps} steps in a row with a non-finite loss or gradient "
+                                     f"(last loss {loss}, grad norm {grad_norm}) at step {step}")
+        metrics = {"train/loss": loss, "train/lr": scheduler.get_lr()[0], "train/stage": int(sparse),
+                   "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "train/tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+                   "train/peak_memory_gib": peak_memory_gib(device)}
+        for f in losses[0].group_losses:
+            metrics[f"train/loss/layer_{f}"] = sum(o.group_losses[f].item() for o in losses) / len(losses)
+        if step % d.eval_every == 0 or step == total:
+            metrics.update(evaluate(engine, val, sparse, device))
+        if step % d.log_every == 0 or step == total or "eval/loss" in metrics:
+            logger.log(metrics, step)
+            bar.set_postfix(loss=f"{loss:.4f}", **({"eval": f"{metrics['eval/loss']:.4f}"}
+                                                   if "eval/loss" in metrics else {}))
+        if rank == 0 and "eval/loss" in metrics:
+            tqdm.write(f"[distill] step {step}: train loss {loss:.4f}, eval loss {metrics['eval/loss']:.4f}, "
+                       f"recall {metrics['eval/recall']:.4f}, stage {'sparse' if sparse else 'dense'}")
+        if step % d.save_every == 0 or step == total:
+            save_checkpoint(engine, distiller, run_dir, step,
+                            {**meta, "metrics": metrics, "loader": loader.state_dict(),
+                             "rng": torch.get_rng_state().tolist()}, d.keep_checkpoints)
+        bar.update(1)
+    bar.close()
+    logger.summary(metrics)
+    logger.finish()
+    if cfg.export.enabled and rank == 0:
+        from distill.export import export_checkpoint
+        export_checkpoint(latest_checkpoint(checkpoint_root(run_dir)), os.path.join(run_dir, "export"),
+                          full_model=cfg.export.full_model, keep_shared_indexers=cfg.export.keep_shared_indexers)
+    if dist.is_initialized():
+        dist.barrier()
+    return metrics
+
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(float(value))
+
+
+def _resume_path(cfg: DictConfig, run_dir: str, pattern: str, model_cfg: dict) -> str | None:
+    if cfg.resume == "never":
+        return None
+    path = latest_checkpoint(checkpoint_root(run_dir)) if cfg.resume == "auto" else str(cfg.resume)
+    if path is None:
+        return None
+    check_compatible(read_meta(path), pattern, model_cfg, path)
+    return path
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    metrics = run(cfg, run_dir)
+    return metrics.get("eval/loss", float("nan"))
+
+
+if __name__ == "__main__":
+    main()
