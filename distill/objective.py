@@ -1,7 +1,7 @@
 """The distillation objective: each F layer's indexer against the centroid of the layers it serves."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,8 +17,9 @@ TARGETS = ("centroid", "own")
 REDUCTIONS = ("sum", "mean")
 
 
-@dataclass
-class DistillOutput:
+class DistillOutput(NamedTuple):
+    """A named tuple, so that DeepSpeed's ZeRO-3 hooks see the tensors inside."""
+
     loss: torch.Tensor                       # scalar: the training loss (sum or mean of group losses)
     group_losses: dict[int, torch.Tensor]    # F layer -> KL(target || indexer), mean over B*T rows
     recall: dict[int, float] | None = None   # F layer -> share of the dense centroid mass in its top-k

@@ -9,6 +9,7 @@ import math
 import os
 import time
 
+import datasets
 import hydra
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from train.checkpoint import (check_compatible, checkpoint_root, latest_checkpoi
                               read_meta, save_checkpoint)
 from train.data import BatchLoader, eval_batches, packed_datasets
 from train.logger import Logger
-from train.model import build_model
+from train.model import ModelConfigError, build_model, model_config
 from train.tokenizer import load_tokenizer
 
 
@@ -45,17 +46,24 @@ def setup_distributed(device_cfg: str) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def deepspeed_config(cfg: DictConfig, device: torch.device, world_size: int) -> dict:
-    """The DeepSpeed config of `conf/deepspeed/*` completed from `distill.*`."""
+def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config of `conf/deepspeed/*` completed from `distill.*`; bf16 'auto' = on with a GPU."""
     d = cfg.distill
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
     bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
     ds["bf16"]["enabled"] = device.type == "cuda" if bf16 == "auto" else bool(bf16)
+    batch = d.micro_batch_size * d.grad_accum * world_size
+    for key, ours in (("train_batch_size", batch), ("train_micro_batch_size_per_gpu", d.micro_batch_size),
+                      ("gradient_accumulation_steps", d.grad_accum)):
+        if key in ds and ds[key] != ours:
+            raise ValueError(f"deepspeed.{key}={ds[key]} conflicts with distill.micro_batch_size="
+                             f"{d.micro_batch_size} x grad_accum={d.grad_accum} x world size {world_size} "
+                             f"(= {batch}); set the distill.* keys instead")
     total = d.dense_steps + d.sparse_steps
     ds.update({
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
         "gradient_accumulation_steps": d.grad_accum,
-        "train_batch_size": d.micro_batch_size * d.grad_accum * world_size,
+        "train_batch_size": batch,
         "gradient_clipping": d.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": d.lr, "weight_decay": d.weight_decay,
                                                   "betas": list(d.betas)}},
@@ -90,6 +98,29 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device):
+    """Check everything that can be checked before the weights load and any GPU work starts.
+
+    Returns (transformers config, pattern, checkpoint to resume from or None, DeepSpeed config).
+    """
+    d = cfg.distill
+    config = model_config(cfg.model)
+    if not hasattr(config, "index_topk"):
+        raise ModelConfigError(f"model {config.model_type!r} has no DSA indexer (no index_topk)")
+    pattern = resolve_pattern(config.num_hidden_layers, d.pattern, d.retention, d.freq)
+    if d.seq_len > config.max_position_embeddings:
+        raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    for key in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+        if int(d[key]) < 1:
+            raise ValueError(f"distill.{key} must be at least 1, got {d[key]}")
+    if d.dense_steps < 0 or d.sparse_steps < 0 or d.dense_steps + d.sparse_steps < 1:
+        raise ValueError(f"distill.dense_steps={d.dense_steps} and sparse_steps={d.sparse_steps}: "
+                         "both must be >= 0 and at least one step in all")
+    resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
+    return config, pattern, resume_from, deepspeed_config(cfg, world_size, device)
+
+
 def run(cfg: DictConfig, run_dir: str) -> dict:
     """Train and export; returns the final metrics. Every rank calls this."""
     import deepspeed
@@ -97,24 +128,18 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     torch.manual_seed(cfg.seed)
     d = cfg.distill
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-
-    backbone = build_model(cfg.model, device)
-    num_layers = backbone.config.num_hidden_layers
-    pattern = resolve_pattern(num_layers, d.pattern, d.retention, d.freq)
-    max_len = backbone.config.max_position_embeddings
-    if d.seq_len > max_len:
-        raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings={max_len}")
-    resume_from = _resume_path(cfg, run_dir, str(pattern), model_cfg)
+    config, pattern, resume_from, ds_config = prepare(cfg, run_dir, world_size, device)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = packed_datasets(cfg.data, tokenizer, d.seq_len, os.path.join(cfg.cache_dir, "data"))
+    data = _on_rank0_first(rank, lambda: packed_datasets(cfg.data, tokenizer, d.seq_len,
+                                                         os.path.join(cfg.cache_dir, "data")))
     loader = BatchLoader(data["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
     val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches)
 
+    backbone = build_model(cfg.model, device, config)
     distiller = Distiller(backbone, pattern, kernel=d.kernel, target=d.target, reduction=d.loss_reduction)
     trainable = [p for p in distiller.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=distiller, model_parameters=trainable, config=deepspeed_config(cfg, device, world_size))
+    engine, _, _, scheduler = deepspeed.initialize(model=distiller, model_parameters=trainable, config=ds_config)
 
     step = 0
     if resume_from:
@@ -127,7 +152,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     logger = Logger(cfg.logger, run_dir, cfg.name, resolved, rank)
     if rank == 0:
         print(f"[distill] {cfg.name}: pattern {pattern} (retention {pattern.retention:.3f}), groups "
-              f"{pattern.groups()}, {sum(p.numel() for p in trainable)} trainable parameters, world {world_size}, "
+              f"{pattern.groups()}, {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable)} trainable parameters, world {world_size}, "
               f"{device}" + (f", resumed at step {step}" if step else ""), flush=True)
 
     total = d.dense_steps + d.sparse_steps
@@ -182,6 +207,17 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return metrics
+
+
+def _on_rank0_first(rank: int, fn):
+    """Run `fn` on rank 0, then on the others (they find rank 0's cache)."""
+    if rank != 0:
+        datasets.disable_progress_bars()
+        dist.barrier()
+    result = fn()
+    if rank == 0:
+        dist.barrier()
+    return result
 
 
 def _finite(value) -> bool:

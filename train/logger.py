@@ -1,6 +1,7 @@
-"""Metrics to wandb (offline by default: files in the run dir) from rank 0 only."""
+"""Metrics from rank 0: to wandb (offline by default: files in the run dir) and to <run_dir>/metrics.jsonl."""
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -10,6 +11,7 @@ import wandb
 class Logger:
     def __init__(self, cfg, run_dir: str, name: str, config: dict, rank: int):
         self.run = None
+        self.jsonl = os.path.join(run_dir, "metrics.jsonl") if rank == 0 else None
         if rank != 0 or cfg.mode == "disabled":
             return
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, mode=cfg.mode,
@@ -17,6 +19,9 @@ class Logger:
                               id=_stable_id(run_dir), settings=wandb.Settings(silent=True))
 
     def log(self, metrics: dict, step: int) -> None:
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
 

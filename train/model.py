@@ -29,7 +29,22 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
         raise ModelConfigError(f"model.dtype {name!r} is not one of auto, float32, bfloat16, float16") from None
 
 
-def build_model(cfg: Mapping, device: torch.device | str = "cpu") -> PreTrainedModel:
+def model_config(cfg: Mapping):
+    """The transformers config of `cfg` (no weights loaded): checks early that the model is a DSA model."""
+    overrides = _plain(cfg.get("config") or {})
+    path = cfg.get("path")
+    if path:
+        config = load_config(path)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+    model_type = cfg.get("type")
+    if model_type not in MODEL_TYPES:
+        raise ModelConfigError(f"model.type {model_type!r} is not a DSA model type; use one of {sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type][0](**overrides)
+
+
+def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None) -> PreTrainedModel:
     """The causal LM of `cfg` (a `conf/model/*.yaml` mapping), in eval mode, on `device`.
 
     With `cfg.path`: loaded from that local directory (`cfg.config` entries override its config).
@@ -37,20 +52,11 @@ def build_model(cfg: Mapping, device: torch.device | str = "cpu") -> PreTrainedM
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg.get("dtype"), device)
-    overrides = _plain(cfg.get("config") or {})
-    path = cfg.get("path")
-    if path:
-        config = load_config(path)
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        model_cls = MODEL_TYPES[config.model_type][1]
-        model = model_cls.from_pretrained(path, config=config, dtype=dtype)
+    config = config if config is not None else model_config(cfg)
+    model_cls = MODEL_TYPES[config.model_type][1]
+    if cfg.get("path"):
+        model = model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype)
     else:
-        model_type = cfg.get("type")
-        if model_type not in MODEL_TYPES:
-            raise ModelConfigError(f"model.type {model_type!r} is not a DSA model type; use one of {sorted(MODEL_TYPES)}")
-        config_cls, model_cls = MODEL_TYPES[model_type]
-        config = config_cls(**overrides)
         torch.manual_seed(int(cfg.get("init_seed", 0)))
         model = model_cls(config).to(dtype)
     return model.to(device).eval()

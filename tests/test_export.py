@@ -1,0 +1,338 @@
+"""The export (DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GlmMoeDsaForCausalLM
+
+import distill.export as export_module
+from distill.export import (ExportError, consumer_lines, export, export_checkpoint, load_export,
+                            load_indexers_into, main)
+from distill.model import apply_pattern
+from distill.pattern import Pattern
+from train.model import build_model
+from train.tokenizer import train_bpe_tokenizer
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+PATTERNS = {"tiny_glm": "FSSFSFSS", "tiny_dsv32": "FSFS"}
+
+
+def model_cfg(name: str, **config) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg["config"].update(config)
+    return cfg
+
+
+def trained_model(cfg: dict, pattern: str, seed: int = 1):
+    """The backbone under `pattern` with its F indexers moved away from the init (as training does)."""
+    model = build_model(cfg)
+    indexers = apply_pattern(model, Pattern.parse(pattern))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for indexer in indexers.values():
+            for param in indexer.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model
+
+
+def f_indexer_state(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".indexer." in k}
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_round_trip(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    model = trained_model(cfg, "FSSFSFSS")
+    out = export(model, "FSSFSFSS", tmp_path / "export", model_cfg=cfg, train_config={"lr": 1e-3},
+                 metrics={"loss": torch.tensor(0.5)}, step=7)
+    manifest, state = load_export(out)
+    expected = f_indexer_state(model)
+    assert sorted(state) == sorted(expected) == manifest["indexer_weights"]["tensors"]
+    for name, tensor in expected.items():
+        assert state[name].dtype == torch.float32 and state[name].is_contiguous()
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
+    assert manifest["pattern"] == "FSSFSFSS"
+    assert manifest["indexer_types"] == Pattern.parse("FSSFSFSS").indexer_types()
+    assert manifest["retention"] == 3 / 8
+    assert manifest["source_model"]["location"] == "random:tiny_glm"
+    assert manifest["source_model"]["init_seed"] == cfg["init_seed"]
+    assert manifest["training_config"] == {"lr": 1e-3} and manifest["metrics"] == {"loss": 0.5}
+    assert manifest["step"] == 7 and manifest["model_dir"] is None
+    assert sorted(manifest["files"]) == ["indexers.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+@pytest.mark.parametrize("name", ["tiny_glm", "tiny_dsv32"])
+@pytest.mark.parametrize("keep_shared", [False, True])
+def test_full_model_loads_with_equal_logits(tmp_path, input_ids, name, keep_shared):
+    cfg, pattern = model_cfg(name), PATTERNS[name]
+    model = trained_model(cfg, pattern)
+    reference = logits(model, input_ids)
+    untrained = build_model(cfg)
+    apply_pattern(untrained, Pattern.parse(pattern))
+    assert not torch.allclose(logits(untrained, input_ids), reference), "the perturbation must change the logits"
+
+    out = export(model, pattern, tmp_path / "export", model_cfg=cfg, full_model=True,
+                 keep_shared_indexers=keep_shared)
+    manifest, _ = load_export(out)
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert isinstance(loaded, GlmMoeDsaForCausalLM)
+    assert loaded.config.indexer_types == Pattern.parse(pattern).indexer_types()
+    assert loaded.config.index_topk_pattern == pattern
+    torch.testing.assert_close(logits(loaded, input_ids), reference, rtol=1e-6, atol=1e-6)
+
+    assert manifest["model_dir"]["converted_from"] == (None if name == "tiny_glm" else "deepseek_v32")
+    assert "model/config.json" in manifest["files"]
+    shared = [i for i, c in enumerate(pattern) if c == "S"]
+    with safe_open(out / "model" / "model.safetensors", "pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if ".indexer." in k and int(k.split(".")[2]) in shared}
+    if keep_shared:
+        assert manifest["unused_shared_indexers"]["layers"] == shared
+        base = build_model(cfg)
+        originals = {k: v for k, v in base.state_dict().items() if ".indexer." in k and int(k.split(".")[2]) in shared}
+        assert sorted(kept) == sorted(originals)
+        if name == "tiny_glm":  # the DeepseekV32 rows are permuted for interleaved RoPE
+            for key, tensor in originals.items():
+                torch.testing.assert_close(kept[key], tensor, rtol=0, atol=0)
+    else:
+        assert manifest["unused_shared_indexers"] is None and kept == {}
+
+
+def test_manifest_freq_only_where_the_consumer_rule_matches(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    cases = {"sglang": Pattern.from_freq(8, 4, "sglang"), "transformers": Pattern.uniform(8, 4),
+             "irregular": Pattern.parse("FSSFSFSS")}
+    for label, pattern in cases.items():
+        model = trained_model(cfg, str(pattern))
+        manifest, _ = load_export(export(model, pattern, tmp_path / label, model_cfg=cfg))
+        forms = manifest["index_topk_freq"]
+        for consumer, keys in forms.items():
+            rebuilt = Pattern.from_freq(8, keys["index_topk_freq"], consumer, keys.get("index_skip_topk_offset", 2))
+            assert rebuilt == pattern
+        assert ("sglang" in forms) == (label == "sglang")
+        assert ("transformers" in forms) == (label != "irregular")
+        assert manifest["consumer_lines"] == consumer_lines(pattern)
+
+
+def test_consumer_lines():
+    lines = consumer_lines("FSSSFSSS")
+    flag, payload = lines["vllm"].split(" ", 1)
+    assert flag == "--hf-overrides"
+    assert json.loads(payload.strip("'")) == {"use_index_cache": True, "index_topk_pattern": "FSSSFSSS"}
+    flag, payload = lines["sglang"].split(" ", 1)
+    assert flag == "--json-model-override-args"
+    assert json.loads(payload.strip("'")) == {"index_topk_pattern": "FSSSFSSS"}
+
+
+@pytest.fixture
+def small_export(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    return export(trained_model(cfg, "FSSFSFSS"), "FSSFSFSS", tmp_path / "export", model_cfg=cfg)
+
+
+def rehash(out: Path, name: str) -> None:
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][name] = export_module._sha256(out / name)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_hash_mismatch(small_export):
+    path = small_export / "indexers.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="indexers.safetensors: sha256"):
+        load_export(small_export)
+
+
+def test_corrupt_safetensors_with_matching_hash(small_export):
+    (small_export / "indexers.safetensors").write_bytes(b"\xff" * 64)
+    rehash(small_export, "indexers.safetensors")
+    with pytest.raises(ExportError, match="indexers.safetensors is not a valid safetensors"):
+        load_export(small_export)
+
+
+def test_missing_files(small_export):
+    (small_export / "indexers.safetensors").unlink()
+    with pytest.raises(ExportError, match="indexers.safetensors is missing"):
+        load_export(small_export)
+    (small_export / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="manifest.json is missing"):
+        load_export(small_export)
+
+
+def test_failed_write_keeps_previous_export(tmp_path, monkeypatch):
+    cfg = model_cfg("tiny_glm")
+    out = tmp_path / "export"
+    export(trained_model(cfg, "FSSFSFSS", seed=1), "FSSFSFSS", out, model_cfg=cfg)
+    _, before = load_export(out)
+
+    def failing_write(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_file", failing_write)
+    second = trained_model(cfg, "FSSFSFSS", seed=2)
+    with pytest.raises(OSError, match="disk full"):
+        export(second, "FSSFSFSS", out, model_cfg=cfg)
+    _, after = load_export(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+    monkeypatch.undo()
+    export(second, "FSSFSFSS", out, model_cfg=cfg)
+    _, replaced = load_export(out)
+    assert all(torch.equal(replaced[k], v) for k, v in f_indexer_state(second).items())
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_killed_write_keeps_previous_export(small_export):
+    """SIGKILL while the new export is being written: the earlier export still loads."""
+    _, before = load_export(small_export)
+    script = textwrap.dedent(f"""
+        import os, signal
+        import distill.export as export_module
+        from omegaconf import OmegaConf
+        from distill.model import apply_pattern
+        from distill.pattern import Pattern
+        from train.model import build_model
+        cfg = OmegaConf.to_container(OmegaConf.load({str(CONF / "tiny_glm.yaml")!r}))
+        model = build_model(cfg)
+        apply_pattern(model, Pattern.parse("FSSFSFSS"))
+        real = export_module._sha256
+        def killed(path, sync=False):
+            real(path, sync)
+            os.kill(os.getpid(), signal.SIGKILL)
+        export_module._sha256 = killed
+        export_module.export(model, "FSSFSFSS", {str(small_export)!r}, model_cfg=cfg)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+    _, after = load_export(small_export)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_refuses_to_replace_a_directory_that_is_not_an_export(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an export"):
+        export(trained_model(cfg, "FSSFSFSS"), "FSSFSFSS", tmp_path, model_cfg=cfg)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_export_needs_the_pattern_applied(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    with pytest.raises(ExportError, match="call distill.model.apply_pattern"):
+        export(build_model(cfg), "FSSFSFSS", tmp_path / "export", model_cfg=cfg)
+    with pytest.raises(ExportError, match="needs full_model=True"):
+        export(trained_model(cfg, "FSSFSFSS"), "FSSFSFSS", tmp_path / "export", model_cfg=cfg,
+               keep_shared_indexers=True)
+
+
+def test_load_indexers_into(small_export, input_ids):
+    cfg = model_cfg("tiny_glm")
+    reference = trained_model(cfg, "FSSFSFSS")  # the exported model (same seeds)
+    fresh = build_model(cfg)
+    indexers = load_indexers_into(fresh, small_export)
+    assert sorted(indexers) == Pattern.parse("FSSFSFSS").full_layers
+    torch.testing.assert_close(logits(fresh, input_ids), logits(reference, input_ids), rtol=0, atol=0)
+
+    with pytest.raises(ExportError, match="4 DSA layers"):
+        load_indexers_into(build_model(model_cfg("tiny_glm", num_hidden_layers=4)), small_export)
+    with pytest.raises(ExportError, match="shapes that do not match"):
+        load_indexers_into(build_model(model_cfg("tiny_glm", index_head_dim=32)), small_export)
+    with pytest.raises(ExportError, match="holds glm_moe_dsa indexers; the model is deepseek_v32"):
+        load_indexers_into(build_model(model_cfg("tiny_dsv32", num_hidden_layers=8)), small_export)
+    with pytest.raises(ExportError, match="not FFSSFSSS"):
+        load_indexers_into(build_model(cfg), small_export, pattern="FFSSFSSS")
+    _, state = load_export(small_export)
+    with pytest.raises(ExportError, match="does not match the model under pattern FFSSFSSS"):
+        load_indexers_into(build_model(cfg), state, pattern="FFSSFSSS")
+
+
+def fabricate_run(run_dir: Path, cfg: dict, pattern: str, step: int = 20) -> Path:
+    """A run dir as the distillation job writes it: checkpoints/step_<N>/{indexers.safetensors, meta.json}."""
+    model = trained_model(cfg, pattern)
+    step_dir = run_dir / "checkpoints" / f"step_{step}"
+    step_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in f_indexer_state(model).items()}, step_dir / "indexers.safetensors")
+    meta = {"pattern": pattern, "step": step, "model": cfg, "config": {"model": cfg, "distill": {"lr": 1e-3}},
+            "metrics": {"loss": 0.25}}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step}\n")
+    return model
+
+
+def test_export_checkpoint(tmp_path, input_ids):
+    cfg = model_cfg("tiny_glm")
+    cfg["tokenizer"] = str(tmp_path / "tokenizer")
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n"] * 4, 260, cfg["tokenizer"])
+    model = fabricate_run(tmp_path / "run", cfg, "FSSFSFSS")
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export", full_model=True)
+    manifest, state = load_export(out)
+    assert manifest["step"] == 20 and manifest["metrics"] == {"loss": 0.25}
+    assert manifest["training_config"]["distill"] == {"lr": 1e-3}
+    assert all(torch.equal(state[k], v) for k, v in f_indexer_state(model).items())
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=1e-6, atol=1e-6)
+    assert "model/tokenizer.json" in manifest["files"]
+    text = "return x + 1"
+    assert AutoTokenizer.from_pretrained(out / "model")(text).input_ids == tokenizer(text).input_ids
+
+
+def test_export_checkpoint_errors(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    fabricate_run(tmp_path / "run", cfg, "FSSFSFSS")
+    step_dir = tmp_path / "run" / "checkpoints" / "step_20"
+    meta = json.loads((step_dir / "meta.json").read_text())
+
+    meta["pattern"] = "FFSSFSSS"  # a checkpoint that claims another pattern than its weights
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="does not fit its own model config"):
+        export_checkpoint(step_dir, tmp_path / "export")
+    meta["pattern"] = "FSSF"
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="4-layer pattern"):
+        export_checkpoint(step_dir, tmp_path / "export")
+    (step_dir / "indexers.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ExportError, match="indexers.safetensors is not a valid safetensors"):
+        export_checkpoint(step_dir, tmp_path / "export")
+    (step_dir / "indexers.safetensors").unlink()
+    with pytest.raises(ExportError, match="indexers.safetensors is missing"):
+        export_checkpoint(step_dir, tmp_path / "export")
+    with pytest.raises(ExportError, match="neither a checkpoint"):
+        export_checkpoint(tmp_path, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_cli(tmp_path, capsys):
+    cfg = model_cfg("tiny_glm")
+    fabricate_run(tmp_path / "run", cfg, "FSSFSFSS")
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--full-model",
+                 "--keep-shared-indexers"]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "export") in printed
+    for line in consumer_lines("FSSFSFSS").values():
+        assert line in printed
+    manifest, _ = load_export(tmp_path / "export")
+    assert manifest["unused_shared_indexers"]["layers"] == [1, 2, 4, 6, 7]
+
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 1
+    assert "neither a checkpoint" in capsys.readouterr().err

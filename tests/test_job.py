@@ -1,0 +1,156 @@
+"""The distillation job end to end: single process, torchrun + DeepSpeed on two CPU processes, resume, sweeps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from distill.pattern import PatternError
+from train.checkpoint import CheckpointError
+from train.distill import prepare
+from train.model import ModelConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
+         "distill.warmup_steps=1", "logger=disabled"]
+
+
+def env(tmp_path):
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "INDEXCACHE_CACHE": str(tmp_path.parent / "cache"),
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def job(tmp_path, run_dir, *overrides, nproc=None, wait=True):
+    """Run the job in a fresh process (DeepSpeed initialises torch.distributed once per process)."""
+    args = [*QUICK, f"hydra.run.dir={run_dir}", *overrides]
+    if nproc:
+        cmd = ["bash", "launch/distill.sh", *args]
+        environ = {**env(tmp_path), "NPROC": str(nproc)}
+    else:
+        cmd, environ = [sys.executable, "-m", "train.distill", *args], env(tmp_path)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_single_process_run_distils_and_exports(tmp_path):
+    run_dir = tmp_path / "run"
+    job(tmp_path, run_dir, "distill.dense_steps=12", "distill.sparse_steps=4", "distill.eval_every=4",
+        "distill.save_every=8", "logger=offline", "distill.lr=1e-2")
+    evals = [m["eval/loss"] for m in metrics(run_dir) if "eval/loss" in m]
+    assert len(evals) == 4
+    assert evals[2] < 0.8 * evals[0]  # the dense-stage distillation loss falls
+    assert all(0 < m["eval/recall"] <= 1 for m in metrics(run_dir) if "eval/recall" in m)
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_16"
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["pattern"] == "FSSSFSSS"
+    trained = load_file(run_dir / "checkpoints" / "step_16" / "indexers.safetensors")
+    exported = load_file(run_dir / "export" / "indexers.safetensors")
+    assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
+
+
+def test_two_process_launch_zero3_ends_with_an_export_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+    run_dir = tmp_path / "run"
+    out = job(tmp_path, run_dir, "deepspeed=zero3", "distill.pattern=FSSFSSFS", "distill.dense_steps=3",
+              "distill.sparse_steps=2", "distill.eval_every=5", "export.full_model=true", nproc=2)
+    assert "world 2" in out
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model")
+    assert type(model).__name__ == "GlmMoeDsaForCausalLM"
+    assert model.config.indexer_types == ["full", "shared", "shared", "full", "shared", "shared", "full", "shared"]
+    trained = load_file(run_dir / "checkpoints" / "step_5" / "indexers.safetensors")
+    state = model.state_dict()
+    assert sorted({int(k.split(".")[2]) for k in trained}) == [0, 3, 6]
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL after the first checkpoint, then resume=auto: the final indexers equal an uninterrupted run's."""
+    steps = ["distill.dense_steps=6", "distill.sparse_steps=2", "distill.save_every=2", "distill.eval_every=100"]
+    job(tmp_path, tmp_path / "straight", *steps)
+    killed = tmp_path / "killed"
+    proc = job(tmp_path, killed, *steps, wait=False)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.exists() and latest.read_text() in ("step_2", "step_4")) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() in ("step_2", "step_4")
+    out = job(tmp_path, killed, *steps)
+    assert "resumed at step" in out
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step_8" / "indexers.safetensors")
+    b = load_file(killed / "checkpoints" / "step_8" / "indexers.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        ["bash", "launch/distill.sh", "-m", "distill.retention=0.5,0.25", *QUICK, "distill.dense_steps=2",
+         "distill.sparse_steps=0", "distill.eval_every=2", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, env={**env(tmp_path), "NPROC": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    patterns = sorted(json.loads(p.read_text())["pattern"] for p in sweep.glob("*/export/manifest.json"))
+    assert patterns == ["FSFSFSFS", "FSSSFSSS"]
+
+
+def cfg(*overrides):
+    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
+        return compose("config", overrides=[*QUICK, *overrides])
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["distill.pattern=FSSF"], PatternError, "has 4 letters but the model has 8"),
+    (["distill.pattern=FSXSFSSS"], PatternError, "only 'F'"),
+    (["distill.retention=0.05"], PatternError, "rounds to 0 F layers"),
+    (["distill.seq_len=4096"], ValueError, "exceeds the model's max_position_embeddings"),
+    (["model.type=llama"], ModelConfigError, "not a DSA model type"),
+    (["+deepspeed.train_batch_size=64"], ValueError, "conflicts with distill.micro_batch_size"),
+    (["distill.dense_steps=0", "distill.sparse_steps=0"], ValueError, "at least one step"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        prepare(cfg(*overrides), str(tmp_path), world_size=2, device=torch.device("cpu"))
+
+
+def test_model_directory_without_dsa_is_refused(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelConfigError, match="no DSA indexers"):
+        prepare(cfg("model=local", f"model.path={tmp_path / 'llama'}"), str(tmp_path), 1, torch.device("cpu"))
+
+
+def test_checkpoint_of_another_pattern_or_model_is_refused(tmp_path):
+    step = tmp_path / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_4")
+    c = cfg()
+    from omegaconf import OmegaConf
+    model = OmegaConf.to_container(c.model, resolve=True)
+    (step / "meta.json").write_text(json.dumps({"pattern": "FSFSFSFS", "model": model, "step": 4}))
+    with pytest.raises(CheckpointError, match="pattern 'FSFSFSFS'"):
+        prepare(c, str(tmp_path), 1, torch.device("cpu"))
+    (step / "meta.json").write_text(json.dumps({"pattern": "FSSSFSSS", "model": {**model, "init_seed": 7}}))
+    with pytest.raises(CheckpointError, match="another model"):
+        prepare(c, str(tmp_path), 1, torch.device("cpu"))
+    (step / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        prepare(c, str(tmp_path), 1, torch.device("cpu"))
+    assert prepare(cfg("resume=never"), str(tmp_path), 1, torch.device("cpu"))[2] is None
