@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
@@ -154,3 +155,71 @@ def test_checkpoint_of_another_pattern_or_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="incomplete"):
         prepare(c, str(tmp_path), 1, torch.device("cpu"))
     assert prepare(cfg("resume=never"), str(tmp_path), 1, torch.device("cpu"))[2] is None
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    steps = ["distill.dense_steps=5", "distill.sparse_steps=0", "distill.eval_every=100", "distill.log_every=1"]
+    run_dir = tmp_path / "skip"
+    environ = {**env(tmp_path), "INDEXCACHE_FAULTS": "nan_loss@2"}
+    proc = subprocess.run([sys.executable, "-m", "train.distill", *QUICK, f"hydra.run.dir={run_dir}", *steps],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 2: non-finite loss on some rank, step skipped (1 in a row)" in proc.stdout + proc.stderr
+    assert any(m.get("train/skipped_nonfinite") == 1 and m["step"] == 2 for m in metrics(run_dir))
+    environ["INDEXCACHE_FAULTS"] = "nan_loss@2,nan_loss@3,nan_loss@4"
+    proc = subprocess.run([sys.executable, "-m", "train.distill", *QUICK, f"hydra.run.dir={tmp_path / 'stop'}",
+                           *steps, "distill.max_bad_steps=3"], cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "3 steps in a row with a non-finite loss (last at step 4); stopping" in proc.stdout + proc.stderr
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    steps = ["distill.dense_steps=6", "distill.sparse_steps=0", "distill.save_every=2", "distill.eval_every=100"]
+    job(tmp_path, tmp_path / "straight", *steps)
+    run_dir = tmp_path / "killed"
+    environ = {**env(tmp_path), "INDEXCACHE_FAULTS": "kill_in_save@4"}
+    proc = subprocess.run([sys.executable, "-m", "train.distill", *QUICK, f"hydra.run.dir={run_dir}", *steps],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_2"
+    assert (run_dir / "checkpoints" / "step_4").is_dir()  # DeepSpeed's half of the write happened
+    out = job(tmp_path, run_dir, *steps)
+    assert "resumed at step 2" in out
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step_6" / "indexers.safetensors")
+    b = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    steps = ["distill.dense_steps=400", "distill.sparse_steps=0", "distill.save_every=1000", "distill.eval_every=1000",
+             "distill.log_every=1"]
+    run_dir = tmp_path / "term"
+    proc = job(tmp_path, run_dir, *steps, wait=False)
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: checkpoint of step" in out
+    step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 2 <= step < 400
+    assert not (run_dir / "export").exists()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pattern=st.one_of(st.none(), st.text(alphabet="FSfsX ,1", max_size=10)),
+       retention=st.floats(-0.5, 1.5, allow_nan=False), seq_len=st.integers(-2, 5000),
+       steps=st.tuples(st.integers(-1, 3), st.integers(-1, 3)))
+def test_config_validation_fuzz(tmp_path, pattern, retention, seq_len, steps):
+    overrides = [f"distill.retention={retention}", f"distill.seq_len={seq_len}",
+                 f"distill.dense_steps={steps[0]}", f"distill.sparse_steps={steps[1]}",
+                 "distill.pattern=" + ("null" if pattern is None else repr(pattern).replace("'", '"')), "resume=never"]
+    try:
+        _, p, _, ds = prepare(cfg(*overrides), str(tmp_path), 1, torch.device("cpu"))
+    except (PatternError, ValueError) as e:
+        assert str(e)
+    else:
+        assert len(p) == 8 and str(p)[0] == "F" and 1 <= seq_len <= 1024 and ds["train_batch_size"] == 2

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from train import faults
+
 LATEST = "latest"
 META = "meta.json"
 INDEXERS = "indexers.safetensors"
@@ -66,6 +68,7 @@ def save_checkpoint(engine, distiller, run_dir: str, step: int, meta: dict, keep
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    faults.kill_if("kill_in_save", step)
     state = gathered_indexer_state(distiller)
     path = os.path.join(root, tag)
     if _rank() == 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import datasets
@@ -20,6 +21,7 @@ from distill.objective import Distiller
 from distill.pattern import resolve_pattern
 from train.checkpoint import (check_compatible, checkpoint_root, latest_checkpoint, load_checkpoint,
                               read_meta, save_checkpoint)
+from train import faults
 from train.data import BatchLoader, eval_batches, packed_datasets
 from train.logger import Logger
 from train.model import ModelConfigError, build_model, model_config
@@ -159,44 +161,62 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     tokens_per_step = d.micro_batch_size * d.grad_accum * world_size * d.seq_len
     metrics: dict[str, float] = {}
     bad_steps = 0
+    stop = _StopOnSigterm()
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
     meta = {"pattern": str(pattern), "model": model_cfg, "config": resolved}
+
+    def save(step: int) -> None:
+        save_checkpoint(engine, distiller, run_dir, step, {**meta, "metrics": metrics, "loader": loader.state_dict(),
+                                                           "rng": torch.get_rng_state().tolist()},
+                        d.keep_checkpoints)
+
     while step < total:
         sparse = step >= d.dense_steps
         t0 = time.perf_counter()
-        losses = []
-        for _ in range(d.grad_accum):
-            out = engine(next(loader).to(device), sparse=sparse)
-            engine.backward(out.loss)
-            engine.step()
-            losses.append(out)
+        outs = [engine(next(loader).to(device), sparse=sparse) for _ in range(d.grad_accum)]
         step += 1
-        loss = sum(o.loss.item() for o in losses) / len(losses)
+        loss = sum(o.loss.item() for o in outs) / len(outs)
+        group_losses = {f"train/loss/layer_{f}": sum(o.group_losses[f].item() for o in outs) / len(outs)
+                        for f in outs[0].group_losses}
+        if faults.fires("nan_loss", step):
+            loss = float("nan")
+        if _all_ranks_finite(loss, device):  # else: skip the step, no backward, no optimizer update
+            for out in outs:
+                engine.backward(out.loss)
+                engine.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            logger.log({"train/skipped_nonfinite": bad_steps}, step)
+            tqdm.write(f"[distill] step {step}: non-finite loss on some rank, step skipped ({bad_steps} in a row)")
+            if bad_steps >= d.max_bad_steps:
+                raise FloatingPointError(
+                    f"{bad_steps} steps in a row with a non-finite loss (last at step {step}); stopping. The last "
+                    f"good checkpoint is {latest_checkpoint(checkpoint_root(run_dir))}; lower distill.lr or check "
+                    f"the data, then resume")
+        del outs
         grad_norm = engine.get_global_grad_norm()
-        bad_steps = bad_steps + 1 if not (math.isfinite(loss) and _finite(grad_norm)) else 0
-        if bad_steps >= d.max_bad_steps:
-            raise FloatingPointError(f"{bad_steps} steps in a row with a non-finite loss or gradient "
-                                     f"(last loss {loss}, grad norm {grad_norm}) at step {step}")
         metrics = {"train/loss": loss, "train/lr": scheduler.get_lr()[0], "train/stage": int(sparse),
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "train/tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
-                   "train/peak_memory_gib": peak_memory_gib(device)}
-        for f in losses[0].group_losses:
-            metrics[f"train/loss/layer_{f}"] = sum(o.group_losses[f].item() for o in losses) / len(losses)
+                   "train/peak_memory_gib": peak_memory_gib(device), **group_losses}
         if step % d.eval_every == 0 or step == total:
             metrics.update(evaluate(engine, val, sparse, device))
         if step % d.log_every == 0 or step == total or "eval/loss" in metrics:
             logger.log(metrics, step)
-            bar.set_postfix(loss=f"{loss:.4f}", **({"eval": f"{metrics['eval/loss']:.4f}"}
-                                                   if "eval/loss" in metrics else {}))
+            bar.set_postfix(loss=f"{loss:.4f}")
         if rank == 0 and "eval/loss" in metrics:
             tqdm.write(f"[distill] step {step}: train loss {loss:.4f}, eval loss {metrics['eval/loss']:.4f}, "
                        f"recall {metrics['eval/recall']:.4f}, stage {'sparse' if sparse else 'dense'}")
         if step % d.save_every == 0 or step == total:
-            save_checkpoint(engine, distiller, run_dir, step,
-                            {**meta, "metrics": metrics, "loader": loader.state_dict(),
-                             "rng": torch.get_rng_state().tolist()}, d.keep_checkpoints)
+            save(step)
         bar.update(1)
+        if stop.requested(device) and step < total:
+            if step % d.save_every:
+                save(step)
+            tqdm.write(f"[distill] SIGTERM: checkpoint of step {step} saved; the same command resumes the run")
+            logger.finish()
+            return metrics
     bar.close()
     logger.summary(metrics)
     logger.finish()
@@ -220,8 +240,27 @@ def _on_rank0_first(rank: int, fn):
     return result
 
 
-def _finite(value) -> bool:
-    return value is None or math.isfinite(float(value))
+def _all_ranks_finite(value: float, device: torch.device) -> bool:
+    flag = torch.tensor(float(math.isfinite(value)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class _StopOnSigterm:
+    """SIGTERM (as schedulers send it) asks for a checkpoint and a clean exit at the end of the step."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device: torch.device) -> bool:
+        """True on every rank once any rank got SIGTERM."""
+        flag = torch.tensor(float(self.flag), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _resume_path(cfg: DictConfig, run_dir: str, pattern: str, model_cfg: dict) -> str | None:
