@@ -155,6 +155,11 @@ def test_checkpoint_of_another_pattern_or_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="incomplete"):
         prepare(c, str(tmp_path), 1, torch.device("cpu"))
     assert prepare(cfg("resume=never"), str(tmp_path), 1, torch.device("cpu"))[2] is None
+    (step / "meta.json").write_text(json.dumps({"pattern": "FSSSFSSS", "model": model, "world_size": 2}))
+    assert prepare(c, str(tmp_path), 1, torch.device("cpu"))[3]["checkpoint"] == {"load_universal": True}
+    assert prepare(c, str(tmp_path), 2, torch.device("cpu"))[3]["checkpoint"] == {"load_universal": False}
+    with pytest.raises(CheckpointError, match="ZeRO-3 checkpoint"):
+        prepare(cfg("deepspeed=zero3"), str(tmp_path), 1, torch.device("cpu"))
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
@@ -223,3 +228,24 @@ def test_config_validation_fuzz(tmp_path, pattern, retention, seq_len, steps):
         assert str(e)
     else:
         assert len(p) == 8 and str(p)[0] == "F" and 1 <= seq_len <= 1024 and ds["train_batch_size"] == 2
+
+
+@pytest.mark.parametrize("zero", ["zero1", "zero2"])
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path, zero):
+    """A ZeRO checkpoint of 2 processes, re-sharded (universal) to 1 process with the same global batch,
+    continues the same trajectory: step 6 matches the uninterrupted 2-process run's step 6."""
+    steps = ["distill.dense_steps=4", "distill.sparse_steps=2", "distill.save_every=2", "distill.keep_checkpoints=5",
+             "distill.eval_every=100", f"deepspeed={zero}"]
+    run_dir = tmp_path / "run"
+    job(tmp_path, run_dir, *steps, nproc=2)
+    two = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints" / "step_6")
+    (run_dir / "checkpoints" / "latest").write_text("step_4")
+    out = job(tmp_path, run_dir, *steps, "distill.micro_batch_size=1", "distill.grad_accum=4")
+    assert "resumed at step 4" in out and "world 1" in out
+    one = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
+    four = load_file(run_dir / "checkpoints" / "step_4" / "indexers.safetensors")
+    for k in two:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(one[k], four[k])  # it did train from step 4 to 6

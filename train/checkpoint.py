@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -67,7 +70,8 @@ def save_checkpoint(engine, distiller, run_dir: str, step: int, meta: dict, keep
     """Save on every rank (DeepSpeed shards), then rank 0 writes our files and moves `latest`."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
-    engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=True,
+                           client_state={"universal_checkpoint_info": {}})  # convertible by ds_to_universal
     faults.kill_if("kill_in_save", step)
     state = gathered_indexer_state(distiller)
     path = os.path.join(root, tag)
@@ -83,10 +87,11 @@ def save_checkpoint(engine, distiller, run_dir: str, step: int, meta: dict, keep
 
 def _prune(root: str, keep: int, current: str) -> None:
     steps = sorted((int(d.split("_")[1]), d) for d in os.listdir(root)
-                   if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+                   if re.fullmatch(r"step_\d+", d) and os.path.isdir(os.path.join(root, d)))
     for _, d in steps[:-keep] if keep > 0 else []:
         if d != current:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            for old in (d, f"{d}_universal"):
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
 def read_meta(path: str) -> dict:
@@ -109,10 +114,30 @@ def check_compatible(meta: dict, pattern: str, model_cfg: dict, path: str) -> No
                                   f"there, {ours.get(key)!r} here)")
 
 
-def load_checkpoint(engine, path: str) -> dict:
-    """Load DeepSpeed state from checkpoint dir `path` on every rank; returns its meta."""
+def universal_checkpoint(path: str) -> str:
+    """DeepSpeed's world-size-independent form of checkpoint `path` (made once, by rank 0): `<path>_universal`."""
+    out = os.path.normpath(path) + "_universal"
+    if _rank() == 0 and not os.path.isdir(out):
+        tmp = f"{out}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
+                               "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {path!r} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def load_checkpoint(engine, path: str, universal: bool = False) -> dict:
+    """Load DeepSpeed state from checkpoint dir `path` on every rank; returns its meta.
+
+    `universal`: load its universal form (the engine must be configured with checkpoint.load_universal).
+    """
     meta = read_meta(path)
-    root, tag = os.path.split(os.path.normpath(path))
+    root, tag = os.path.split(universal_checkpoint(path) if universal else os.path.normpath(path))
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path!r}")

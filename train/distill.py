@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from distill.objective import Distiller
 from distill.pattern import resolve_pattern
-from train.checkpoint import (check_compatible, checkpoint_root, latest_checkpoint, load_checkpoint,
+from train.checkpoint import (CheckpointError, check_compatible, checkpoint_root, latest_checkpoint, load_checkpoint,
                               read_meta, save_checkpoint)
 from train import faults
 from train.data import BatchLoader, eval_batches, packed_datasets
@@ -103,7 +103,8 @@ def peak_memory_gib(device: torch.device) -> float:
 def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device):
     """Check everything that can be checked before the weights load and any GPU work starts.
 
-    Returns (transformers config, pattern, checkpoint to resume from or None, DeepSpeed config).
+    Returns (transformers config, pattern, checkpoint to resume from or None, DeepSpeed config); a checkpoint
+    of another world size is loaded through DeepSpeed's universal (re-shardable) form.
     """
     d = cfg.distill
     config = model_config(cfg.model)
@@ -120,7 +121,15 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
         raise ValueError(f"distill.dense_steps={d.dense_steps} and sparse_steps={d.sparse_steps}: "
                          "both must be >= 0 and at least one step in all")
     resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
-    return config, pattern, resume_from, deepspeed_config(cfg, world_size, device)
+    ds_config = deepspeed_config(cfg, world_size, device)
+    saved_world = read_meta(resume_from).get("world_size", world_size) if resume_from else world_size
+    if saved_world != world_size and ds_config["zero_optimization"]["stage"] == 3:
+        raise CheckpointError(
+            f"{resume_from} was saved by {saved_world} processes and this run has {world_size}: re-sharding a "
+            "ZeRO-3 checkpoint through DeepSpeed 0.19.8's universal checkpoint did not continue the same "
+            "trajectory in our tests (ZeRO-1/2 do); resume with the same number of processes")
+    ds_config["checkpoint"] = {"load_universal": saved_world != world_size}  # re-shard through DeepSpeed's universal form
+    return config, pattern, resume_from, ds_config
 
 
 def run(cfg: DictConfig, run_dir: str) -> dict:
@@ -145,9 +154,9 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 
     step = 0
     if resume_from:
-        meta = load_checkpoint(engine, resume_from)
+        meta = load_checkpoint(engine, resume_from, universal=ds_config["checkpoint"]["load_universal"])
         step = meta["step"]
-        loader.load_state_dict(meta["loader"])
+        loader.load_state_dict(_loader_state(meta, d.micro_batch_size * world_size))
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -163,7 +172,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     bad_steps = 0
     stop = _StopOnSigterm()
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
-    meta = {"pattern": str(pattern), "model": model_cfg, "config": resolved}
+    meta = {"pattern": str(pattern), "model": model_cfg, "config": resolved, "world_size": world_size,
+            "micro_batch_size": d.micro_batch_size}
 
     def save(step: int) -> None:
         save_checkpoint(engine, distiller, run_dir, step, {**meta, "metrics": metrics, "loader": loader.state_dict(),
@@ -238,6 +248,19 @@ def _on_rank0_first(rank: int, fn):
     if rank == 0:
         dist.barrier()
     return result
+
+
+def _loader_state(meta: dict, rows_per_batch: int) -> dict:
+    """The data position of a checkpoint in batches of `rows_per_batch` rows (world sizes may differ)."""
+    state = dict(meta["loader"])
+    rows = state["position"] * meta.get("micro_batch_size", 0) * meta.get("world_size", 1)
+    if "micro_batch_size" in meta:
+        if rows % rows_per_batch:
+            raise CheckpointError(
+                f"the checkpoint consumed {rows} rows of its epoch, not a whole number of this run's global batches "
+                f"of {rows_per_batch} rows (micro_batch_size x world size): choose a micro_batch_size that divides it")
+        state["position"] = rows // rows_per_batch
+    return state
 
 
 def _all_ranks_finite(value: float, device: torch.device) -> bool:

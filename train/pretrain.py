@@ -13,8 +13,8 @@ against the frozen backbone (here: by the distillation job). Writes `<run dir>/m
 are reproducible on any machine) and `pretrain_record.json` (stages, steps, tokens, wall time, losses).
 
 stage=reference: `reference_outputs.json` of `reference.model_dir`, computed on the CPU in fp32 with plain
-transformers: greedy tokens of a fixed prompt and the held-out losses on `heldout.safetensors` with dense
-attention, with DSA (all-F, the shipped index_topk) and with DSA at retention 1/8 (uniform pattern,
+transformers: greedy tokens of a fixed prompt and the held-out losses on a CPU-sized slice of
+`heldout.safetensors` with dense attention, with DSA (all-F, the shipped index_topk) and with DSA at retention 1/8 (uniform pattern,
 untrained sharing). tests/test_reference_model.py checks the shipped model against it.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 import hydra
 import torch
 import torch.nn.functional as F
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,8 +55,10 @@ def dense_causal_attention(module, query, key, value, attention_mask, *, scaling
     """Causal attention over every earlier key: query, key [B, H, T, Dq], value [B, H, T, Dv] -> ([B, T, H, Dv], None).
 
     The materialised mask and the DSA top-k (`indices`) are ignored: rows are unpadded packed text, so
-    `is_causal` says everything and SDPA may take its flash kernel.
+    `is_causal` says everything and SDPA may take its flash kernel. Under autocast the RoPE'd part of the
+    query comes out fp32 (fp32 cos/sin of fp32 master weights): q and k are cast to v's dtype.
     """
+    query, key = query.to(value.dtype), key.to(value.dtype)
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling)
     return out.transpose(1, 2), None
 
@@ -237,21 +240,25 @@ def heldout_tokens(model_dir: str) -> torch.Tensor:
     return load_file(path)["input_ids"].long()
 
 
-def reference_outputs(model_dir: str, prompt: str, new_tokens: int) -> dict:
+def reference_outputs(model_dir: str, prompt: str, new_tokens: int, rows: int, tokens: int) -> dict:
     """Greedy tokens of `prompt` and held-out losses of the model in `model_dir`, CPU fp32, plain transformers.
 
-    dense: index_topk raised to the row length (every causal key); dsa_all_full: the shipped config;
-    dsa_uniform_1_8: indexer_types of Pattern.uniform(layers, 8), shared layers reusing their owner's top-k.
+    Losses on heldout[:rows, :tokens] (a CPU-sized slice of the shipped held-out rows). dense: index_topk
+    raised to `tokens` (every causal key); dsa_all_full: the shipped config; dsa_uniform_1_8: indexer_types
+    of Pattern.uniform(layers, 8), shared layers reusing their owner's top-k (untrained sharing).
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     heldout = heldout_tokens(model_dir)
+    if not (0 < rows <= heldout.shape[0] and 1 < tokens <= heldout.shape[1]):
+        raise ValueError(f"the held-out slice [:{rows}, :{tokens}] does not fit the shipped {tuple(heldout.shape)} rows")
+    heldout = heldout[:rows, :tokens]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         greedy = model.generate(prompt_ids, max_new_tokens=new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)[0, prompt_ids.shape[1]:].tolist()
     uniform = Pattern.uniform(model.config.num_hidden_layers, 8)
-    variants = {"dense": {"index_topk": heldout.shape[1]}, "dsa_all_full": {},
+    variants = {"dense": {"index_topk": tokens}, "dsa_all_full": {},
                 "dsa_uniform_1_8": {"indexer_types": uniform.indexer_types()}}
     losses = {}
     for name, overrides in variants.items():
@@ -259,9 +266,10 @@ def reference_outputs(model_dir: str, prompt: str, new_tokens: int) -> dict:
             model_dir, dtype=torch.float32, **overrides).eval()
         losses[name] = lm_loss(variant, [heldout], torch.device("cpu"), contextlib.nullcontext)
     return {"prompt": prompt, "greedy_tokens": greedy, "greedy_text": tokenizer.decode(greedy),
-            "heldout_tokens": list(heldout.shape), "heldout_loss": losses, "uniform_1_8_pattern": str(uniform),
-            "index_topk": model.config.index_topk, "device": "cpu", "dtype": "float32",
-            "torch": torch.__version__, "python": sys.version.split()[0]}
+            "heldout_slice": {"rows": rows, "tokens": tokens}, "heldout_loss": losses,
+            "uniform_1_8_pattern": str(uniform), "index_topk": model.config.index_topk, "device": "cpu",
+            "dtype": "float32", "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
@@ -271,7 +279,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.stage == "pretrain":
         pretrain(cfg, hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
         return
-    outputs = reference_outputs(cfg.reference.model_dir, cfg.reference.prompt, cfg.reference.new_tokens)
+    r = cfg.reference
+    outputs = reference_outputs(r.model_dir, r.prompt, r.new_tokens, r.heldout_rows, r.heldout_tokens)
     with open(os.path.join(cfg.reference.model_dir, REFERENCE_OUTPUTS), "w") as f:
         json.dump(outputs, f, indent=2)
     print(json.dumps(outputs, indent=2))
