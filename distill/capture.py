@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,22 +17,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from distill.model import SharedIndexer, dsa_attentions
+from distill.indexer import IndexerInputs, indexer_projections, kernel_weights
+from distill.model import SharedIndexer, dsa_attentions, rope_style
 
 ATTN_IMPLEMENTATION = "distill_capture"
 
 
 @dataclass
-class IndexerInputs:
-    hidden_states: torch.Tensor   # [B, T, hidden]  (the attention's normed input)
-    q_resid: torch.Tensor         # [B, T, q_lora_rank]
-    cos: torch.Tensor             # [B, T, rope_dim]
-    sin: torch.Tensor             # [B, T, rope_dim]
-
-
-@dataclass
 class Captured:
     sparse: bool
+    mask_free: bool = False   # dense and every indexer replaced: no [B, 1, T, T] mask is built
     main_q: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, T, H, Dq]
     main_k: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, T, H, Dq]
     scale: dict[int, float] = field(default_factory=dict)
@@ -48,7 +43,9 @@ def _capture_attention(module, query, key, value, attention_mask, *, indices=Non
         _active.main_q[module.layer_idx] = query.transpose(1, 2)
         _active.main_k[module.layer_idx] = key.transpose(1, 2)
         _active.scale[module.layer_idx] = float(kwargs["scaling"])
-    if indices is not None and (_active is None or _active.sparse):
+    if _active is not None and _active.mask_free:
+        attention_mask = None  # causal flash / memory-efficient attention, no [B, 1, T, T] mask
+    elif indices is not None and (_active is None or _active.sparse):
         keep = torch.zeros(indices.shape[0], indices.shape[1], key.shape[2] + 1, dtype=torch.bool,
                            device=indices.device)
         keep.scatter_(-1, torch.where(indices < 0, key.shape[2], indices).long(), True)
@@ -56,8 +53,15 @@ def _capture_attention(module, query, key, value, attention_mask, *, indices=Non
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _capture_mask(*args, **kwargs):
+    """transformers' sdpa mask; a [B, 1, 1, 1] stand-in when the capture needs none (no index reads it)."""
+    if _active is not None and _active.mask_free:
+        return torch.ones(kwargs["batch_size"], 1, 1, 1, dtype=torch.bool, device=kwargs["device"])
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, _capture_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _capture_mask)
 
 
 def _causal_topk(topk: torch.Tensor) -> torch.Tensor:
@@ -66,21 +70,40 @@ def _causal_topk(topk: torch.Tensor) -> torch.Tensor:
     return torch.where(topk.long() > t, -1, topk.long()).to(torch.int32)
 
 
+def _fused_indexer(indexer: nn.Module, layer: int, record: Captured, rope: str, topk_fn: Callable):
+    """An indexer forward that records its inputs and picks top-k with `topk_fn` (no [B, T, T] scores)."""
+    def forward(hidden_states, q_resid, position_embeddings, *args, **kwargs):
+        inputs = IndexerInputs(hidden_states, q_resid, *position_embeddings)
+        record.indexer_inputs[layer] = inputs
+        q, k, weights = indexer_projections(indexer, inputs, rope)
+        record.topk[layer] = topk_fn(q, k, kernel_weights(indexer, weights), indexer.index_topk)
+        return record.topk[layer]
+    return forward
+
+
 @contextlib.contextmanager
-def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None):
+def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None, topk_fn: Callable | None = None):
     """Context manager yielding a `Captured` filled by the model forwards run inside it.
 
     `layers`: the F layers whose indexer inputs and top-k to record (default: all with an indexer).
+    `topk_fn(index_q, index_k, index_w, k)`: when given, these F layers pick their top-k with it instead of
+    the backbone's indexer forward (which materialises [B, T, HI, T] scores); if they are all the model's
+    F layers and the capture is dense, no [B, 1, T, T] mask is built either (causal flash attention).
     """
     global _active
     if _active is not None:
         raise RuntimeError("captures do not nest")
     record = Captured(sparse=sparse)
-    handles = []
-    for layer, attn in enumerate(dsa_attentions(model)):
+    handles, replaced = [], []
+    indexed = [layer for layer, attn in enumerate(dsa_attentions(model))
+               if attn.indexer is not None and not isinstance(attn.indexer, SharedIndexer)]
+    for layer in indexed:
         if layers is not None and layer not in layers:
             continue
-        if attn.indexer is None or isinstance(attn.indexer, SharedIndexer):
+        indexer = dsa_attentions(model)[layer].indexer
+        if topk_fn is not None:
+            indexer.forward = _fused_indexer(indexer, layer, record, rope_style(model), topk_fn)
+            replaced.append(indexer)
             continue
 
         def pre_hook(module, args, kwargs, layer=layer):
@@ -90,8 +113,9 @@ def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None):
         def post_hook(module, args, kwargs, output, layer=layer):
             record.topk[layer] = _causal_topk(output)
 
-        handles.append(attn.indexer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(attn.indexer.register_forward_hook(post_hook, with_kwargs=True))
+        handles.append(indexer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(indexer.register_forward_hook(post_hook, with_kwargs=True))
+    record.mask_free = not sparse and len(replaced) == len(indexed)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     _active = record
@@ -102,3 +126,5 @@ def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None):
         model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
+        for indexer in replaced:
+            del indexer.forward

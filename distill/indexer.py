@@ -6,12 +6,23 @@ positively homogeneous). RoPE on the first `qk_rope_head_dim` dims of qI and kI;
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
-from distill.capture import IndexerInputs
+
+
+@dataclass
+class IndexerInputs:
+    """What an indexer reads, as recorded during the backbone forward."""
+    hidden_states: torch.Tensor   # [B, T, hidden]  (the attention's normed input)
+    q_resid: torch.Tensor         # [B, T, q_lora_rank]
+    cos: torch.Tensor             # [B, T, rope_dim]
+    sin: torch.Tensor             # [B, T, rope_dim]
+
 
 ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos_emb}
 

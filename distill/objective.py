@@ -11,7 +11,7 @@ from distill.indexer import indexer_projections, kernel_weights
 from distill.model import apply_pattern, rope_style
 from distill.pattern import Pattern
 from distill.targets import topk_recall
-from kernels import centroid_kl_fn
+from kernels import centroid_kl_fn, indexer_topk_fn
 
 TARGETS = ("centroid", "own")
 REDUCTIONS = ("sum", "mean")
@@ -51,7 +51,8 @@ class Distiller(nn.Module):
     def forward(self, input_ids: torch.Tensor, sparse: bool = False, with_recall: bool = False) -> DistillOutput:
         """input_ids [B, T]: one backbone forward, then one loss per group (captures freed group by group)."""
         centroid_kl = centroid_kl_fn(self.kernel, input_ids.device)
-        with capture(self.backbone, sparse=sparse, layers=list(self.indexers)) as record, torch.no_grad():
+        topk_fn = indexer_topk_fn(self.kernel, input_ids.device)
+        with capture(self.backbone, sparse, list(self.indexers), topk_fn) as record, torch.no_grad():
             self.backbone.model(input_ids=input_ids)
         losses, recall = {}, {}
         for f, members in self.served.items():

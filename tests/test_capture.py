@@ -122,3 +122,30 @@ def test_own_target_uses_only_the_f_layer():
     assert not torch.allclose(a[4], b[4])
     with pytest.raises(ValueError, match="distill.target"):
         Distiller(tiny("tiny_glm"), Pattern.parse("F" * 8), target="mean")
+
+
+def test_capture_with_a_topk_function_needs_no_mask_and_matches(model):
+    """With topk_fn (the fused kernel's signature) the dense forward builds no [B,1,T,T] mask and still
+    equals the masked dense forward; the sparse forward equals the model's own DSA forward."""
+    from kernels.reference import indexer_topk
+    from transformers.masking_utils import sdpa_mask
+    x = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        native = model(x).logits
+        with capture(model, sparse=False) as masked:
+            dense = model(x).logits
+        with mock.patch("distill.capture.sdpa_mask", side_effect=AssertionError("mask built")):
+            with capture(model, sparse=False, topk_fn=indexer_topk) as fused:
+                assert fused.mask_free
+                dense_fused = model(x).logits
+        with capture(model, sparse=True) as own_sparse:
+            model(x)
+        with capture(model, sparse=True, topk_fn=indexer_topk) as fused_sparse:
+            assert not fused_sparse.mask_free
+            sparse_fused = model(x).logits
+    torch.testing.assert_close(dense_fused, dense)
+    torch.testing.assert_close(sparse_fused, native)
+    for f in own_sparse.topk:
+        assert torch.equal(fused_sparse.topk[f].sort(-1).values, own_sparse.topk[f].sort(-1).values)
+    assert masked.topk.keys() == own_sparse.topk.keys()
+    assert all("forward" not in vars(dsa_attentions(model)[f].indexer) for f in own_sparse.topk)  # restored
