@@ -185,12 +185,12 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         t0 = time.perf_counter()
         outs = [engine(next(loader).to(device), sparse=sparse) for _ in range(d.grad_accum)]
         step += 1
-        loss = sum(o.loss.item() for o in outs) / len(outs)
-        group_losses = {f"train/loss/layer_{f}": sum(o.group_losses[f].item() for o in outs) / len(outs)
-                        for f in outs[0].group_losses}
+        local = torch.stack([torch.stack([o.loss.detach(), *o.group_losses.values()]) for o in outs]).mean(0)
         if faults.fires("nan_loss", step):
-            loss = float("nan")
-        if _all_ranks_finite(loss, device):  # else: skip the step, no backward, no optimizer update
+            local = local * float("nan")
+        loss, *groups = _mean_over_ranks(local).tolist()  # non-finite when any rank's loss is
+        group_losses = {f"train/loss/layer_{f}": v for f, v in zip(outs[0].group_losses, groups)}
+        if math.isfinite(loss):  # else: skip the step, no backward, no optimizer update
             for out in outs:
                 engine.backward(out.loss)
                 engine.step()
@@ -210,7 +210,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "train/tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
                    "train/peak_memory_gib": peak_memory_gib(device), **group_losses}
-        if step % d.eval_every == 0 or step == total:
+        if val and (step % d.eval_every == 0 or step == total):
             metrics.update(evaluate(engine, val, sparse, device))
         if step % d.log_every == 0 or step == total or "eval/loss" in metrics:
             logger.log(metrics, step)
@@ -263,10 +263,10 @@ def _loader_state(meta: dict, rows_per_batch: int) -> dict:
     return state
 
 
-def _all_ranks_finite(value: float, device: torch.device) -> bool:
-    flag = torch.tensor(float(math.isfinite(value)), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.float().clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
 
 
 class _StopOnSigterm:

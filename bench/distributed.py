@@ -1,0 +1,147 @@
+"""Multi-GPU scaling of the distillation job (issue 8): same global batch on 1, 2, 4 GPUs, ZeRO-2 and ZeRO-3.
+
+Runs `launch/distill.sh` once per (ZeRO stage, GPU count), then resumes a 2-GPU checkpoint on 1 and 4 GPUs
+(ZeRO-2, universal checkpoint), then tries growing context lengths on all GPUs. Writes under --out:
+results.json, results.md (tables), loss.png (the loss curves together), and each run's directory.
+
+    python bench/distributed.py --out /tmp/dist                     # on a 4-GPU machine
+    python bench/distributed.py --out /tmp/dist --cpu --gpus 1,2 --model tiny_glm --seq-len 64 --steps 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(out: str, name: str, nproc: int, overrides: list[str], cpu: bool, timeout: int) -> dict:
+    run_dir = os.path.join(out, name)
+    env = {**os.environ, "NPROC": str(nproc), "PYTHONUNBUFFERED": "1"}
+    if not cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(nproc))
+    t0 = time.time()
+    proc = subprocess.run(["bash", "launch/distill.sh", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    with open(os.path.join(out, f"{name}.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    result = {"name": name, "nproc": nproc, "ok": proc.returncode == 0, "wall_s": round(time.time() - t0, 1)}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        train = [r for r in rows if "train/loss" in r]
+        result["loss"] = [(r["step"], r["train/loss"]) for r in train]
+        steady = [r["train/tokens_per_s"] for r in train[2:]] or [r["train/tokens_per_s"] for r in train]
+        result["tokens_per_s"] = round(statistics.median(steady), 1) if steady else None
+        result["peak_memory_gib"] = round(max((r["train/peak_memory_gib"] for r in train), default=0), 2)
+    if not result["ok"]:
+        result["error"] = (proc.stdout + proc.stderr)[-1500:]
+    print(json.dumps({k: v for k, v in result.items() if k != "loss"}), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--gpus", default="1,2,4")
+    ap.add_argument("--zero", default="zero2,zero3")
+    ap.add_argument("--model", default="bench_glm")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, all GPUs together")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--long", default="16384,32768,65536,131072", help="context lengths for the long-context run")
+    ap.add_argument("--cpu", action="store_true", help="CPU processes (gloo) instead of GPUs: a smoke test")
+    ap.add_argument("--timeout", type=int, default=900)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    gpus = [int(g) for g in args.gpus.split(",")]
+    half = args.steps // 2
+    common = [f"model={args.model}", f"distill.seq_len={args.seq_len}", "distill.retention=0.25",
+              f"distill.dense_steps={args.steps - half // 2}", f"distill.sparse_steps={half // 2}",
+              f"distill.save_every={half}", "distill.keep_checkpoints=4", "distill.eval_every=1000000",
+              "distill.log_every=1", "logger=offline", "export.enabled=false", "distill.warmup_steps=2"]
+
+    def batch(n: int) -> list[str]:
+        micro = max(1, args.global_batch // (n * 4))
+        return [f"distill.micro_batch_size={micro}", f"distill.grad_accum={args.global_batch // (micro * n)}"]
+
+    results = {"scaling": [], "resume": [], "long_context": []}
+    for zero in args.zero.split(","):
+        for n in gpus:
+            results["scaling"].append({"zero": zero, **launch(args.out, f"{zero}-{n}gpu", n, [
+                *common, f"deepspeed={zero}", *batch(n)], args.cpu, args.timeout)})
+
+    source = os.path.join(args.out, "zero2-2gpu")
+    if os.path.isdir(os.path.join(source, "checkpoints", f"step_{half}")):
+        for n in [g for g in gpus if g != 2]:
+            name = f"resume-2to{n}gpu"
+            target = os.path.join(args.out, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.makedirs(os.path.join(target, "checkpoints"))
+            shutil.copytree(os.path.join(source, "checkpoints", f"step_{half}"),
+                            os.path.join(target, "checkpoints", f"step_{half}"))
+            with open(os.path.join(target, "checkpoints", "latest"), "w") as f:
+                f.write(f"step_{half}")
+            results["resume"].append(launch(args.out, name, n, [*common, "deepspeed=zero2", *batch(n)],
+                                            args.cpu, args.timeout))
+
+    n = max(gpus)
+    for seq_len in [int(s) for s in args.long.split(",") if s]:
+        r = launch(args.out, f"long-{seq_len}", n, [
+            f"model={args.model}", f"distill.seq_len={seq_len}", "distill.retention=0.25", "distill.dense_steps=3",
+            "distill.sparse_steps=0", "distill.micro_batch_size=1", "distill.grad_accum=1", "distill.eval_every=1000",
+            "distill.save_every=1000", "distill.log_every=1", "logger=disabled", "export.enabled=false",
+            "distill.eval_batches=0", "deepspeed=zero3"], args.cpu, args.timeout)
+        results["long_context"].append({"seq_len": seq_len, **r})
+        if not r["ok"]:
+            break
+
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_report(results, args)
+
+
+def write_report(results: dict, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results["scaling"] + results["resume"]:
+        if r.get("loss"):
+            steps, losses = zip(*r["loss"])
+            ax.plot(steps, losses, label=r["name"], lw=1, ls="--" if r["name"].startswith("resume") else "-")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("distillation loss (sum over groups)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "loss.png"), dpi=120)
+
+    base = {r["zero"]: r.get("tokens_per_s") for r in results["scaling"] if r["nproc"] == min(int(g) for g in args.gpus.split(","))}
+    lines = [f"model `{args.model}`, seq_len {args.seq_len}, global batch {args.global_batch} sequences", "",
+             "| ZeRO | GPUs | tokens/s | speed-up | peak memory / GPU (GiB) | final loss | ok |", "|---|---|---|---|---|---|---|"]
+    for r in results["scaling"]:
+        tps, b = r.get("tokens_per_s"), base.get(r["zero"])
+        ratio = f"{tps / b:.2f}x" if tps and b else "-"
+        final = f"{r['loss'][-1][1]:.4f}" if r.get("loss") else "-"
+        lines.append(f"| {r['zero']} | {r['nproc']} | {tps} | {ratio} | {r.get('peak_memory_gib')} | {final} | {r['ok']} |")
+    lines += ["", "| resume | ok | final loss |", "|---|---|---|"]
+    for r in results["resume"]:
+        lines.append(f"| {r['name']} | {r['ok']} | {r['loss'][-1][1] if r.get('loss') else '-'} |")
+    lines += ["", "| context | GPUs | ok | tokens/s | peak memory / GPU (GiB) |", "|---|---|---|---|---|"]
+    for r in results["long_context"]:
+        lines.append(f"| {r['seq_len']} | {r['nproc']} | {r['ok']} | {r.get('tokens_per_s')} | {r.get('peak_memory_gib')} |")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
