@@ -1,0 +1,311 @@
+"""What a pattern costs in quality: held-out LM loss with real DSA sparse attention, top-k overlap, top-k recall.
+
+Under a pattern every layer attends only to its top-k keys and S layers reuse their owner's top-k,
+exactly as DSA inference does (transformers' own attention path, top-k mask included). The dense
+mode (pattern None) attends to all causal keys: the "dense attention" anchor.
+
+`python -m distill.evaluate` (conf/evaluate.yaml) writes metrics.json and topk_overlap.png into the
+Hydra run directory and logs them to wandb.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from torch import nn
+
+from distill.capture import capture
+from distill.model import apply_pattern, dsa_attentions
+from distill.pattern import Pattern, resolve_pattern
+from distill.targets import allowed_keys, layer_attention
+
+log = logging.getLogger(__name__)
+
+CHUNK_ELEMENTS = 64 << 20  # bound on the [B, H, rows, T] (or [L, B, rows, T]) block a row chunk holds
+
+
+class CalibrationError(ValueError):
+    """An empty or malformed set of evaluation / calibration batches."""
+
+
+def check_batches(batches) -> list[torch.Tensor]:
+    """The batches as a list of integer tensors [B, T] with T >= 2 (a next-token loss needs two tokens)."""
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("the evaluation/calibration set is empty: no batches of token ids to compute a loss on")
+    for i, ids in enumerate(batches):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise CalibrationError(f"batch {i} must be an integer tensor of token ids [B, T], got "
+                                   f"{type(ids).__name__} {getattr(ids, 'shape', '')} {getattr(ids, 'dtype', '')}")
+        if ids.shape[0] < 1 or ids.shape[1] < 2:
+            raise CalibrationError(f"batch {i} has shape {tuple(ids.shape)}: need at least 1 row of 2 tokens")
+    return batches
+
+
+def as_pattern(pattern: Pattern | str, num_layers: int) -> Pattern:
+    """A `Pattern` (or F/S string) checked against the model's number of DSA layers."""
+    if isinstance(pattern, Pattern):
+        return pattern.check_layers(num_layers)
+    return Pattern.parse(pattern, num_layers)
+
+
+@contextlib.contextmanager
+def pattern_applied(model: nn.Module, pattern: Pattern, topk: int | None = None):
+    """`apply_pattern` for the duration of the block, yielding {F layer: indexer}; the model is restored after.
+
+    `topk` overrides the F indexers' index_topk (the number of keys every layer attends to).
+    Restored: each layer's indexer, every parameter's requires_grad, config.indexer_types, and the
+    indexers' forward hooks and `last_topk` (added by `apply_pattern`).
+    """
+    if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
+        raise ValueError(f"topk must be a positive number of keys, got {topk!r}")
+    attentions = dsa_attentions(model)
+    pattern.check_layers(len(attentions))
+    indexers = [attn.indexer for attn in attentions]
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    sentinel = object()
+    indexer_types = getattr(model.config, "indexer_types", sentinel)
+    before = {id(ix): (set(ix._forward_hooks), "last_topk" in ix.__dict__, ix.index_topk)
+              for ix in indexers if ix is not None and hasattr(ix, "index_topk")}
+    try:
+        full = apply_pattern(model, pattern)
+        if topk is not None:
+            for indexer in full.values():
+                indexer.index_topk = topk
+        yield full
+    finally:
+        for attn, indexer in zip(attentions, indexers):
+            attn.indexer = indexer
+            if id(indexer) in before:
+                hooks, had_last, index_topk = before[id(indexer)]
+                for key in set(indexer._forward_hooks) - hooks:
+                    del indexer._forward_hooks[key]
+                if not had_last:
+                    indexer.__dict__.pop("last_topk", None)
+                indexer.index_topk = index_topk
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        if indexer_types is sentinel:
+            del model.config.indexer_types
+        else:
+            model.config.indexer_types = indexer_types
+
+
+def shifted_tokens(ids: torch.Tensor) -> int:
+    """Number of next-token predictions in a batch [B, T]: B * (T - 1)."""
+    return ids.shape[0] * (ids.shape[1] - 1)
+
+
+def _row_chunk(per_row: int, seq_len: int, chunk_size: int | None) -> int:
+    return chunk_size or max(1, min(seq_len, CHUNK_ELEMENTS // max(1, per_row)))
+
+
+def topk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, topk: torch.Tensor,
+              chunk_size: int | None = None) -> torch.Tensor:
+    """Share of each row's dense head-averaged attention that falls on its top-k keys: [B, T].
+
+    q, k [B, T, H, Dq] (post-RoPE, as captured); topk [B, T, K] int (-1 = no key). Rows in chunks:
+    memory O(B * H * chunk * T), never B * H * T * T.
+    """
+    B, T, H = q.shape[:3]
+    chunk = _row_chunk(B * H * T, T, chunk_size)
+    parts = []
+    for start in range(0, T, chunk):
+        rows = slice(start, min(T, start + chunk))
+        attention = layer_attention(q, k, scale, allowed_keys(B, T, rows, None, q.device), rows)
+        idx = topk[:, rows].long()
+        parts.append(attention.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).sum(-1))
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, pattern: Pattern | str | None, batches, *, topk: int | None = None,
+             chunk_size: int | None = None) -> dict:
+    """LM loss, perplexity and per-layer top-k recall of `model` under `pattern` on `batches`.
+
+    pattern None: dense attention (all causal keys). Otherwise real DSA sparse attention: each layer
+    attends to the top-k keys of its owner F layer; `topk` overrides index_topk.
+    loss: token-mean next-token cross-entropy over all batches (transformers' shifted-label loss).
+    topk_recall[l]: mean over rows of the share of layer l's dense head-averaged attention (over all
+    causal keys, from the q/k of this forward) that falls on the top-k keys layer l uses.
+    The caller's model is left unchanged.
+    """
+    batches = check_batches(batches)
+    num_layers = len(dsa_attentions(model))
+    device = next(model.parameters()).device
+    if pattern is None:
+        if topk is not None:
+            raise ValueError("topk has no meaning in dense mode (pattern None attends to all causal keys)")
+        applied = contextlib.nullcontext()
+    else:
+        pattern = as_pattern(pattern, num_layers)
+        applied = pattern_applied(model, pattern, topk)
+    nll, tokens, rows = 0.0, 0, 0
+    mass = torch.zeros(num_layers, dtype=torch.float64)
+    with applied, capture(model, sparse=pattern is not None) as record:
+        for ids in batches:
+            ids = ids.to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            nll += float(loss) * shifted_tokens(ids)
+            tokens += shifted_tokens(ids)
+            if pattern is None:
+                continue
+            for layer in range(num_layers):
+                used = record.topk[pattern.owner(layer)]
+                mass[layer] += topk_mass(record.main_q[layer], record.main_k[layer], record.scale[layer], used,
+                                         chunk_size).double().sum().cpu()
+            rows += ids.numel()
+    metrics = {"mode": "dense" if pattern is None else "sparse", "loss": nll / tokens,
+               "perplexity": math.exp(nll / tokens), "tokens": tokens}
+    if pattern is not None:
+        recall = (mass / rows).tolist()
+        metrics.update(pattern=str(pattern), retention=pattern.retention,
+                       index_topk=topk or dsa_attentions(model)[0].indexer.index_topk,
+                       topk_recall=recall, mean_topk_recall=sum(recall) / len(recall))
+    return metrics
+
+
+def _overlap_sum(topk: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Sum over rows of |A_a ∩ A_b| / n_valid for all layer pairs: topk [L, B, T, K] (-1 = no key) -> [L, L]."""
+    L, B, T, _ = topk.shape
+    valid = (topk[0] >= 0).sum(-1).clamp(min=1)  # every layer picks min(K, t + 1) causal keys in row t
+    chunk = _row_chunk(L * B * T, T, chunk_size)
+    total = torch.zeros(L, L, dtype=torch.float64, device=topk.device)
+    for start in range(0, T, chunk):
+        rows = slice(start, min(T, start + chunk))
+        idx = topk[:, :, rows].long()
+        member = torch.zeros(*idx.shape[:3], T + 1, device=topk.device)
+        member.scatter_(-1, torch.where(idx < 0, T, idx), 1.0)  # -1 lands in the spare column T
+        member = member[..., :T].permute(1, 2, 0, 3).reshape(-1, L, T)  # [B * rows, L, T]
+        common = torch.bmm(member, member.transpose(1, 2))  # [B * rows, L, L]
+        total += (common / valid[:, rows].reshape(-1, 1, 1)).sum(0).double()
+    return total
+
+
+@torch.no_grad()
+def topk_overlap(model: nn.Module, batches, *, topk: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """[L, L]: |A ∩ B| / k of the layers' top-k sets with every layer F, averaged over all rows.
+
+    k is the number of valid keys of the row (min(index_topk, t + 1)). Real sparse forward, all-F.
+    """
+    batches = check_batches(batches)
+    num_layers = len(dsa_attentions(model))
+    device = next(model.parameters()).device
+    total = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    rows = 0
+    backbone = getattr(model, "model", model)  # the decoder stack: no LM-head logits needed
+    with pattern_applied(model, Pattern.all_full(num_layers), topk), capture(model, sparse=True) as record:
+        for ids in batches:
+            ids = ids.to(device)
+            backbone(input_ids=ids, use_cache=False)
+            total += _overlap_sum(torch.stack([record.topk[layer] for layer in range(num_layers)]), chunk_size).cpu()
+            rows += ids.numel()
+    return (total / rows).float()
+
+
+def plot_overlap(matrix: torch.Tensor, path: str, title: str = "top-k overlap |A∩B|/k") -> str:
+    """Heatmap PNG of an [L, L] overlap matrix; returns `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(3 + 0.25 * L, 2.5 + 0.25 * L))
+    image = ax.imshow(matrix.cpu().numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+    fig.colorbar(image, ax=ax)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- Hydra entry points (shared with distill.search) ------------------------------------------------------------
+
+def load_model_and_batches(cfg) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The model of cfg.model on cfg.device and the batches of cfg.batches (split, batch_size, max_batches, seq_len)."""
+    from train.data import eval_batches, packed_datasets  # imports datasets
+    from train.model import build_model
+    from train.tokenizer import load_tokenizer
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, device)
+    data = packed_datasets(cfg.data, load_tokenizer(cfg.model), cfg.batches.seq_len, os.path.join(cfg.cache_dir, "data"))
+    split = cfg.batches.split
+    if split not in data:
+        raise CalibrationError(f"batches.split {split!r} is not one of the data splits {sorted(data)}")
+    return model, eval_batches(data[split], cfg.batches.batch_size, cfg.batches.max_batches)
+
+
+def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str]) -> None:
+    """Log metrics (wandb and run_dir/metrics.jsonl, via train.logger) and PNG images (wandb) for cfg.logger."""
+    from train.logger import Logger  # imports wandb
+
+    logger = Logger(cfg.logger, run_dir, cfg.logger.get("name") or os.path.basename(run_dir),
+                    OmegaConf.to_container(cfg, resolve=True), rank=0)
+    logger.log(dict(metrics), step=0)
+    logger.summary(dict(metrics))
+    if logger.run is not None:
+        import wandb
+
+        logger.run.log({name: wandb.Image(path) for name, path in images.items()}, step=0)
+    logger.finish()
+
+
+def _flat(prefix: str, metrics: Mapping) -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            out.update({f"{prefix}/{key}/{i}": v for i, v in enumerate(value)})
+        else:
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
+def run_evaluation(cfg, run_dir: str) -> dict:
+    """The `python -m distill.evaluate` job: metrics of cfg's pattern and anchors, overlap heatmap, wandb."""
+    unknown = [a for a in cfg.anchors if a not in ("dense", "full")]
+    if unknown:
+        raise ValueError(f"unknown anchors {unknown}: use 'dense' (all causal keys) and/or 'full' (all-F DSA)")
+    model, batches = load_model_and_batches(cfg)
+    num_layers = len(dsa_attentions(model))
+    pattern = resolve_pattern(num_layers, cfg.pattern, cfg.retention, cfg.freq)
+    results = {"pattern": evaluate(model, pattern, batches, topk=cfg.topk)}
+    if "dense" in cfg.anchors:
+        results["dense"] = evaluate(model, None, batches)
+    if "full" in cfg.anchors:
+        results["full"] = evaluate(model, Pattern.all_full(num_layers), batches, topk=cfg.topk)
+    overlap = topk_overlap(model, batches[: cfg.overlap_batches], topk=cfg.topk)
+    results["topk_overlap"] = overlap.tolist()
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    heatmap = plot_overlap(overlap, os.path.join(run_dir, "topk_overlap.png"))
+    flat = {k: v for name, m in results.items() if name != "topk_overlap" for k, v in _flat(name, m).items()}
+    log_run(cfg, run_dir, flat, {"topk_overlap": heatmap})
+    for name, m in results.items():
+        if name != "topk_overlap":
+            log.info("%s: loss %.4f ppl %.3f%s", name, m["loss"], m["perplexity"],
+                     f" recall {m['mean_topk_recall']:.4f} ({m['pattern']})" if "pattern" in m else "")
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg) -> None:
+    run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The paper's training-free greedy layer search (DESIGN.md section 4), and the baselines it is compared with.
+
+Greedy: start from all-F; at each step turn into S the F layer (never layer 0) whose conversion raises
+the calibration LM loss least; record pattern, retention and loss at every step down to the target
+retention. Prefix caching: a candidate that converts layer c computes the same hidden states and top-k
+as the current pattern before c, so each batch's hidden state at every layer input (and the top-k of
+every F layer) is cached for the current pattern and only layers c.. are recomputed.
+
+Baselines: uniform patterns, and a similarity pick (merge the most overlapping adjacent layers first,
+by the all-F top-k overlap), which the paper reports does not predict loss.
+
+`python -m distill.search` (conf/search.yaml) writes search.json (patterns per retention, usable as
+`distill.pattern=...`) and search.png (loss against retention) into the Hydra run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from distill.evaluate import (check_batches, load_model_and_batches, log_run, pattern_applied, shifted_tokens,
+                              topk_overlap)
+from distill.model import NotDSAModelError, decoder_layers, dsa_attentions
+from distill.pattern import Pattern
+
+log = logging.getLogger(__name__)
+
+# transformers' DSA models build one causal mask, keyed by this layer type (GlmMoeDsaModel / DeepseekV32Model.forward)
+DSA_LAYER_TYPE = "deepseek_sparse_attention"
+
+
+class SearchError(ValueError):
+    """A search target that no pattern of the model can reach."""
+
+
+@dataclass
+class _BatchInputs:
+    ids: torch.Tensor
+    embeds: torch.Tensor
+    layer_kwargs: dict
+
+
+@dataclass
+class _PrefixCache:
+    """One batch under one pattern: hidden[i] = input of layer i; topk[f] = top-k of F layer f."""
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    topk: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class LayerwiseRunner:
+    """Runs the frozen backbone one decoder layer at a time over fixed batches, counting layer forwards.
+
+    Replicates the model's forward (embeddings, causal mask, rotary embeddings, decoder layers, norm,
+    LM head, transformers' shifted-label loss); a pattern's S layers reuse their owner's top-k through
+    `apply_pattern`'s SharedIndexer, for GlmMoeDsa and DeepseekV32 alike.
+    """
+
+    def __init__(self, model: nn.Module, batches):
+        self.model = model
+        self.backbone = model.model
+        self.layers = decoder_layers(model)
+        self.num_layers = len(dsa_attentions(model))
+        other = sorted(set(model.config.layer_types[: self.num_layers]) - {DSA_LAYER_TYPE})
+        if other:
+            raise NotDSAModelError(f"layer types {other} in {type(model).__name__}: the search runs DSA layers only")
+        self.layer_forwards = 0
+        device = next(model.parameters()).device
+        self.inputs = [self._prepare(ids.to(device)) for ids in check_batches(batches)]
+
+    @torch.no_grad()
+    def _prepare(self, ids: torch.Tensor) -> _BatchInputs:
+        embeds = self.backbone.embed_tokens(ids)
+        position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=embeds, attention_mask=None,
+                                  past_key_values=None, position_ids=position_ids, allow_is_causal_skip=False)
+        rotary = self.backbone.rotary_emb(embeds, position_ids=position_ids)
+        return _BatchInputs(ids, embeds, {"attention_mask": mask, "position_embeddings": rotary,
+                                          "position_ids": position_ids})
+
+    def _layer(self, i: int, hidden: torch.Tensor, inputs: _BatchInputs) -> torch.Tensor:
+        self.layer_forwards += 1
+        out = self.layers[i](hidden, **inputs.layer_kwargs)
+        return out[0] if isinstance(out, tuple) else out  # GlmMoeDsa layers also return their top-k
+
+    def _nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+        logits = self.model.lm_head(self.backbone.norm(hidden))
+        loss = self.model.loss_function(logits=logits, labels=ids, vocab_size=self.model.config.vocab_size)
+        return float(loss) * shifted_tokens(ids)
+
+    @torch.no_grad()
+    def loss(self, pattern: Pattern, start: int = 0, prefix: list[_PrefixCache] | None = None,
+             keep: bool = False) -> tuple[float, list[_PrefixCache] | None]:
+        """Token-mean LM loss under `pattern`, computing layers `start`.. only; and the new caches if `keep`.
+
+        start > 0 needs `prefix`: the caches of a pattern that agrees with `pattern` on layers < start.
+        """
+        if start and prefix is None:
+            raise ValueError("resuming at a layer > 0 needs the prefix cache of a pattern that agrees before it")
+        nll, tokens, caches = 0.0, 0, []
+        with pattern_applied(self.model, pattern) as indexers:
+            for b, inputs in enumerate(self.inputs):
+                if start:
+                    hidden = prefix[b].hidden[start]
+                    owner = pattern.owner(start - 1)  # the latest F layer before `start`: its top-k is still current
+                    indexers[owner].last_topk = prefix[b].topk[owner]
+                    cache = _PrefixCache(prefix[b].hidden[:start], {f: prefix[b].topk[f] for f in indexers if f < start})
+                else:
+                    hidden, cache = inputs.embeds, _PrefixCache()
+                for i in range(start, self.num_layers):
+                    if keep:
+                        cache.hidden.append(hidden)
+                    hidden = self._layer(i, hidden, inputs)
+                    if keep and i in indexers:
+                        cache.topk[i] = indexers[i].last_topk
+                nll += self._nll_sum(hidden, inputs.ids)
+                tokens += shifted_tokens(inputs.ids)
+                caches.append(cache)
+        return nll / tokens, caches if keep else None
+
+
+def _full_layers_target(num_layers: int, target_retention: float) -> int:
+    """round(target * L) F layers, checked reachable: 1/L <= target <= 1."""
+    if isinstance(target_retention, bool) or not isinstance(target_retention, (int, float)) \
+            or not 1 / num_layers <= target_retention <= 1:
+        raise SearchError(f"target retention {target_retention!r} cannot be reached with {num_layers} DSA layers: "
+                          f"it must be in [1/{num_layers} = {1 / num_layers:.4g}, 1] (layer 0 always stays F)")
+    return max(1, round(target_retention * num_layers))
+
+
+def _shared(pattern: Pattern, layer: int) -> Pattern:
+    return Pattern(pattern.letters[:layer] + "S" + pattern.letters[layer + 1:])
+
+
+def _step(pattern: Pattern, loss: float, **extra) -> dict:
+    return {"pattern": str(pattern), "retention": pattern.retention, "loss": loss, **extra}
+
+
+def greedy_search(model: nn.Module, batches, target_retention: float, *, prefix_cache: bool = True) -> list[dict]:
+    """The greedy pattern at every retention from 1 down to round(target * L) / L.
+
+    Returns one dict per step (step 0 = all-F): pattern, retention, loss (token-mean calibration LM
+    loss), layer_forwards (decoder-layer forwards run for this step, all batches) and seconds.
+    Ties go to the lowest layer. `prefix_cache=False` reruns every candidate from layer 0 (same
+    results, more layer forwards); the cache holds L hidden states [B, T, hidden] per batch.
+    """
+    runner = LayerwiseRunner(model, batches)
+    target = _full_layers_target(runner.num_layers, target_retention)
+    pattern = Pattern.all_full(runner.num_layers)
+    start_time, start_count = time.perf_counter(), runner.layer_forwards
+    loss, prefix = runner.loss(pattern, keep=prefix_cache)
+    steps = [_step(pattern, loss, layer_forwards=runner.layer_forwards - start_count,
+                   seconds=time.perf_counter() - start_time)]
+    while len(pattern.full_layers) > target:
+        start_time, start_count = time.perf_counter(), runner.layer_forwards
+        best = None
+        for layer in pattern.full_layers[1:]:
+            candidate = _shared(pattern, layer)
+            loss = (runner.loss(candidate, start=layer, prefix=prefix)[0] if prefix_cache
+                    else runner.loss(candidate)[0])
+            if best is None or loss < best[0]:
+                best = (loss, candidate, layer)
+        loss, pattern, layer = best
+        if prefix_cache:
+            prefix = runner.loss(pattern, start=layer, prefix=prefix, keep=True)[1]
+        steps.append(_step(pattern, loss, layer_forwards=runner.layer_forwards - start_count,
+                           seconds=time.perf_counter() - start_time))
+        log.info("greedy: %s (retention %.3f) loss %.5f", pattern, pattern.retention, loss)
+    return steps
+
+
+def calibration_loss(model: nn.Module, batches, pattern: Pattern | str) -> float:
+    """Token-mean LM loss under `pattern` by the search's layer-by-layer forward."""
+    runner = LayerwiseRunner(model, batches)
+    pattern = pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
+    return runner.loss(pattern.check_layers(runner.num_layers))[0]
+
+
+def uniform_patterns(num_layers: int) -> list[Pattern]:
+    """One uniform pattern (every n-th layer F) per number of F layers, the smallest n; highest retention first."""
+    patterns: dict[int, Pattern] = {}
+    for freq in range(1, num_layers + 1):
+        pattern = Pattern.uniform(num_layers, freq)
+        patterns.setdefault(len(pattern.full_layers), pattern)
+    return list(patterns.values())
+
+
+def uniform_baseline(model: nn.Module, batches, target_retention: float) -> list[dict]:
+    """Loss of every uniform pattern with at least the target's round(target * L) F layers."""
+    runner = LayerwiseRunner(model, batches)
+    target = _full_layers_target(runner.num_layers, target_retention)
+    return [_step(p, runner.loss(p)[0]) for p in uniform_patterns(runner.num_layers) if len(p.full_layers) >= target]
+
+
+def similarity_search(model: nn.Module, batches, target_retention: float,
+                      overlap: torch.Tensor | None = None) -> list[dict]:
+    """Merge the most overlapping adjacent layers first, down to the target; the loss of every step.
+
+    At each step the F layer f > 0 whose top-k overlaps most with the top-k it would reuse (that of
+    owner(f - 1)) becomes S; `overlap` is the all-F `topk_overlap` matrix (computed if not given).
+    Steps are dicts like `greedy_search`'s, with the merged pair's overlap.
+    """
+    runner = LayerwiseRunner(model, batches)
+    target = _full_layers_target(runner.num_layers, target_retention)
+    if overlap is None:
+        overlap = topk_overlap(model, batches)
+    if tuple(overlap.shape) != (runner.num_layers, runner.num_layers):
+        raise ValueError(f"overlap matrix {tuple(overlap.shape)} does not fit {runner.num_layers} DSA layers")
+    pattern = Pattern.all_full(runner.num_layers)
+    steps = [_step(pattern, runner.loss(pattern)[0])]
+    while len(pattern.full_layers) > target:
+        layer = max(pattern.full_layers[1:], key=lambda f: (float(overlap[pattern.owner(f - 1), f]), -f))
+        merged = float(overlap[pattern.owner(layer - 1), layer])
+        pattern = _shared(pattern, layer)
+        steps.append(_step(pattern, runner.loss(pattern)[0], overlap=merged))
+    return steps
+
+
+def _cost(steps: list[dict]) -> dict:
+    return {"layer_forwards": sum(s["layer_forwards"] for s in steps), "seconds": sum(s["seconds"] for s in steps)}
+
+
+def search(model: nn.Module, batches, target_retention: float, *, compare_naive: bool = False) -> dict:
+    """Greedy search (prefix-cached) and both baselines: {"greedy", "uniform", "similarity", "cost"}.
+
+    compare_naive: also run the search without prefix caching, and report both costs and whether both
+    searches gave the same patterns and losses.
+    """
+    batches = check_batches(batches)
+    greedy = greedy_search(model, batches, target_retention, prefix_cache=True)
+    cost = {"prefix_cache": _cost(greedy)}
+    if compare_naive:
+        naive = greedy_search(model, batches, target_retention, prefix_cache=False)
+        cost["naive"] = _cost(naive)
+        cost["layer_forward_ratio"] = cost["naive"]["layer_forwards"] / cost["prefix_cache"]["layer_forwards"]
+        cost["time_ratio"] = cost["naive"]["seconds"] / cost["prefix_cache"]["seconds"]
+        cost["identical"] = [(s["pattern"], s["loss"]) for s in naive] == [(s["pattern"], s["loss"]) for s in greedy]
+    print(f"greedy search cost: {json.dumps(cost)}")
+    return {"greedy": [{k: s[k] for k in ("pattern", "retention", "loss")} for s in greedy],
+            "uniform": uniform_baseline(model, batches, target_retention),
+            "similarity": similarity_search(model, batches, target_retention),
+            "cost": cost}
+
+
+def plot_search(result: dict, path: str) -> str:
+    """PNG of calibration loss against retention for the greedy, uniform and similarity patterns; returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, marker in (("greedy", "o"), ("uniform", "s"), ("similarity", "^")):
+        steps = sorted(result[name], key=lambda s: s["retention"])
+        ax.plot([s["retention"] for s in steps], [s["loss"] for s in steps], marker=marker, label=name)
+    ax.invert_xaxis()
+    ax.set_xlabel("retention (#F / #layers)")
+    ax.set_ylabel("calibration LM loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_search(cfg, run_dir: str) -> dict:
+    """The `python -m distill.search` job: search.json + search.png in run_dir, logged to wandb."""
+    model, batches = load_model_and_batches(cfg)
+    result = search(model, batches, cfg.target_retention, compare_naive=cfg.compare_naive)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "search.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    figure = plot_search(result, os.path.join(run_dir, "search.png"))
+    metrics = {f"{name}/loss@{s['retention']:.4f}": s["loss"]
+               for name in ("greedy", "uniform", "similarity") for s in result[name]}
+    metrics.update({f"cost/{mode}/{k}": v for mode, c in result["cost"].items() if isinstance(c, dict)
+                    for k, v in c.items()})
+    log_run(cfg, run_dir, metrics, {"search": figure})
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="search", version_base="1.3")
+def main(cfg) -> None:
+    run_search(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""distill.evaluate on tiny GlmMoeDsa / DeepseekV32 models: losses against transformers' own forwards."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import GlmMoeDsaForCausalLM
+
+from distill.capture import capture
+from distill.evaluate import CalibrationError, evaluate, pattern_applied, plot_overlap, topk_mass, topk_overlap
+from distill.model import dsa_attentions
+from distill.pattern import Pattern, PatternError
+from train.model import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(name):
+    return build_model(OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{name}.yaml")))
+
+
+@pytest.fixture(scope="module")
+def glm():
+    return tiny("tiny_glm")
+
+
+@pytest.fixture(scope="module")
+def dsv32():
+    return tiny("tiny_dsv32")
+
+
+@pytest.fixture(scope="module")
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (2, 40), generator=g), torch.randint(0, 256, (1, 40), generator=g)]
+
+
+def native_loss(model, batches):
+    """Token-mean of transformers' own shifted-label loss over the batches."""
+    with torch.no_grad():
+        sums = [model(input_ids=ids, labels=ids).loss.item() * ids.shape[0] * (ids.shape[1] - 1) for ids in batches]
+    return sum(sums) / sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
+
+
+def native_shared_model(model, pattern):
+    """transformers' GlmMoeDsa built with `indexer_types` from `model`'s weights (S layers have no indexer)."""
+    config = copy.deepcopy(model.config)
+    config.indexer_types = pattern.indexer_types()
+    native = GlmMoeDsaForCausalLM(config).eval()
+    result = native.load_state_dict(model.state_dict(), strict=False)
+    assert result.missing_keys == []
+    assert sorted({k.split(".")[2] for k in result.unexpected_keys}) == [str(i) for i in range(len(pattern))
+                                                                         if i not in pattern.full_layers]
+    assert all(".self_attn.indexer." in k for k in result.unexpected_keys)
+    return native
+
+
+def test_all_full_equals_transformers_forward(glm, dsv32, batches):
+    for model in (glm, dsv32):
+        metrics = evaluate(model, Pattern.all_full(len(dsa_attentions(model))), batches)
+        assert metrics["loss"] == pytest.approx(native_loss(model, batches), rel=1e-5)
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+        assert metrics["tokens"] == sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
+
+
+def test_shared_pattern_equals_transformers_indexer_types(glm, batches):
+    pattern = Pattern.parse("FSSFSFSS")
+    native = native_shared_model(glm, pattern)
+    expected = native_loss(native, batches)
+    assert evaluate(glm, pattern, batches)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert evaluate(native, pattern, batches)["loss"] == pytest.approx(expected, rel=1e-5)  # S layers without indexer
+    assert abs(expected - native_loss(glm, batches)) > 1e-4  # the shared top-k changes the loss
+
+
+def test_caller_model_is_left_unchanged(glm, dsv32, batches):
+    for model, pattern in ((glm, "FSFSSFSS"), (dsv32, "FSFS")):
+        indexers = [attn.indexer for attn in dsa_attentions(model)]
+        hooks = [dict(ix._forward_hooks) for ix in indexers]
+        flags = [p.requires_grad for p in model.parameters()]
+        types = copy.copy(getattr(model.config, "indexer_types", None))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        before = native_loss(model, batches)
+        evaluate(model, pattern, batches, topk=8)
+        topk_overlap(model, batches, topk=8)
+        assert [attn.indexer for attn in dsa_attentions(model)] == indexers
+        assert [dict(ix._forward_hooks) for ix in indexers] == hooks
+        assert not any(hasattr(ix, "last_topk") for ix in indexers)
+        assert all(ix.index_topk == model.config.index_topk for ix in indexers)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert getattr(model.config, "indexer_types", None) == types
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert native_loss(model, batches) == before
+
+
+def test_dense_mode_equals_topk_covering_every_key(glm, batches):
+    dense = evaluate(glm, None, batches)
+    assert dense["mode"] == "dense" and "topk_recall" not in dense
+    wide = evaluate(glm, "FSSSFSSS", batches, topk=batches[0].shape[1])
+    assert wide["loss"] == pytest.approx(dense["loss"], rel=1e-5)
+    assert wide["topk_recall"] == pytest.approx([1.0] * 8)
+    sparse = evaluate(glm, "FSSSFSSS", batches)
+    assert abs(sparse["loss"] - dense["loss"]) > 1e-4
+    assert all(0 < r < 1 for r in sparse["topk_recall"])
+
+
+def test_topk_mass_matches_direct_computation_in_any_chunking():
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D, K = 2, 11, 3, 5, 4
+    q, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
+    scores = torch.randn(B, T, T, generator=g).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    topk = scores.topk(K, dim=-1)
+    topk = topk.indices.masked_fill(topk.values == -math.inf, -1).to(torch.int32)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    logits = torch.einsum("bthd,bshd->bhts", q, k).mul(0.7).masked_fill(~causal, -math.inf)
+    attention = logits.softmax(-1).mean(1)  # [B, T, T]
+    chosen = torch.zeros(B, T, T)
+    for b in range(B):
+        for t in range(T):
+            for s in topk[b, t].tolist():
+                if s >= 0:
+                    chosen[b, t, s] = 1.0
+    expected = (attention * chosen).sum(-1)
+    for chunk in (None, 1, 4, T):
+        torch.testing.assert_close(topk_mass(q, k, 0.7, topk, chunk), expected)
+
+
+def test_topk_overlap_matches_set_intersections(glm, batches):
+    matrix = topk_overlap(glm, batches, chunk_size=7)
+    pattern = Pattern.all_full(8)
+    total, rows = torch.zeros(8, 8, dtype=torch.float64), 0
+    with pattern_applied(glm, pattern), capture(glm, sparse=True) as record, torch.no_grad():
+        for ids in batches:
+            glm(ids)
+            sets = [[[set(s for s in row if s >= 0) for row in batch] for batch in record.topk[l].tolist()]
+                    for l in range(8)]
+            for a in range(8):
+                for c in range(8):
+                    total[a, c] += sum(len(x & y) / len(x) for bx, by in zip(sets[a], sets[c]) for x, y in zip(bx, by))
+            rows += ids.numel()
+    torch.testing.assert_close(matrix, (total / rows).float())
+    torch.testing.assert_close(matrix.diagonal(), torch.ones(8))
+    assert (matrix < 1).any()
+    assert torch.equal(topk_overlap(glm, batches, topk=40), torch.ones(8, 8))  # every row keeps all its keys
+
+
+def test_bad_input_errors(glm, batches):
+    with pytest.raises(CalibrationError, match="empty"):
+        evaluate(glm, "FFFFFFFF", [])
+    with pytest.raises(CalibrationError, match="integer tensor"):
+        evaluate(glm, "FFFFFFFF", [torch.rand(2, 8)])
+    with pytest.raises(CalibrationError, match="2 tokens"):
+        topk_overlap(glm, [torch.zeros(2, 1, dtype=torch.long)])
+    with pytest.raises(PatternError, match="8 DSA layers"):
+        evaluate(glm, "FSF", batches)
+    with pytest.raises(PatternError, match="starts with S"):
+        evaluate(glm, "SFFFFFFF", batches)
+    with pytest.raises(ValueError, match="dense"):
+        evaluate(glm, None, batches, topk=4)
+    with pytest.raises(ValueError, match="topk"):
+        evaluate(glm, "FFFFFFFF", batches, topk=0)
+
+
+def test_plot_overlap_writes_png(tmp_path):
+    path = plot_overlap(torch.rand(5, 5), str(tmp_path / "overlap.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_entry_point_writes_metrics_heatmap_and_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distill.evaluate", "pattern=FSSFSSFS", "batches.seq_len=48", "batches.batch_size=2",
+           "batches.max_batches=2", "overlap_batches=1", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
+           "logger=offline", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["pattern"]["pattern"] == "FSSFSSFS"
+    assert set(metrics) == {"pattern", "dense", "full", "topk_overlap"}
+    assert metrics["pattern"]["tokens"] == 4 * 47
+    assert len(metrics["pattern"]["topk_recall"]) == 8 and len(metrics["topk_overlap"]) == 8
+    assert (run_dir / "topk_overlap.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(name.startswith("offline-run-") for name in os.listdir(run_dir / "wandb"))
