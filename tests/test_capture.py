@@ -4,18 +4,13 @@ from unittest import mock
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from distill.capture import capture
 from distill.indexer import indexer_projections, indexer_scores
 from distill.model import NotDSAModelError, SharedIndexer, apply_pattern, dsa_attentions, rope_style
 from distill.objective import Distiller
 from distill.pattern import Pattern, PatternError
-from train.model import build_model
-
-
-def tiny(name):
-    return build_model(OmegaConf.load(f"conf/model/{name}.yaml"))
+from tests.conftest import tiny
 
 
 @pytest.fixture(scope="module", params=["tiny_glm", "tiny_dsv32"])
@@ -128,7 +123,6 @@ def test_capture_with_a_topk_function_needs_no_mask_and_matches(model):
     """With topk_fn (the fused kernel's signature) the dense forward builds no [B,1,T,T] mask and still
     equals the masked dense forward; the sparse forward equals the model's own DSA forward."""
     from kernels.reference import indexer_topk
-    from transformers.masking_utils import sdpa_mask
     x = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         native = model(x).logits

@@ -8,31 +8,13 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import GlmMoeDsaForCausalLM
 
 from distill.capture import capture
 from distill.evaluate import CalibrationError, evaluate, pattern_applied, plot_overlap, topk_mass, topk_overlap
 from distill.model import dsa_attentions
 from distill.pattern import Pattern, PatternError
-from train.model import build_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(name):
-    return build_model(OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{name}.yaml")))
-
-
-@pytest.fixture(scope="module")
-def glm():
-    return tiny("tiny_glm")
-
-
-@pytest.fixture(scope="module")
-def dsv32():
-    return tiny("tiny_dsv32")
-
+from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def batches():

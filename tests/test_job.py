@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from distill.pattern import PatternError
 from train.checkpoint import CheckpointError
 from train.distill import prepare
+from tests.conftest import ROOT
 from train.model import ModelConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
          "distill.warmup_steps=1", "logger=disabled"]
 

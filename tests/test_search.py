@@ -5,30 +5,12 @@ import os
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from distill.evaluate import CalibrationError, evaluate
 from distill.pattern import Pattern, PatternError
 from distill.search import (SearchError, calibration_loss, greedy_search, run_search, similarity_search,
                             uniform_patterns)
-from train.model import build_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(name):
-    return build_model(OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{name}.yaml")))
-
-
-@pytest.fixture(scope="module")
-def glm():
-    return tiny("tiny_glm")
-
-
-@pytest.fixture(scope="module")
-def dsv32():
-    return tiny("tiny_dsv32")
-
+from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def batches():
