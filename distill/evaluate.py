@@ -127,6 +127,7 @@ def topk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, topk: torch.Tensor
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(model: nn.Module, pattern: Pattern | str | None, batches, *, topk: int | None = None,
              chunk_size: int | None = None) -> dict:
     """LM loss, perplexity and per-layer top-k recall of `model` under `pattern` on `batches`.

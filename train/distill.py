@@ -17,6 +17,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from distill.evaluate import evaluate as evaluate_lm
 from distill.objective import Distiller
 from distill.pattern import resolve_pattern
 from train.checkpoint import (CheckpointError, check_compatible, checkpoint_root, latest_checkpoint, load_checkpoint,
@@ -212,6 +213,13 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
                    "train/peak_memory_gib": peak_memory_gib(device), **group_losses}
         if val and (step % d.eval_every == 0 or step == total):
             metrics.update(evaluate(engine, val, sparse, device))
+        if val and step == total and d.lm_eval:
+            lm = evaluate_lm(distiller.backbone, pattern, val)
+            metrics.update({"eval/lm_loss": lm["loss"], "eval/lm_perplexity": lm["perplexity"],
+                            "eval/lm_topk_recall": lm["mean_topk_recall"]})
+            if rank == 0:
+                tqdm.write(f"[distill] held-out LM loss under {pattern} with real DSA: {lm['loss']:.4f} "
+                           f"(perplexity {lm['perplexity']:.3f}, top-k recall {lm['mean_topk_recall']:.4f})")
         if step % d.log_every == 0 or step == total or "eval/loss" in metrics:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{loss:.4f}")
