@@ -18,7 +18,7 @@ from train.distill import prepare
 from tests.conftest import ROOT
 from train.model import ModelConfigError
 
-QUICK = ["data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
+QUICK = ["model=tiny_glm", "data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
          "distill.warmup_steps=1", "logger=disabled"]
 
 

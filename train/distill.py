@@ -29,6 +29,11 @@ from train.model import ModelConfigError, build_model, model_config
 from train.tokenizer import load_tokenizer
 
 
+# `${gpu:A,B}` in conf/: A when a GPU is visible, else B (the embedded defaults run on either).
+OmegaConf.register_new_resolver("gpu", lambda on_gpu, on_cpu: on_gpu if torch.cuda.is_available() else on_cpu,
+                                replace=True)
+
+
 def setup_distributed(device_cfg: str) -> tuple[torch.device, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns device, rank, world."""
     import deepspeed
@@ -68,8 +73,9 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
         "gradient_accumulation_steps": d.grad_accum,
         "train_batch_size": batch,
         "gradient_clipping": d.grad_clip,
+        # torch_adam: torch's AdamW, not DeepSpeed's JIT-built FusedAdam (whose build fails on some GPU images)
         "optimizer": {"type": "AdamW", "params": {"lr": d.lr, "weight_decay": d.weight_decay,
-                                                  "betas": list(d.betas)}},
+                                                  "betas": list(d.betas), "torch_adam": True}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total, 1), "warmup_num_steps": min(d.warmup_steps, max(total - 1, 0)),
             "warmup_type": "linear", "cos_min_ratio": d.min_lr_ratio}},

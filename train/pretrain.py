@@ -12,10 +12,13 @@ against the frozen backbone (here: by the distillation job). Writes `<run dir>/m
 (save.dtype), config, tokenizer, `heldout.safetensors` (the first validation rows, so held-out losses
 are reproducible on any machine) and `pretrain_record.json` (stages, steps, tokens, wall time, losses).
 
+stage=corpus: the train and validation documents of `data` as jsonl files in `corpus_dir`, to pin a corpus
+(such as one interpreter's standard library) for training on another machine with `data=text`.
+
 stage=reference: `reference_outputs.json` of `reference.model_dir`, computed on the CPU in fp32 with plain
 transformers: greedy tokens of a fixed prompt and the held-out losses on a CPU-sized slice of
-`heldout.safetensors` with dense attention, with DSA (all-F, the shipped index_topk) and with DSA at retention 1/8 (uniform pattern,
-untrained sharing). tests/test_reference_model.py checks the shipped model against it.
+`heldout.safetensors` with dense attention, with DSA (all-F, the shipped index_topk) and with DSA at
+retention 1/8 (uniform pattern, untrained sharing). tests/test_reference_model.py checks the shipped model against it.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from distill.model import dsa_attentions
 from distill.pattern import Pattern
-from train.data import BatchLoader, build_corpus, eval_batches, packed_datasets
+from train.data import SPLITS, BatchLoader, build_corpus, eval_batches, packed_datasets
 from train.logger import Logger
 from train.model import build_model, resolve_dtype
 from train.tokenizer import has_tokenizer_files, load_tokenizer, train_bpe_tokenizer
@@ -48,7 +51,7 @@ DENSE_ATTENTION = "pretrain_dense_causal"
 HELDOUT = "heldout.safetensors"
 RECORD = "pretrain_record.json"
 REFERENCE_OUTPUTS = "reference_outputs.json"
-STAGES = ("pretrain", "reference")
+STAGES = ("corpus", "pretrain", "reference")
 
 
 def dense_causal_attention(module, query, key, value, attention_mask, *, scaling, dropout=0.0, **kwargs):
@@ -104,7 +107,24 @@ def pretraining_tokenizer(tokenizer_cfg, data_cfg):
     return load_tokenizer({"tokenizer": path})
 
 
+def export_corpus(data_cfg, out_dir: str) -> dict[str, str]:
+    """Write the train and validation documents of `data_cfg` to `<out_dir>/<split>.jsonl` ({"text", "source"}
+    per line, in order): the same corpus and split on any machine, through `data=text data.files=<train>
+    data.validation_files=<validation>`. Returns {split: path}."""
+    corpus = build_corpus(data_cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split in SPLITS:
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        with open(paths[split], "w", encoding="utf-8") as f:
+            for document in corpus[split]:
+                f.write(json.dumps({"text": document["text"], "source": document["source"]}) + "\n")
+        print(f"[pretrain] {len(corpus[split])} {split} documents written to {paths[split]}", flush=True)
+    return paths
+
+
 def check_vocabulary(model_config, tokenizer) -> None:
+    """Raise if the model's vocab_size or bos/eos/pad ids differ from the tokenizer's."""
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     wrong = {k: (getattr(model_config, k), v) for k, v in ids.items() if getattr(model_config, k) != v}
@@ -114,8 +134,8 @@ def check_vocabulary(model_config, tokenizer) -> None:
 
 
 def lr_at(step: int, progress: float, train_cfg) -> float:
-    """Linear warm-up over train.warmup_steps, then cosine from train.lr to train.lr * min_lr_ratio over
-    `progress` (the fraction of the step or time budget used, in [0, 1])."""
+    """train.lr times a linear warm-up over the first train.warmup_steps steps times a cosine from 1 down to
+    train.min_lr_ratio over `progress` (the fraction of the step or time budget used, in [0, 1])."""
     warmup = min(1.0, (step + 1) / max(1, train_cfg.warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return train_cfg.lr * warmup * (train_cfg.min_lr_ratio + (1.0 - train_cfg.min_lr_ratio) * cosine)
@@ -169,7 +189,6 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
         trained = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                       fused=device.type == "cuda")
-        forward = torch.compile(model) if t.compile else model
         print(f"[pretrain] {num_params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained densely, the rest are "
               f"indexers), {len(data['train'])} train / {len(data['validation'])} validation rows of {t.seq_len} "
               f"tokens, {tokens_per_step} tokens per step, {device_name(device)}", flush=True)
@@ -183,7 +202,7 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
             for _ in range(t.grad_accum):
                 ids = next(loader).to(device, non_blocking=True)
                 with autocast():
-                    micro_loss = forward(input_ids=ids, labels=ids, use_cache=False).loss / t.grad_accum
+                    micro_loss = model(input_ids=ids, labels=ids, use_cache=False).loss / t.grad_accum
                 micro_loss.backward()
                 total += micro_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -202,7 +221,7 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
                            "train/epoch": step * tokens_per_step / (len(data["train"]) * t.seq_len)}
                 if step % t.eval_every == 0 or last:
                     model.eval()
-                    metrics["eval/loss"] = lm_loss(forward, val, device, autocast)
+                    metrics["eval/loss"] = lm_loss(model, val, device, autocast)
                     model.train()
                     evals.append({"step": step, "tokens": step * tokens_per_step, "loss": metrics["eval/loss"]})
                 logger.log(metrics, step)
@@ -276,6 +295,9 @@ def reference_outputs(model_dir: str, prompt: str, new_tokens: int, rows: int, t
 def main(cfg: DictConfig) -> None:
     if cfg.stage not in STAGES:
         raise ValueError(f"stage {cfg.stage!r} is not one of {STAGES}")
+    if cfg.stage == "corpus":
+        export_corpus(cfg.data, cfg.corpus_dir)
+        return
     if cfg.stage == "pretrain":
         pretrain(cfg, hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
         return
