@@ -192,22 +192,26 @@ def _overlap_sum(topk: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_overlap(model: nn.Module, batches, *, topk: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """[L, L]: |A ∩ B| / k of the layers' top-k sets with every layer F, averaged over all rows.
+def topk_overlap(model: nn.Module, batches, *, pattern: Pattern | str | None = None, topk: int | None = None,
+                 chunk_size: int | None = None) -> torch.Tensor:
+    """[L, L]: |A ∩ B| / k of the top-k sets the layers use, averaged over all rows.
 
-    k is the number of valid keys of the row (min(index_topk, t + 1)). Real sparse forward, all-F.
+    k is the number of valid keys of the row (min(index_topk, t + 1)). Real sparse forward under `pattern`
+    (default all-F: every layer its own indexer's set; an S layer uses its owner's).
     """
     batches = check_batches(batches)
     num_layers = len(dsa_attentions(model))
+    pattern = Pattern.all_full(num_layers) if pattern is None else as_pattern(pattern, num_layers)
     device = next(model.parameters()).device
     total = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     rows = 0
     backbone = getattr(model, "model", model)  # the decoder stack: no LM-head logits needed
-    with pattern_applied(model, Pattern.all_full(num_layers), topk), capture(model, sparse=True) as record:
+    with pattern_applied(model, pattern, topk), capture(model, sparse=True) as record:
         for ids in batches:
             ids = ids.to(device)
             backbone(input_ids=ids, use_cache=False)
-            total += _overlap_sum(torch.stack([record.topk[layer] for layer in range(num_layers)]), chunk_size).cpu()
+            used = torch.stack([record.topk[pattern.owner(layer)] for layer in range(num_layers)])
+            total += _overlap_sum(used, chunk_size).cpu()
             rows += ids.numel()
     return (total / rows).float()
 
@@ -250,8 +254,10 @@ def load_model_and_batches(cfg) -> tuple[nn.Module, list[torch.Tensor]]:
     return model, eval_batches(data[split], cfg.batches.batch_size, cfg.batches.max_batches)
 
 
-def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str]) -> None:
-    """Log metrics (wandb and run_dir/metrics.jsonl, via train.logger) and PNG images (wandb) for cfg.logger."""
+def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str],
+            tables: Mapping[str, list[dict]] | None = None) -> None:
+    """Log metrics (wandb and run_dir/metrics.jsonl, via train.logger), PNG images and tables (rows as dicts,
+    wandb) for cfg.logger."""
     from train.logger import Logger  # imports wandb
 
     logger = Logger(cfg.logger, run_dir, cfg.logger.get("name") or os.path.basename(run_dir),
@@ -262,6 +268,10 @@ def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str]) -> N
         import wandb
 
         logger.run.log({name: wandb.Image(path) for name, path in images.items()}, step=0)
+        for name, rows in (tables or {}).items():
+            columns = sorted({k for r in rows for k in r})
+            logger.run.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+                           step=0)
     logger.finish()
 
 
