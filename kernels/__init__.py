@@ -5,7 +5,9 @@ kind: 'auto' (Triton on CUDA, the reference on CPU), 'triton' (CUDA, or the CPU 
 """
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import torch
 
@@ -40,19 +42,52 @@ def indexer_topk_fn(kind: str, device: torch.device | str):
     return indexer_topk
 
 
+def enable_cpu_interpreter() -> None:
+    """Run the Triton kernels on Triton's CPU interpreter from now on (tests): sets TRITON_INTERPRET=1 and
+    rebuilds what was built for the GPU before it was set (triton.language's helpers, these kernel modules),
+    so that it works whatever imported triton first (a conftest's `import torch` does)."""
+    from triton.runtime.jit import JITFunction
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    _patch_interpreter_loop_bounds()
+    _interpret_language_helpers()
+    for name in ("kernels.centroid_kl", "kernels.indexer_topk"):
+        module = sys.modules.get(name)
+        if module is not None and any(isinstance(v, JITFunction) for v in vars(module).values()):
+            importlib.reload(module)
+
+
 def _patch_interpreter_loop_bounds() -> None:
     """Triton 3.6's CPU interpreter converts scalars (arrays of shape [1]) to loop bounds with int(), which
-    NumPy >= 2.4 rejects (triton-lang/triton#9171); install the upstream fix (squeeze first)."""
+    NumPy >= 2.4 rejects (triton-lang/triton#9171); install the upstream fix (squeeze first), once."""
     from triton.runtime import interpreter
 
     patch_tensor = interpreter._patch_lang_tensor
+    if getattr(patch_tensor, "squeezes_index", False):
+        return
 
     def patched(tensor, scope):
         patch_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
+    patched.squeezes_index = True
     interpreter._patch_lang_tensor = patched
 
 
+def _interpret_language_helpers() -> None:
+    """triton.language's own @jit helpers (tl.zeros, tl.max, tl.sort, ...) are built for the interpreter only
+    when TRITON_INTERPRET=1 was set before triton's first import; rebuild them when it was set later."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for name, value in list(vars(tl.standard).items()):
+        if isinstance(value, JITFunction):
+            interpreted = InterpretedFunction(value.fn)
+            setattr(tl.standard, name, interpreted)
+            if getattr(tl, name, None) is value:
+                setattr(tl, name, interpreted)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_loop_bounds()
+    enable_cpu_interpreter()
