@@ -1,0 +1,83 @@
+"""GPU correctness of the fused kernels against the plain-PyTorch references at moderate DeepSeek-like shapes.
+
+    python -m bench.check_kernels          (exits non-zero on a mismatch)
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from bench.common import DSA, dsa_inputs, flash_lse
+from distill.targets import allowed_keys
+from kernels import reference
+from kernels.centroid_kl import centroid_kl
+from kernels.indexer_topk import indexer_topk
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def check_centroid_kl(name, T, G, H, dtype, *, B=1, sparse_k=None, docs=None, with_lse=False, fp32_w=False,
+                      tol=2e-2):
+    index, mq, mk = dsa_inputs(T, G, B=B, H=H, dtype=dtype, seed=T)
+    if fp32_w:  # the Distiller's head weights are fp32
+        index[2] = index[2].detach().float().requires_grad_()
+    scale = DSA["Dq"] ** -0.5
+    cu = None if docs is None else torch.tensor(docs, dtype=torch.int32, device="cuda")
+    topk = None if sparse_k is None else indexer_topk(*[t.detach() for t in index], sparse_k, cu_seqlens=cu)
+    lse = flash_lse(mq, mk, scale) if with_lse else None
+    loss = centroid_kl(*index, mq, mk, scale, topk, cu_seqlens=cu, main_lse=lse)
+    grads = torch.autograd.grad(loss, index)
+    ref_index = [t.detach().float().requires_grad_() for t in index]
+    want = reference.centroid_kl(*ref_index, mq.float(), mk.float(), scale, topk, cu_seqlens=cu)
+    want_grads = torch.autograd.grad(want, ref_index)
+    errors = [abs(loss.item() - want.item()) / abs(want.item())] + [relative_error(a, b) for a, b in
+                                                                     zip(grads, want_grads)]
+    ok = all(e < tol for e in errors)
+    print(f"centroid_kl {name:<34} loss {loss.item():.6f} ref {want.item():.6f}  rel.err loss/dq/dk/dw "
+          + " ".join(f"{e:.1e}" for e in errors) + ("  ok" if ok else "  FAIL"), flush=True)
+    return ok
+
+
+def check_topk(T, k, *, B=1, docs=None):
+    index, _, _ = dsa_inputs(T, 1, B=B, H=1, seed=T + 1)
+    iq, ik, iw = [t.detach() for t in index]
+    iw = iw.float()  # the Distiller's head weights are fp32
+    cu = None if docs is None else torch.tensor(docs, dtype=torch.int32, device="cuda")
+    got = indexer_topk(iq, ik, iw, k, cu_seqlens=cu)
+    want = reference.indexer_topk(iq, ik, iw, k, cu_seqlens=cu)
+    logits = reference.indexer_logits(iq, ik, iw)
+    scores = [torch.where(x >= 0, logits.gather(-1, x.clamp(min=0).long()), -torch.inf).sort(-1).values
+              for x in (got, want)]
+    allowed = allowed_keys(B, T, slice(None), None, iq.device, cu_seqlens=cu)
+    counts_ok = torch.equal((got >= 0).sum(-1), allowed.sum(-1).clamp(max=k))
+    in_doc = bool(allowed.gather(-1, got.clamp(min=0).long())[got >= 0].all())
+    same_sets = (got.sort(-1).values == want.sort(-1).values).all(-1).float().mean().item()
+    ok = counts_ok and in_doc and torch.allclose(scores[0], scores[1], rtol=1e-4, atol=1e-5)
+    print(f"indexer_topk T={T} k={k} B={B} docs={docs is not None}: rows with identical sets {same_sets:.4f}, "
+          f"selected scores match {ok}", flush=True)
+    return ok
+
+
+def main() -> int:
+    print(torch.cuda.get_device_name(), flush=True)
+    results = [
+        check_topk(4096, DSA["k"]),
+        check_topk(1500, 256, B=2, docs=[0, 700, 1900, 3000]),
+        check_centroid_kl("dense bf16 T=1500 G=2 H=16", 1500, 2, 16, torch.bfloat16),
+        check_centroid_kl("dense bf16 T=1100 G=1 H=8 flash-LSE fp32 w", 1100, 1, 8, torch.bfloat16, with_lse=True,
+                          fp32_w=True),
+        check_centroid_kl("sparse bf16 T=2048 G=4 H=8 k=256", 2048, 4, 8, torch.bfloat16, sparse_k=256),
+        check_centroid_kl("docs bf16 B=2 T=1000 G=3 H=8", 1000, 3, 8, torch.bfloat16, B=2,
+                          docs=[0, 300, 1000, 1999, 2000]),
+        check_centroid_kl("docs sparse fp16 B=2 T=777 G=1 H=8", 777, 1, 8, torch.float16, B=2, sparse_k=128,
+                          docs=[0, 500, 1554]),
+        check_centroid_kl("dense fp32 T=777 G=2 H=4", 777, 2, 4, torch.float32, tol=1e-4),
+    ]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

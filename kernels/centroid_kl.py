@@ -1,0 +1,506 @@
+"""Fused multi-layer centroid KL (DESIGN.md sections 2-3): Triton kernels and their autograd Function.
+
+    loss = (1 / (B T)) sum_{b,t} KL(pbar_t || softmax_s I_t(s))      over the allowed keys s of row t
+    pbar_t(s) = 1/(G H) sum_{g,h} exp(scale q_{g,t,h} . k_{g,s,h} - lse_{g,h,t})
+    I_t(s)    = sum_j w_{t,j} relu(qI_{t,j} . kI_s)
+
+Shapes: index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI], main_q/main_k [G, B, T, H, Dq],
+topk_indices [B, T, K] (-1 = no key), cu_seqlens int [num_docs + 1] (offsets over the flattened B*T
+tokens; see distill.targets), main_lse [G, B, H, T] (natural log, over the allowed keys).
+
+The loss is terminal, so dL/dI = softmax(I) - pbar is known in the forward and the forward computes
+the gradients of index_q/k/w right away; backward only scales them by grad_output. No T x T tensor is
+ever built: besides inputs and gradients the memory is the per-row LSEs and one R x T fp32 scratch of
+dL/dI for a chunk of R query rows (R from a 1 GiB budget, or `chunk_size`). Passes:
+
+1. `_main_lse_kernel`, grid (row blocks, G*B*H): flash-style online LSE of each head of each served
+   layer (skipped when main_lse is given); `_index_lse_kernel`, grid (row blocks, B): LSE of I.
+2. For each chunk of R query rows:
+   a. `_target_kernel`, one program per (row block, key block) tile (grouped launch order so that
+      concurrent programs share q and k tiles in L2): pbar (G*H dots), I (HI dots), the rows' KL
+      terms, and dL/dI written to the scratch; a flag marks each non-empty tile.
+   b. `_index_dq_kernel`, grid (row blocks, HI, B): recompute qI_j . kI on the flagged tiles; d qI_j
+      and d w_j of a row block are complete in one program (registers, no atomics).
+   c. `_index_dk_kernel`, grid (key blocks, row splits, B): recompute kI . qI_j; d kI summed over
+      the chunk's rows and all HI heads in registers, one fp32 atomic add per program.
+Dense stage: every causal key of the row's document. Sparse stage: the same tiles masked to the rows'
+top-k sets (sorted once; a tile's mask is a binary search plus a merge walk), empty tiles skipped.
+Dots take the input dtype (bf16/fp16/fp32) and accumulate in fp32; fp32 inputs use IEEE dots. dL/dI
+enters the gradient dots as bf16 for bf16 inputs and as fp32 (TF32) for fp16, whose range it would
+underflow. Tile shapes (TILES) were chosen with bench/tune_tiles.py; timings are in docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from distill.targets import document_starts
+from kernels.reference import _check_shapes
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # globals that kernels read must be constexpr
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+NO_KEY = tl.constexpr(2**31 - 1)  # sorted top-k lists put invalid entries last
+SCRATCH_BYTES = 1 << 30  # budget of the R x T dL/dI scratch
+# Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
+# block_*/warps/stages: the per-chunk kernels (target, dq, dk); lse_*: the LSE passes; group: row blocks per
+# launch group of the target kernel; min_dot: smallest dot dimension; topk_*: kernels.indexer_topk's key
+# sub-block, programs per SM and warps.
+TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
+                      lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_programs=4, topk_warps=4),
+         "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
+                     lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_programs=3, topk_warps=4)}
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_t, stride_d, D0: tl.constexpr, DW: tl.constexpr, DTOT: tl.constexpr,
+               DTYPE: tl.constexpr):
+    """[len(rows), DW] slice of columns D0 .. D0+DW of a [T, *] matrix (zeros outside), as DTYPE."""
+    cols = D0 + tl.arange(0, DW)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols < DTOT)[None, :], other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _walk(base, cur, v, row_ok, n0, K, BLOCK_N: tl.constexpr):
+    """Advance each row's cursor over its sorted keys in [n0, n0 + BLOCK_N); return (mask [M, N] int32, cur, v)."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    mask = tl.zeros((cur.shape[0], BLOCK_N), dtype=tl.int32)
+    hit = v < n0 + BLOCK_N
+    while tl.max(hit.to(tl.int32), 0) > 0:
+        mask = mask | (hit[:, None] & (v[:, None] == keys[None, :])).to(tl.int32)
+        cur = cur + hit.to(tl.int32)
+        v = tl.load(base + cur, mask=row_ok & (cur < K), other=NO_KEY)
+        hit = v < n0 + BLOCK_N
+    return mask, cur, v
+
+
+@triton.jit
+def _sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N: tl.constexpr, LOG2K: tl.constexpr):
+    """[M, N] int32: which keys n0 .. n0+N-1 are in each row's sorted top-k list (binary search, then walk)."""
+    base = keys_ptr + rows.to(tl.int64) * K
+    lo = tl.zeros_like(rows)
+    hi = tl.zeros_like(rows) + K
+    for _ in tl.static_range(LOG2K):
+        mid = (lo + hi) // 2
+        v = tl.load(base + mid, mask=row_ok & (mid < hi), other=NO_KEY)
+        right = v < n0
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    v = tl.load(base + lo, mask=row_ok & (lo < K), other=NO_KEY)
+    mask, _, _ = _walk(base, lo, v, row_ok, n0, K, BLOCK_N)
+    return mask
+
+
+@triton.jit
+def _main_scores(qa, qb, k_base, keys, key_ok, stride_t, stride_d,
+                 DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
+                 DOT: tl.constexpr):
+    """q . k for one head: q given as column pieces qa [M, DA], qb [M, DB]; k rows `keys` -> [M, N] fp32."""
+    ka = _load_rows(k_base, keys, key_ok, stride_t, stride_d, 0, DA, DQ, DOT)
+    s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+    if DB > 0:
+        kb = _load_rows(k_base, keys, key_ok, stride_t, stride_d, DA, DB, DQ, DOT)
+        s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D: tl.constexpr, sq_t, sq_h, sq_d, sw_t, sw_h,
+                  BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """I [M, N] fp32 = sum_j w_j relu(qI_j . kI) for the rows of one block against the key tile ki [N, DI]."""
+    acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
+    rows64 = rows.to(tl.int64)
+    for j in range(HI):
+        qj = _load_rows(iq_base + j * sq_h, rows, row_ok, sq_t, sq_d, 0, DI, D, DOT)
+        wj = tl.load(iw_base + rows64 * sw_t + j * sw_h, mask=row_ok, other=0.0).to(tl.float32)
+        s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
+        acc += wj[:, None] * tl.maximum(s, 0.0)
+    return acc
+
+
+@triton.jit
+def _online_lse(m, l, s):
+    """One step of a base-2 online log-sum-exp over rows of s [M, N] (-inf = masked)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+    return m_new, l
+
+
+@triton.jit
+def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
+                     sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
+                     B, T, H, K, DQ: tl.constexpr, scale_log2,
+                     DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SPARSE: tl.constexpr, LOG2K: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """lse2 [G, B, H, T] (base 2) of scale*q.k over each row's allowed keys; grid (row blocks, G*B*H)."""
+    rb = tl.program_id(0)
+    ghb = tl.program_id(1)
+    h = ghb % H
+    b = (ghb // H) % B
+    g = ghb // (H * B)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+    k_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
+    qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
+    qb = qa
+    if DB > 0:
+        qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    if SPARSE:
+        base = keys_ptr + (b * T + rows).to(tl.int64) * K
+        cur = tl.zeros_like(rows)
+        v = tl.load(base, mask=row_ok, other=NO_KEY)
+        nxt = tl.min(v, 0)
+        while nxt < T:
+            n0 = (nxt // BLOCK_N) * BLOCK_N
+            sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
+            keys = n0 + tl.arange(0, BLOCK_N)
+            s = _main_scores(qa, qb, k_base, keys, keys < T, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            m, l = _online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
+            nxt = tl.min(v, 0)
+    else:
+        lo = (tl.min(doc, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum((rb + 1) * BLOCK_M, T)
+        for n0 in range(lo, hi, BLOCK_N):
+            keys = n0 + tl.arange(0, BLOCK_N)
+            s = _main_scores(qa, qb, k_base, keys, keys < T, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
+            m, l = _online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
+    tl.store(lse_ptr + ghb.to(tl.int64) * T + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
+
+
+@triton.jit
+def _index_lse_kernel(iq, ik, iw, lse_ptr, doc_ptr, keys_ptr,
+                      sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_t, sw_h,
+                      T, HI, D: tl.constexpr, K,
+                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPARSE: tl.constexpr, LOG2K: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """Natural-log LSE [B, T] of the indexer logits over each row's allowed keys; grid (row blocks, B)."""
+    rb = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    iq_base = iq + b.to(tl.int64) * sq_b
+    iw_base = iw + b.to(tl.int64) * sw_b
+    k_base = ik + b.to(tl.int64) * sk_b
+    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    if SPARSE:
+        base = keys_ptr + (b * T + rows).to(tl.int64) * K
+        cur = tl.zeros_like(rows)
+        v = tl.load(base, mask=row_ok, other=NO_KEY)
+        nxt = tl.min(v, 0)
+        while nxt < T:
+            n0 = (nxt // BLOCK_N) * BLOCK_N
+            sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
+            keys = n0 + tl.arange(0, BLOCK_N)
+            ki = _load_rows(k_base, keys, keys < T, sk_t, sk_d, 0, DI, D, DOT)
+            s = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
+                              BLOCK_N, DI, PREC, DOT)
+            m, l = _online_lse(m, l, tl.where(sel != 0, s * _LOG2E, float("-inf")))
+            nxt = tl.min(v, 0)
+    else:
+        lo = (tl.min(doc, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum((rb + 1) * BLOCK_M, T)
+        for n0 in range(lo, hi, BLOCK_N):
+            keys = n0 + tl.arange(0, BLOCK_N)
+            ki = _load_rows(k_base, keys, keys < T, sk_t, sk_d, 0, DI, D, DOT)
+            s = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
+                              BLOCK_N, DI, PREC, DOT)
+            allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
+            m, l = _online_lse(m, l, tl.where(allowed, s * _LOG2E, float("-inf")))
+    tl.store(lse_ptr + b * T + rows, (m + tl.log2(tl.where(l > 0, l, 1.0))) / _LOG2E, mask=row_ok)
+
+
+@triton.jit
+def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, grad_ptr, flag_ptr, loss_ptr,
+                   sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
+                   iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
+                   B, T, G, H, HI, D: tl.constexpr, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
+                   DA: tl.constexpr, DB: tl.constexpr, DI: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                   SPARSE: tl.constexpr, LOG2K: tl.constexpr, WRITE_GRAD: tl.constexpr, PREC: tl.constexpr,
+                   DOT: tl.constexpr):
+    """One (row block, key block) tile of chunk rows r0 .. r0+R: KL terms into loss [B, T], dL/dI into the scratch."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    width = GROUP * n_kb
+    first = (pid // width) * GROUP
+    size = tl.minimum(n_rb - first, GROUP)
+    rb = first + (pid % width) % size
+    kb = (pid % width) // size
+    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < T
+    key_ok = keys < T
+    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
+    last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, T) - 1
+    if (kb * BLOCK_N <= last_row) & (kb * BLOCK_N + BLOCK_N > tl.min(doc, 0)):
+        allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) & row_ok[:, None]
+        if SPARSE:
+            sel = _sparse_tile_mask(keys_ptr + b.to(tl.int64) * T * K, rows, row_ok, kb * BLOCK_N, K,
+                                    BLOCK_N, LOG2K)
+            allowed = allowed & (sel != 0)
+        if tl.max(allowed.to(tl.int32)) > 0:
+            pbar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for gh in range(G * H):
+                g = gh // H
+                h = gh % H
+                q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+                k_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
+                qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
+                qb = qa
+                if DB > 0:
+                    qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+                s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+                lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+                pbar += tl.exp2(s * scale_log2 - lse[:, None])
+            pbar = tl.where(allowed, pbar * inv_gh, 0.0)
+            ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+            logits = _index_logits(iq + b.to(tl.int64) * iq_b, iw + b.to(tl.int64) * iw_b, ki, rows, row_ok,
+                                   HI, D, iq_t, iq_h, iq_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
+            ilse = tl.load(ilse_ptr + b * T + rows, mask=row_ok, other=0.0)
+            log_q = logits - ilse[:, None]
+            entropy = tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0)
+            kl = tl.where(allowed, entropy - pbar * log_q, 0.0)
+            tl.atomic_add(loss_ptr + b * T + rows, tl.sum(kl, 1), mask=row_ok)
+            if WRITE_GRAD:
+                grad = tl.where(allowed, tl.exp(log_q) - pbar, 0.0)
+                ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[:, None] * T + keys[None, :]
+                tl.store(ptrs, grad, mask=row_ok[:, None] & key_ok[None, :])
+                tl.store(flag_ptr + (b * n_rb + rb) * n_kb + kb, 1)
+
+
+@triton.jit
+def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
+                     iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
+                     T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, inv_rows,
+                     DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """d index_q [B, T, HI, D] and d index_w [B, T, HI] of one (row block, indexer head); grid (row blocks, HI, B)."""
+    rb = tl.program_id(0)
+    j = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    qj = _load_rows(iq + b.to(tl.int64) * iq_b + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
+    w_ptrs = iw + b.to(tl.int64) * iw_b + rows.to(tl.int64) * iw_t + j * iw_h
+    wj = tl.load(w_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+    k_base = ik + b.to(tl.int64) * ik_b
+    dq = tl.zeros((BLOCK_M, DI), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    tile = b * n_rb + rb
+    for i in range(tl.load(count_ptr + tile)):
+        kb = tl.load(order_ptr + tile.to(tl.int64) * n_kb + i)
+        keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = keys < T
+        g_ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[:, None] * T + keys[None, :]
+        grad = tl.load(g_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
+        ki = _load_rows(k_base, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+        s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
+        dw += tl.sum(grad * tl.maximum(s, 0.0), 1)
+        ds = tl.where(s > 0, grad, 0.0)
+        dq += tl.dot(ds.to(GRAD_DTYPE), ki.to(GRAD_DTYPE), input_precision=PREC)
+    dq = dq * (wj * inv_rows)[:, None]
+    cols = tl.arange(0, DI)
+    dq_ptrs = dq_ptr + ((b * T + rows).to(tl.int64) * HI + j)[:, None] * D + cols[None, :]
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < D)[None, :])
+    tl.store(dw_ptr + (b * T + rows).to(tl.int64) * HI + j, (dw * inv_rows).to(dw_ptr.dtype.element_ty),
+             mask=row_ok)
+
+
+@triton.jit
+def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
+                     iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
+                     T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, rb_per_split, inv_rows,
+                     DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """Adds one key block's d index_k over a split of the chunk's row blocks into dk [B, T, D] fp32."""
+    kb = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < T
+    ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+    iq_base = iq + b.to(tl.int64) * iq_b
+    iw_base = iw + b.to(tl.int64) * iw_b
+    dk = tl.zeros((BLOCK_N, DI), dtype=tl.float32)
+    rb_lo = split * rb_per_split
+    for rb in range(rb_lo, tl.minimum(rb_lo + rb_per_split, n_rb)):
+        if tl.load(flag_ptr + (b * n_rb + rb) * n_kb + kb) != 0:
+            rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < T
+            g_ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[None, :] * T + keys[:, None]
+            grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
+            for j in range(HI):
+                qj = _load_rows(iq_base + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
+                wj = tl.load(iw_base + rows.to(tl.int64) * iw_t + j * iw_h, mask=row_ok, other=0.0)
+                s_t = tl.dot(ki, tl.trans(qj), input_precision=PREC)
+                ds_t = tl.where(s_t > 0, grad_t * wj.to(tl.float32)[None, :], 0.0)
+                dk += tl.dot(ds_t.to(GRAD_DTYPE), qj.to(GRAD_DTYPE), input_precision=PREC)
+    cols = tl.arange(0, DI)
+    dk_ptrs = dk_ptr + (b * T + keys).to(tl.int64)[:, None] * D + cols[None, :]
+    tl.atomic_add(dk_ptrs, dk * inv_rows, mask=key_ok[:, None] & (cols < D)[None, :])
+
+
+def _pow2_pieces(dim: int, min_dot: int) -> tuple[int, int]:
+    """Split a head dim into two power-of-two column pieces (the second may be 0), e.g. 192 -> (128, 64)."""
+    first = max(min_dot, 1 << (dim.bit_length() - 1))
+    rest = dim - first
+    return first, (0 if rest <= 0 else max(min_dot, triton.next_power_of_2(rest)))
+
+
+def tile_config(device: torch.device) -> dict:
+    """TILES for the device; the CPU only under the Triton interpreter."""
+    if device.type == "cuda":
+        return TILES["cuda"]
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton centroid_kl kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
+    return TILES["cpu"]
+
+
+def dot_dtype(x: torch.Tensor):
+    """Operand dtype of the dots: x's, except bf16 on the CPU interpreter, which cannot multiply bf16
+    (Triton's debugging guide) and gets the exactly upcast fp32 values instead."""
+    return tl.float32 if x.device.type != "cuda" and x.dtype == torch.bfloat16 else TL_DTYPES[x.dtype]
+
+
+def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
+    """Int32 [B, T, K]: each row's allowed top-k keys ascending (causal, in-document), NO_KEY after them."""
+    T = topk_indices.shape[1]
+    idx = topk_indices.to(torch.int32)
+    rows = torch.arange(T, device=idx.device, dtype=torch.int32)[None, :, None]
+    valid = (idx >= doc_start[..., None]) & (idx <= rows)
+    return torch.where(valid, idx, NO_KEY.value).sort(dim=-1).values.contiguous()
+
+
+def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqlens, main_lse, need_grad):
+    """(loss fp32 scalar, (d index_q, d index_k, d index_w) or None) of the centroid KL."""
+    if iq.dtype not in TL_DTYPES or iw.dtype not in TL_DTYPES:
+        raise ValueError(f"the fused centroid_kl takes bf16, fp16 or fp32 inputs, not {iq.dtype} / {iw.dtype}")
+    if len({t.dtype for t in (iq, ik, mq, mk)}) != 1:
+        raise ValueError("index_q, index_k, main_q and main_k must share one dtype; got "
+                         f"{[t.dtype for t in (iq, ik, mq, mk)]}")
+    cfg = tile_config(iq.device)
+    B, T, HI, D = iq.shape
+    G, H, DQ = mq.shape[0], mq.shape[3], mq.shape[4]
+    dev = iq.device
+    doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
+    sparse = topk_indices is not None
+    keys = sorted_topk(topk_indices, doc) if sparse else doc  # doc: a placeholder pointer when dense
+    K = keys.shape[-1] if sparse else 1
+    log2k = K.bit_length()
+    prec = "ieee" if iq.dtype == torch.float32 else "tf32"
+    dot = dot_dtype(iq)
+    grad_dtype = tl.bfloat16 if dot == tl.bfloat16 else tl.float32
+    da, db = _pow2_pieces(DQ, cfg["min_dot"])
+    di = max(cfg["min_dot"], triton.next_power_of_2(D))
+    scale_log2 = float(scale) * LOG2E
+    common = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
+    lse_common = dict(num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
+
+    if main_lse is None:
+        lse = torch.empty(G, B, H, T, device=dev, dtype=torch.float32)
+        bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
+        _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
+            mq, mk, lse, doc, keys, *mq.stride(), *mk.stride(), B, T, H, K, DQ, scale_log2,
+            DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, PREC=prec, DOT=dot, **lse_common)
+    else:
+        lse = (main_lse.float() * LOG2E).contiguous()
+    iq_s, ik_s, iw_s = iq.stride(), ik.stride(), iw.stride()
+    ilse = torch.empty(B, T, device=dev, dtype=torch.float32)
+    bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
+    _index_lse_kernel[(triton.cdiv(T, bm), B)](
+        iq, ik, iw, ilse, doc, keys, *iq_s, *ik_s, *iw_s, T, HI, D, K,
+        DI=di, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, PREC=prec, DOT=dot, **lse_common)
+
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    if chunk_size is None:
+        chunk_size = SCRATCH_BYTES // (4 * B * T)
+    rows_per_chunk = max(bm, min(triton.cdiv(T, bm) * bm, chunk_size // bm * bm))
+    loss_rows = torch.zeros(B, T, device=dev, dtype=torch.float32)
+    if need_grad:
+        scratch = torch.empty(B, rows_per_chunk, T, device=dev, dtype=torch.float32)
+        d_iq = torch.empty_like(iq, memory_format=torch.contiguous_format)
+        d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
+        d_ik = torch.zeros(B, T, D, device=dev, dtype=torch.float32)
+    else:
+        scratch = loss_rows  # unused placeholder pointer
+    inv_rows = 1.0 / (B * T)
+    for r0 in range(0, T, rows_per_chunk):
+        R = min(rows_per_chunk, T - r0)
+        n_rb = triton.cdiv(R, bm)
+        n_kb = triton.cdiv(r0 + R, bn)
+        flags = torch.zeros(B, n_rb, n_kb, device=dev, dtype=torch.int8)
+        _target_kernel[(n_rb * n_kb, B)](
+            mq, mk, lse, iq, ik, iw, ilse, doc, keys, scratch, flags, loss_rows,
+            *mq.stride(), *mk.stride(), *iq_s, *ik_s, *iw_s,
+            B, T, G, H, HI, D, K, DQ, r0, rows_per_chunk, n_rb, n_kb, scale_log2, 1.0 / (G * H),
+            DA=da, DB=db, DI=di, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k,
+            WRITE_GRAD=need_grad, PREC=prec, DOT=dot, **common)
+        if not need_grad:
+            continue
+        count = flags.sum(-1, dtype=torch.int32)
+        order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
+        _index_dq_kernel[(n_rb, HI, B)](
+            iq, ik, iw, scratch, order, count, d_iq, d_iw, *iq_s, *ik_s, *iw_s,
+            T, HI, D, r0, rows_per_chunk, n_rb, n_kb, inv_rows,
+            DI=di, BLOCK_M=bm, BLOCK_N=bn, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
+        splits = max(1, min(n_rb, triton.cdiv(4 * _sm_count(dev), n_kb * B)))
+        rb_per_split = triton.cdiv(n_rb, splits)
+        _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
+            iq, ik, iw, scratch, flags, d_ik, *iq_s, *ik_s, *iw_s,
+            T, HI, D, r0, rows_per_chunk, n_rb, n_kb, rb_per_split, inv_rows,
+            DI=di, BLOCK_M=bm, BLOCK_N=bn, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
+    loss = loss_rows.sum() * inv_rows
+    return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+class CentroidKL(torch.autograd.Function):
+    """Autograd Function of the fused loss: forward computes loss and input gradients, backward scales them."""
+
+    @staticmethod
+    def forward(ctx, index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size, cu_seqlens,
+                main_lse):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss, grads = _fused_forward(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
+                                     cu_seqlens, main_lse, need_grad)
+        if need_grad:
+            ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        d_iq, d_ik, d_iw = ctx.saved_tensors
+        grads = tuple(grad_loss.to(g.dtype) * g if need else None
+                      for g, need in zip((d_iq, d_ik, d_iw), ctx.needs_input_grad[:3]))
+        return grads + (None,) * 7
+
+
+def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor,
+                main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
+                topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused `kernels.reference.centroid_kl` (same arguments and semantics): an fp32 scalar.
+
+    index_q, index_k, main_q, main_k share one dtype (bf16, fp16 or fp32); index_w may be any of them
+    (the Distiller passes fp32 head weights); each gradient comes back in its input's dtype.
+    chunk_size: query rows per dL/dI scratch chunk (default: a 1 GiB scratch). Rows must have at least one
+    allowed key (a row whose top-k list holds no causal in-document key contributes 0 here).
+    """
+    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse)
+    return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
+                            cu_seqlens, main_lse)

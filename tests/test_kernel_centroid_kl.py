@@ -1,0 +1,146 @@
+"""The fused Triton centroid KL (CPU interpreter) against the plain-PyTorch reference: values and gradients."""
+import pytest
+import torch
+
+from kernels import enable_cpu_interpreter
+
+enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
+
+from distill.targets import allowed_keys, document_starts  # noqa: E402
+from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
+from kernels.centroid_kl import centroid_kl  # noqa: E402
+
+# (B, T, HI, D, G, H, Dq, cu_seqlens, chunk_size): T not a multiple of the 16-row CPU tile, one head,
+# G = 1..4, B > 1, documents (one crossing the batch-row boundary), several scratch chunks.
+SHAPES = {
+    "docs": (2, 23, 2, 8, 4, 1, 24, [0, 5, 17, 30, 46], 16),
+    "plain": (1, 37, 3, 8, 1, 2, 12, None, None),
+    "G2": (2, 18, 1, 16, 2, 3, 8, [0, 18, 36], None),
+    "G3": (1, 20, 2, 8, 3, 1, 16, [0, 9, 20], 16),
+}
+
+
+def make_inputs(B, T, HI, D, G, H, Dq, dtype, seed=0, w_dtype=None):
+    """w_dtype: index_w's dtype (the Distiller passes fp32 head weights with bf16 q and k); default dtype."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    index = [rand(B, T, HI, D), rand(B, T, D), (0.3 * torch.randn(B, T, HI, generator=g)).to(w_dtype or dtype)]
+    return [t.requires_grad_() for t in index], rand(G, B, T, H, Dq), rand(G, B, T, H, Dq)
+
+
+def messy_topk(B, T, K, seed=0):
+    """Random top-k lists with -1, non-causal entries and duplicates; column 0 is the row itself."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, T, (B, T, K), generator=g, dtype=torch.int32)
+    idx[..., 0] = torch.arange(T, dtype=torch.int32)
+    idx[..., 1] = idx[..., 2]
+    return idx
+
+
+def loss_and_grads(fn, index, mq, mk, scale, topk, chunk_size, **kw):
+    loss = fn(*index, mq, mk, scale, topk, chunk_size, **kw)
+    return loss, torch.autograd.grad(loss, index)
+
+
+CASES = [("docs", "dense", torch.float32), ("docs", "sparse", torch.float32), ("docs", "messy", torch.float32),
+         ("plain", "dense", torch.float32), ("G2", "messy", torch.float32),
+         ("docs", "dense", torch.bfloat16), ("docs", "sparse", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape,stage,dtype", CASES)
+def test_fused_matches_reference(shape, stage, dtype):
+    B, T, HI, D, G, H, Dq, cu, chunk = SHAPES[shape]
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, dtype, w_dtype=torch.float32 if stage == "sparse" else None)
+    topk = None
+    if stage == "sparse":
+        topk = reference.indexer_topk(*[t.detach().float() for t in index], 6, cu_seqlens=cu)
+    elif stage == "messy":
+        topk = messy_topk(B, T, 7)
+    got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu)
+    ref_index = [t.detach().float().requires_grad_() for t in index]
+    want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), mk.float(), 0.4, topk, None,
+                                      cu_seqlens=cu)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, a, b in zip(("index_q", "index_k", "index_w"), index, got_grads, want_grads):
+        assert a.dtype == x.dtype and a.shape == b.shape
+        err = (a.float() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_main_lse_is_used_and_consistent(sparse):
+    B, T, HI, D, G, H, Dq, cu, chunk = SHAPES["G3"]
+    cu = torch.tensor(cu, dtype=torch.int32)
+    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.float32, seed=1)
+    topk = messy_topk(B, T, 5, seed=1) if sparse else None
+    allowed = allowed_keys(B, T, slice(None), topk, mq.device, cu_seqlens=cu)
+    scores = torch.einsum("gbthd,gbshd->gbhts", mq, mk) * 0.4
+    lse = scores.masked_fill(~allowed[None, :, None], -torch.inf).logsumexp(-1)
+    with torch.no_grad():
+        plain = centroid_kl(*index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu)
+        given = centroid_kl(*index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu, main_lse=lse)
+        shifted = centroid_kl(*index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu, main_lse=lse + 0.5)
+        ref_given = reference.centroid_kl(*index, mq, mk, 0.4, topk, cu_seqlens=cu, main_lse=lse)
+    torch.testing.assert_close(given, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(given, ref_given, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(shifted, plain)  # the given LSE really replaces the computed one
+
+
+def test_no_grad_loss_and_grad_output_scaling():
+    B, T, HI, D, G, H, Dq, cu, chunk = SHAPES["G2"]
+    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.float32, seed=2)
+    loss = centroid_kl(*index, mq, mk, 0.7)
+    once = torch.autograd.grad(loss, index, retain_graph=True)
+    thrice = torch.autograd.grad(3.0 * loss, index)
+    for a, b in zip(once, thrice):
+        torch.testing.assert_close(3.0 * a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(centroid_kl(*index, mq, mk, 0.7), loss.detach())
+
+
+def test_reference_varlen_and_lse_paths_gradcheck():
+    B, T, HI, D, G, H, Dq = 2, 7, 2, 3, 2, 2, 4
+    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.float64, seed=4)
+    cu = torch.tensor([0, 3, 10, 14])
+    topk = messy_topk(B, T, 3, seed=4)
+    allowed = allowed_keys(B, T, slice(None), topk, mq.device, cu_seqlens=cu)
+    lse = (torch.einsum("gbthd,gbshd->gbhts", mq, mk) * 0.5).masked_fill(~allowed[None, :, None], -torch.inf)
+    lse = lse.logsumexp(-1)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: reference.centroid_kl(a, b, c, mq, mk, 0.5, None, 3, cu_seqlens=cu), index, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: reference.centroid_kl(a, b, c, mq, mk, 0.5, topk, 4, cu_seqlens=cu, main_lse=lse), index,
+        fast_mode=True)
+
+
+def test_document_starts_and_bad_cu_seqlens():
+    starts = document_starts(torch.tensor([0, 2, 7, 10]), 2, 5, torch.device("cpu"))
+    assert starts.tolist() == [[0, 0, 2, 2, 2], [0, 0, 2, 2, 2]]  # doc [2, 7) is cut at the row boundary 5
+    keys = allowed_keys(1, 4, slice(None), None, torch.device("cpu"), cu_seqlens=torch.tensor([0, 1, 4]))
+    assert keys[0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]]
+    for bad in ([0, 3], [1, 10], [0, 6, 4, 10]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            document_starts(torch.tensor(bad), 2, 5, torch.device("cpu"))
+
+
+def test_bad_inputs_and_dispatch(monkeypatch):
+    index, mq, mk = make_inputs(1, 5, 1, 4, 1, 1, 4, torch.float32)
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        centroid_kl(index[0].double(), index[1].double(), index[2].double(), mq.double(), mk.double(), 1.0)
+    with pytest.raises(ValueError, match="share one dtype"):
+        centroid_kl(*index, mq.half(), mk.half(), 1.0)
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        centroid_kl(index[0], index[1], index[2].double(), mq, mk, 1.0)
+    with pytest.raises(ValueError, match="main_lse"):
+        centroid_kl(*index, mq, mk, 1.0, main_lse=torch.zeros(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="not one of"):
+        centroid_kl_fn("fast", "cpu")
+    assert centroid_kl_fn("auto", "cpu") is reference.centroid_kl
+    assert indexer_topk_fn("reference", "cpu") is reference.indexer_topk
+    assert centroid_kl_fn("triton", "cpu") is centroid_kl
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        indexer_topk_fn("triton", "cpu")

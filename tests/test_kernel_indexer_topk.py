@@ -1,0 +1,51 @@
+"""The fused Triton indexer top-k (CPU interpreter) selects the reference's key sets, up to ties."""
+import pytest
+import torch
+
+from kernels import enable_cpu_interpreter
+
+enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
+
+from distill.targets import allowed_keys  # noqa: E402
+from kernels import indexer_topk_fn, reference  # noqa: E402
+from kernels.indexer_topk import indexer_topk  # noqa: E402
+
+
+def selected_scores(indices, logits):
+    """Each row's selected logits, sorted (-inf for -1 slots): equal for two selections equal up to ties."""
+    picked = logits.gather(-1, indices.clamp(min=0).long())
+    return torch.where(indices >= 0, picked, -torch.inf).sort(-1).values
+
+
+# (B, T, HI, D, k, cu_seqlens): several key chunks per row, k not a power of two, documents, k > T.
+CASES = [(2, 29, 3, 8, 6, None, torch.float32),
+         (1, 33, 2, 16, 7, [0, 9, 33], torch.bfloat16),
+         (2, 12, 1, 8, 16, [0, 5, 24], torch.float32)]
+
+
+@pytest.mark.parametrize("B,T,HI,D,k,cu,dtype", CASES)
+def test_fused_topk_selects_the_reference_sets(B, T, HI, D, k, cu, dtype):
+    g = torch.Generator().manual_seed(T)
+    iq, ik = torch.randn(B, T, HI, D, generator=g).to(dtype), torch.randn(B, T, D, generator=g).to(dtype)
+    iw = torch.randn(B, T, HI, generator=g)  # fp32 head weights, as the Distiller passes them
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    got = indexer_topk(iq, ik, iw, k, cu_seqlens=cu)
+    want = reference.indexer_topk(iq.float(), ik.float(), iw, k, cu_seqlens=cu)
+    assert got.dtype == torch.int32 and got.shape == (B, T, k)
+    allowed = allowed_keys(B, T, slice(None), None, iq.device, cu_seqlens=cu)
+    assert torch.equal((got >= 0).sum(-1), allowed.sum(-1).clamp(max=k))  # min(k, #keys) valid entries
+    assert bool(allowed.gather(-1, got.clamp(min=0).long())[got >= 0].all())  # causal, in-document
+    valid = got.sort(-1).values
+    assert not bool(((valid[..., 1:] == valid[..., :-1]) & (valid[..., 1:] >= 0)).any())  # no duplicates
+    logits = reference.indexer_logits(iq.float(), ik.float(), iw)
+    torch.testing.assert_close(selected_scores(got, logits), selected_scores(want, logits), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_k_and_dispatch():
+    x = torch.zeros(1, 4, 1, 4)
+    with pytest.raises(ValueError, match="k <= 2048"):
+        indexer_topk(x, x[:, :, 0], x[..., 0], 4096)
+    with pytest.raises(ValueError, match="expected index_q"):
+        indexer_topk(x, x[:, :3, 0], x[..., 0], 2)
+    assert indexer_topk_fn("auto", "cpu") is reference.indexer_topk
+    assert indexer_topk_fn("triton", "cpu") is indexer_topk
