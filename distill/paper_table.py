@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from distill.evaluate import evaluate, load_model_and_batches, log_run, plot_overlap, topk_overlap
 from distill.export import load_indexers_into
