@@ -27,20 +27,32 @@ def env(tmp_path):
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def job(tmp_path, run_dir, *overrides, nproc=None, wait=True):
-    """Run the job in a fresh process (DeepSpeed initialises torch.distributed once per process)."""
+def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, returncode=0):
+    """Run the job in a fresh process (DeepSpeed initialises torch.distributed once per process); its output.
+
+    faults: INDEXCACHE_FAULTS for train.faults; returncode: the expected exit status (None: any failure).
+    wait=False returns the running process instead.
+    """
     args = [*QUICK, f"hydra.run.dir={run_dir}", *overrides]
+    environ = {**env(tmp_path), **({"INDEXCACHE_FAULTS": faults} if faults else {})}
     if nproc:
         cmd = ["bash", "launch/distill.sh", *args]
-        environ = {**env(tmp_path), "NPROC": str(nproc)}
+        environ["NPROC"] = str(nproc)
     else:
-        cmd, environ = [sys.executable, "-m", "train.distill", *args], env(tmp_path)
+        cmd = [sys.executable, "-m", "train.distill", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
+    ok = proc.returncode != 0 if returncode is None else proc.returncode == returncode  # None: any failure
+    assert ok, out[-4000:]
     return out
+
+
+def same_indexers(run_a, run_b, step):
+    a = load_file(run_a / "checkpoints" / f"step_{step}" / "indexers.safetensors")
+    b = load_file(run_b / "checkpoints" / f"step_{step}" / "indexers.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def metrics(run_dir):
@@ -96,9 +108,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert latest.read_text() in ("step_2", "step_4")
     out = job(tmp_path, killed, *steps)
     assert "resumed at step" in out
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step_8" / "indexers.safetensors")
-    b = load_file(killed / "checkpoints" / "step_8" / "indexers.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_indexers(tmp_path / "straight", killed, 8)
 
 
 def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
@@ -165,35 +175,24 @@ def test_checkpoint_of_another_pattern_or_model_is_refused(tmp_path):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     steps = ["distill.dense_steps=5", "distill.sparse_steps=0", "distill.eval_every=100", "distill.log_every=1"]
     run_dir = tmp_path / "skip"
-    environ = {**env(tmp_path), "INDEXCACHE_FAULTS": "nan_loss@2"}
-    proc = subprocess.run([sys.executable, "-m", "train.distill", *QUICK, f"hydra.run.dir={run_dir}", *steps],
-                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "step 2: non-finite loss on some rank, step skipped (1 in a row)" in proc.stdout + proc.stderr
+    out = job(tmp_path, run_dir, *steps, faults="nan_loss@2")
+    assert "step 2: non-finite loss on some rank, step skipped (1 in a row)" in out
     assert any(m.get("train/skipped_nonfinite") == 1 and m["step"] == 2 for m in metrics(run_dir))
-    environ["INDEXCACHE_FAULTS"] = "nan_loss@2,nan_loss@3,nan_loss@4"
-    proc = subprocess.run([sys.executable, "-m", "train.distill", *QUICK, f"hydra.run.dir={tmp_path / 'stop'}",
-                           *steps, "distill.max_bad_steps=3"], cwd=ROOT, env=environ, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "3 steps in a row with a non-finite loss (last at step 4); stopping" in proc.stdout + proc.stderr
+    out = job(tmp_path, tmp_path / "stop", *steps, "distill.max_bad_steps=3",
+              faults="nan_loss@2,nan_loss@3,nan_loss@4", returncode=None)
+    assert "3 steps in a row with a non-finite loss (last at step 4); stopping" in out
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     steps = ["distill.dense_steps=6", "distill.sparse_steps=0", "distill.save_every=2", "distill.eval_every=100"]
     job(tmp_path, tmp_path / "straight", *steps)
     run_dir = tmp_path / "killed"
-    environ = {**env(tmp_path), "INDEXCACHE_FAULTS": "kill_in_save@4"}
-    proc = subprocess.run([sys.executable, "-m", "train.distill", *QUICK, f"hydra.run.dir={run_dir}", *steps],
-                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL
+    job(tmp_path, run_dir, *steps, faults="kill_in_save@4", returncode=-signal.SIGKILL)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_2"
     assert (run_dir / "checkpoints" / "step_4").is_dir()  # DeepSpeed's half of the write happened
     out = job(tmp_path, run_dir, *steps)
     assert "resumed at step 2" in out
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step_6" / "indexers.safetensors")
-    b = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_indexers(tmp_path / "straight", run_dir, 6)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
