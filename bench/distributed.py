@@ -57,13 +57,15 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, all GPUs together")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--long", default="16384,32768,65536,131072", help="context lengths for the long-context run")
+    ap.add_argument("--extra", default="", help="more Hydra overrides for every run, space-separated")
     ap.add_argument("--cpu", action="store_true", help="CPU processes (gloo) instead of GPUs: a smoke test")
     ap.add_argument("--timeout", type=int, default=900)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpus = [int(g) for g in args.gpus.split(",")]
     half = args.steps // 2
-    common = [f"model={args.model}", f"distill.seq_len={args.seq_len}", "distill.retention=0.25",
+    extra = args.extra.split()
+    common = [*extra, f"model={args.model}", f"distill.seq_len={args.seq_len}", "distill.retention=0.25",
               f"distill.dense_steps={args.steps - half // 2}", f"distill.sparse_steps={half // 2}",
               f"distill.save_every={half}", "distill.keep_checkpoints=4", "distill.eval_every=1000000",
               "distill.log_every=1", "logger=offline", "export.enabled=false", "distill.warmup_steps=2"]
@@ -73,9 +75,16 @@ def main() -> None:
         return [f"distill.micro_batch_size={micro}", f"distill.grad_accum={args.global_batch // (micro * n)}"]
 
     results = {"scaling": [], "resume": [], "long_context": []}
+
+    def saved(section: str, result: dict) -> dict:  # results.json after every run: a cut-off run keeps the rest
+        results[section].append(result)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        return result
+
     for zero in args.zero.split(","):
         for n in gpus:
-            results["scaling"].append({"zero": zero, **launch(args.out, f"{zero}-{n}gpu", n, [
+            saved("scaling", {"zero": zero, **launch(args.out, f"{zero}-{n}gpu", n, [
                 *common, f"deepspeed={zero}", *batch(n)], args.cpu, args.timeout)})
 
     source = os.path.join(args.out, "zero2-2gpu")
@@ -89,22 +98,19 @@ def main() -> None:
                             os.path.join(target, "checkpoints", f"step_{half}"))
             with open(os.path.join(target, "checkpoints", "latest"), "w") as f:
                 f.write(f"step_{half}")
-            results["resume"].append(launch(args.out, name, n, [*common, "deepspeed=zero2", *batch(n)],
-                                            args.cpu, args.timeout))
+            saved("resume", launch(args.out, name, n, [*common, "deepspeed=zero2", *batch(n)], args.cpu,
+                                   args.timeout))
 
     n = max(gpus)
     for seq_len in [int(s) for s in args.long.split(",") if s]:
         r = launch(args.out, f"long-{seq_len}", n, [
-            f"model={args.model}", f"distill.seq_len={seq_len}", "distill.retention=0.25", "distill.dense_steps=3",
+            *extra, f"model={args.model}", f"distill.seq_len={seq_len}", "distill.retention=0.25", "distill.dense_steps=3",
             "distill.sparse_steps=0", "distill.micro_batch_size=1", "distill.grad_accum=1", "distill.eval_every=1000",
             "distill.save_every=1000", "distill.log_every=1", "logger=disabled", "export.enabled=false",
             "distill.eval_batches=0", "deepspeed=zero3"], args.cpu, args.timeout)
-        results["long_context"].append({"seq_len": seq_len, **r})
+        saved("long_context", {"seq_len": seq_len, **r})
         if not r["ok"]:
             break
-
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     write_report(results, args)
 
 
