@@ -4,8 +4,8 @@ Runs `launch/distill.sh` once per (ZeRO stage, GPU count), then resumes a 2-GPU 
 (ZeRO-2, universal checkpoint), then tries growing context lengths on all GPUs. Writes under --out:
 results.json, results.md (tables), loss.png (the loss curves together), and each run's directory.
 
-    python bench/distributed.py --out /tmp/dist                     # on a 4-GPU machine
-    python bench/distributed.py --out /tmp/dist --cpu --gpus 1,2 --model tiny_glm --seq-len 64 --steps 6
+    python bench/distributed.py --out runs/distributed              # on a 4-GPU machine
+    python bench/distributed.py --out runs/distributed-cpu --cpu --gpus 1,2 --model tiny_glm --seq-len 64 --steps 6
 """
 from __future__ import annotations
 
