@@ -27,11 +27,14 @@ ATTN_IMPLEMENTATION = "distill_capture"
 class Captured:
     sparse: bool
     mask_free: bool = False   # dense and every indexer replaced: no [B, 1, T, T] mask is built
+    grad: bool = False        # record the fused indexers' projections with autograd (for the loss)
     main_q: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, T, H, Dq]
     main_k: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, T, H, Dq]
     scale: dict[int, float] = field(default_factory=dict)
     indexer_inputs: dict[int, IndexerInputs] = field(default_factory=dict)
     topk: dict[int, torch.Tensor] = field(default_factory=dict)     # F layer -> [B, T, K] int32, -1 = no key
+    # F layer -> (index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI] scaled), when top-k came from topk_fn
+    projections: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 _active: Captured | None = None
@@ -71,36 +74,40 @@ def _causal_topk(topk: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_indexer(indexer: nn.Module, layer: int, record: Captured, rope: str, topk_fn: Callable):
-    """An indexer forward that records its inputs and picks top-k with `topk_fn` (no [B, T, T] scores)."""
+    """An indexer forward that records its inputs and projections and picks top-k with `topk_fn`
+    (no [B, T, T] scores). The projections keep their autograd graph when `record.grad`."""
     def forward(hidden_states, q_resid, position_embeddings, *args, **kwargs):
         inputs = IndexerInputs(hidden_states, q_resid, *position_embeddings)
         record.indexer_inputs[layer] = inputs
-        q, k, weights = indexer_projections(indexer, inputs, rope)
-        record.topk[layer] = topk_fn(q, k, kernel_weights(indexer, weights), indexer.index_topk)
+        with torch.set_grad_enabled(record.grad):
+            q, k, weights = indexer_projections(indexer, inputs, rope)
+            record.projections[layer] = (q, k, kernel_weights(indexer, weights))
+        record.topk[layer] = topk_fn(*(t.detach() for t in record.projections[layer]), indexer.index_topk)
         return record.topk[layer]
     return forward
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None, topk_fn: Callable | None = None):
+def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None, topk_fn: Callable | None = None,
+            grad: bool = False):
     """Context manager yielding a `Captured` filled by the model forwards run inside it.
 
     `layers`: the F layers whose indexer inputs and top-k to record (default: all with an indexer).
     `topk_fn(index_q, index_k, index_w, k)`: when given, these F layers pick their top-k with it instead of
     the backbone's indexer forward (which materialises [B, T, HI, T] scores); if they are all the model's
-    F layers and the capture is dense, no [B, 1, T, T] mask is built either (causal flash attention).
+    F layers and the capture is dense, no [B, 1, T, T] mask is built either (causal flash attention);
+    their projections are recorded, with autograd when `grad`, so the loss need not compute them again.
     """
     global _active
     if _active is not None:
         raise RuntimeError("captures do not nest")
-    record = Captured(sparse=sparse)
+    record = Captured(sparse=sparse, grad=grad)
     handles, replaced = [], []
-    indexed = [layer for layer, attn in enumerate(dsa_attentions(model))
-               if attn.indexer is not None and not isinstance(attn.indexer, SharedIndexer)]
-    for layer in indexed:
+    indexers = {layer: attn.indexer for layer, attn in enumerate(dsa_attentions(model))
+                if attn.indexer is not None and not isinstance(attn.indexer, SharedIndexer)}
+    for layer, indexer in indexers.items():
         if layers is not None and layer not in layers:
             continue
-        indexer = dsa_attentions(model)[layer].indexer
         if topk_fn is not None:
             indexer.forward = _fused_indexer(indexer, layer, record, rope_style(model), topk_fn)
             replaced.append(indexer)
@@ -115,7 +122,7 @@ def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None, top
 
         handles.append(indexer.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(indexer.register_forward_hook(post_hook, with_kwargs=True))
-    record.mask_free = not sparse and len(replaced) == len(indexed)
+    record.mask_free = not sparse and len(replaced) == len(indexers)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     _active = record

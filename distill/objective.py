@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from distill.capture import Captured, capture
-from distill.indexer import indexer_projections, kernel_weights
-from distill.model import apply_pattern, rope_style
+from distill.model import apply_pattern
 from distill.pattern import Pattern
 from distill.targets import topk_recall
 from kernels import centroid_kl_fn, indexer_topk_fn
@@ -42,7 +41,6 @@ class Distiller(nn.Module):
         self.backbone = backbone
         self.pattern = pattern
         self.indexers = apply_pattern(backbone, pattern)
-        self.rope = rope_style(backbone)
         self.kernel = kernel
         self.target = target
         self.reduction = reduction
@@ -52,16 +50,16 @@ class Distiller(nn.Module):
         """input_ids [B, T]: one backbone forward, then one loss per group (captures freed group by group)."""
         centroid_kl = centroid_kl_fn(self.kernel, input_ids.device)
         topk_fn = indexer_topk_fn(self.kernel, input_ids.device)
-        with capture(self.backbone, sparse, list(self.indexers), topk_fn) as record, torch.no_grad():
-            self.backbone.model(input_ids=input_ids)
+        grad = torch.is_grad_enabled()
+        with capture(self.backbone, sparse, list(self.indexers), topk_fn, grad) as record, torch.no_grad():
+            self.backbone.model(input_ids=input_ids)  # F layers' projections recorded (with autograd when grad)
         losses, recall = {}, {}
         for f, members in self.served.items():
             main_q, main_k, scale = self._group_capture(record, members)
             topk = record.topk[f] if sparse else None
             if with_recall:
                 recall[f] = topk_recall(main_q, main_k, scale, record.topk[f]).item()
-            q, k, weights = indexer_projections(self.indexers[f], record.indexer_inputs.pop(f), self.rope)
-            losses[f] = centroid_kl(q, k, kernel_weights(self.indexers[f], weights), main_q, main_k, scale, topk)
+            losses[f] = centroid_kl(*record.projections.pop(f), main_q, main_k, scale, topk)
             del main_q, main_k
         total = torch.stack(list(losses.values())).sum()
         if self.reduction == "mean":
