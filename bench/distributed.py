@@ -1,7 +1,7 @@
 """Multi-GPU scaling of the distillation job (issue 8): same global batch on 1, 2, 4 GPUs, ZeRO-2 and ZeRO-3.
 
-Runs `launch/distill.sh` once per (ZeRO stage, GPU count), then resumes a 2-GPU checkpoint on 1 and 4 GPUs
-(ZeRO-2, universal checkpoint), then tries growing context lengths on all GPUs. Writes under --out:
+Runs `launch/distill.sh` once per (ZeRO stage, GPU count), then resumes each stage's 2-GPU checkpoint on the
+other GPU counts (universal checkpoint), then tries growing context lengths on all GPUs (ZeRO-3). Writes under --out:
 results.json, results.md (tables), loss.png (the loss curves together), and each run's directory.
 
     python bench/distributed.py --out runs/distributed              # on a 4-GPU machine
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more Hydra overrides for every run, space-separated")
     ap.add_argument("--cpu", action="store_true", help="CPU processes (gloo) instead of GPUs: a smoke test")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--phases", default="scaling,resume,long",
+                    help="which parts to run; the others' results are kept from --out/results.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpus = [int(g) for g in args.gpus.split(",")]
@@ -74,7 +76,14 @@ def main() -> None:
         micro = max(1, args.global_batch // (n * 4))
         return [f"distill.micro_batch_size={micro}", f"distill.grad_accum={args.global_batch // (micro * n)}"]
 
+    phases = args.phases.split(",")
     results = {"scaling": [], "resume": [], "long_context": []}
+    if os.path.exists(os.path.join(args.out, "results.json")):
+        with open(os.path.join(args.out, "results.json")) as f:
+            results.update(json.load(f))
+    for phase, section in (("scaling", "scaling"), ("resume", "resume"), ("long", "long_context")):
+        if phase in phases:
+            results[section] = []
 
     def saved(section: str, result: dict) -> dict:  # results.json after every run: a cut-off run keeps the rest
         results[section].append(result)
@@ -82,15 +91,17 @@ def main() -> None:
             json.dump(results, f, indent=1)
         return result
 
-    for zero in args.zero.split(","):
+    for zero in args.zero.split(",") if "scaling" in phases else []:
         for n in gpus:
             saved("scaling", {"zero": zero, **launch(args.out, f"{zero}-{n}gpu", n, [
                 *common, f"deepspeed={zero}", *batch(n)], args.cpu, args.timeout)})
 
-    source = os.path.join(args.out, "zero2-2gpu")
-    if os.path.isdir(os.path.join(source, "checkpoints", f"step_{half}")):
+    for zero in args.zero.split(",") if "resume" in phases else []:  # a 2-GPU checkpoint of the middle step, resumed on the other GPU counts
+        source = os.path.join(args.out, f"{zero}-2gpu")
+        if not os.path.isdir(os.path.join(source, "checkpoints", f"step_{half}")):
+            continue
         for n in [g for g in gpus if g != 2]:
-            name = f"resume-2to{n}gpu"
+            name = f"resume-{zero}-2to{n}gpu"
             target = os.path.join(args.out, name)
             shutil.rmtree(target, ignore_errors=True)
             os.makedirs(os.path.join(target, "checkpoints"))
@@ -98,11 +109,11 @@ def main() -> None:
                             os.path.join(target, "checkpoints", f"step_{half}"))
             with open(os.path.join(target, "checkpoints", "latest"), "w") as f:
                 f.write(f"step_{half}")
-            saved("resume", launch(args.out, name, n, [*common, "deepspeed=zero2", *batch(n)], args.cpu,
-                                   args.timeout))
+            saved("resume", {"zero": zero, **launch(args.out, name, n, [*common, f"deepspeed={zero}", *batch(n)],
+                                                    args.cpu, args.timeout)})
 
     n = max(gpus)
-    for seq_len in [int(s) for s in args.long.split(",") if s]:
+    for seq_len in [int(s) for s in args.long.split(",") if s and "long" in phases]:
         r = launch(args.out, f"long-{seq_len}", n, [
             *extra, f"model={args.model}", f"distill.seq_len={seq_len}", "distill.retention=0.25", "distill.dense_steps=3",
             "distill.sparse_steps=0", "distill.micro_batch_size=1", "distill.grad_accum=1", "distill.eval_every=1000",
@@ -131,16 +142,26 @@ def write_report(results: dict, args) -> None:
     fig.savefig(os.path.join(args.out, "loss.png"), dpi=120)
 
     base = {r["zero"]: r.get("tokens_per_s") for r in results["scaling"] if r["nproc"] == min(int(g) for g in args.gpus.split(","))}
-    lines = [f"model `{args.model}`, seq_len {args.seq_len}, global batch {args.global_batch} sequences", "",
-             "| ZeRO | GPUs | tokens/s | speed-up | peak memory / GPU (GiB) | final loss | ok |", "|---|---|---|---|---|---|---|"]
+    first = results["scaling"][0] if results["scaling"] else {"name": "-"}  # the first stage on the fewest GPUs
+    reference = dict(first.get("loss", []))
+
+    def deviation(r: dict) -> str:  # the largest |loss - reference loss| over the steps both logged
+        diffs = [abs(loss - reference[step]) for step, loss in r.get("loss", []) if step in reference]
+        return f"{max(diffs):.4f}" if diffs else "-"
+
+    lines = [f"model `{args.model}`, seq_len {args.seq_len}, global batch {args.global_batch} sequences; "
+             f"max |Δloss| against {first['name']}", "",
+             "| ZeRO | GPUs | tokens/s | speed-up | peak memory / GPU (GiB) | final loss | max abs Δloss | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["scaling"]:
         tps, b = r.get("tokens_per_s"), base.get(r["zero"])
         ratio = f"{tps / b:.2f}x" if tps and b else "-"
         final = f"{r['loss'][-1][1]:.4f}" if r.get("loss") else "-"
-        lines.append(f"| {r['zero']} | {r['nproc']} | {tps} | {ratio} | {r.get('peak_memory_gib')} | {final} | {r['ok']} |")
-    lines += ["", "| resume | ok | final loss |", "|---|---|---|"]
+        lines.append(f"| {r['zero']} | {r['nproc']} | {tps} | {ratio} | {r.get('peak_memory_gib')} | {final} | "
+                     f"{deviation(r)} | {r['ok']} |")
+    lines += ["", "| resume | ok | final loss | max abs Δloss |", "|---|---|---|---|"]
     for r in results["resume"]:
-        lines.append(f"| {r['name']} | {r['ok']} | {r['loss'][-1][1] if r.get('loss') else '-'} |")
+        lines.append(f"| {r['name']} | {r['ok']} | {r['loss'][-1][1] if r.get('loss') else '-'} | {deviation(r)} |")
     lines += ["", "| context | GPUs | ok | tokens/s | peak memory / GPU (GiB) |", "|---|---|---|---|---|"]
     for r in results["long_context"]:
         lines.append(f"| {r['seq_len']} | {r['nproc']} | {r['ok']} | {r.get('tokens_per_s')} | {r.get('peak_memory_gib')} |")

@@ -67,6 +67,12 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
             raise ValueError(f"deepspeed.{key}={ds[key]} conflicts with distill.micro_batch_size="
                              f"{d.micro_batch_size} x grad_accum={d.grad_accum} x world size {world_size} "
                              f"(= {batch}); set the distill.* keys instead")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") not in (1, 2, 3) or zero.get("compute_grad_norm") is False or \
+            (ds["bf16"]["enabled"] and ds["bf16"].get("check_grad_overflow") is False):
+        raise ValueError(f"deepspeed.zero_optimization={zero}, bf16={ds['bf16']}: the job needs ZeRO stage 1, 2 or 3 "
+                         "with compute_grad_norm and bf16.check_grad_overflow left on, so that DeepSpeed skips a step "
+                         "whose gradients are not finite")
     total = d.dense_steps + d.sparse_steps
     ds.update({
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
@@ -130,11 +136,6 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
     resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
     ds_config = deepspeed_config(cfg, world_size, device)
     saved_world = read_meta(resume_from).get("world_size", world_size) if resume_from else world_size
-    if saved_world != world_size and ds_config["zero_optimization"]["stage"] == 3:
-        raise CheckpointError(
-            f"{resume_from} was saved by {saved_world} processes and this run has {world_size}: re-sharding a "
-            "ZeRO-3 checkpoint through DeepSpeed 0.19.8's universal checkpoint did not continue the same "
-            "trajectory in our tests (ZeRO-1/2 do); resume with the same number of processes")
     ds_config["checkpoint"] = {"load_universal": saved_world != world_size}  # re-shard through DeepSpeed's universal form
     return config, pattern, resume_from, ds_config
 
@@ -190,28 +191,32 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     while step < total:
         sparse = step >= d.dense_steps
         t0 = time.perf_counter()
-        outs = [engine(next(loader).to(device), sparse=sparse) for _ in range(d.grad_accum)]
         step += 1
-        local = torch.stack([torch.stack([o.loss.detach(), *o.group_losses.values()]) for o in outs]).mean(0)
-        if faults.fires("nan_loss", step):
-            local = local * float("nan")
-        loss, *groups = _mean_over_ranks(local).tolist()  # non-finite when any rank's loss is
-        group_losses = {f"train/loss/layer_{f}": v for f, v in zip(outs[0].group_losses, groups)}
-        if math.isfinite(loss):  # else: skip the step, no backward, no optimizer update
-            for out in outs:
-                engine.backward(out.loss)
-                engine.step()
+        micro_losses = []
+        for _ in range(d.grad_accum):  # forward then backward per micro-batch (ZeRO-3 loses grads otherwise)
+            out = engine(next(loader).to(device), sparse=sparse)
+            loss = faults.nonfinite_if(step, rank, out.loss)
+            if not torch.isfinite(loss):  # NaN gradients: DeepSpeed's overflow check then skips the step
+                loss.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(torch.stack([loss.detach(), *out.group_losses.values()]))
+        loss, *groups = _mean_over_ranks(torch.stack(micro_losses).mean(0)).tolist()  # non-finite if any rank's is
+        group_losses = {f"train/loss/layer_{f}": v for f, v in zip(out.group_losses, groups)}
+        del out, micro_losses
+        # DeepSpeed's ZeRO optimizer skips the update (every rank) when any rank's gradient is not finite
+        bad = "loss" if not math.isfinite(loss) else None if engine.was_step_applied() else "gradient"
+        if bad is None:
             bad_steps = 0
         else:
             bad_steps += 1
             logger.log({"train/skipped_nonfinite": bad_steps}, step)
-            tqdm.write(f"[distill] step {step}: non-finite loss on some rank, step skipped ({bad_steps} in a row)")
+            tqdm.write(f"[distill] step {step}: non-finite {bad} on some rank, step skipped ({bad_steps} in a row)")
             if bad_steps >= d.max_bad_steps:
                 raise FloatingPointError(
-                    f"{bad_steps} steps in a row with a non-finite loss (last at step {step}); stopping. The last "
-                    f"good checkpoint is {latest_checkpoint(checkpoint_root(run_dir))}; lower distill.lr or check "
-                    f"the data, then resume")
-        del outs
+                    f"{bad_steps} steps in a row with a non-finite loss or gradient (last at step {step}: {bad}); "
+                    f"stopping. The last good checkpoint is {latest_checkpoint(checkpoint_root(run_dir))}; lower "
+                    f"distill.lr or check the data, then resume")
         grad_norm = engine.get_global_grad_norm()
         metrics = {"train/loss": loss, "train/lr": scheduler.get_lr()[0], "train/stage": int(sparse),
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
