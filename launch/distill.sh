@@ -14,6 +14,8 @@ if [ "$gpus" -eq 0 ]; then
   export DS_ACCELERATOR=cpu
 fi
 nproc=${NPROC:-$(( gpus > 0 ? gpus : 1 ))}
+# long contexts fragment the CUDA cache (large transient MoE buffers): let segments grow instead
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 port=${MASTER_PORT:-$(( 29500 + RANDOM % 1000 ))}
 exec torchrun --nnodes=1 --nproc_per_node="$nproc" --master_addr=127.0.0.1 --master_port="$port" \
   -m train.distill "$@"

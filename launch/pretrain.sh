@@ -33,7 +33,7 @@ bash launch/distill.sh model=reference model.path="$RUNS/pretrain/model" model.d
   name=reference-indexer-warmup hydra.run.dir="$RUNS/warmup" resume=never \
   distill.retention=1.0 distill.seq_len=$seq_len distill.micro_batch_size=8 \
   distill.dense_steps=400 distill.sparse_steps=200 distill.lr=3e-3 distill.warmup_steps=20 \
-  distill.eval_every=100 distill.eval_batches=4 distill.save_every=100000 distill.kernel=reference \
+  distill.eval_every=100 distill.eval_batches=4 distill.save_every=100000 \
   export.enabled=true export.full_model=true "${data_args[@]}" "${warmup_args[@]}"
 
 "$PYTHON" -m distill.evaluate model=reference model.path="$RUNS/pretrain/model" 'anchors=[]' \

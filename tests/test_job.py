@@ -22,6 +22,12 @@ QUICK = ["model=tiny_glm", "data=stdlib_small", "distill.seq_len=64", "distill.m
          "distill.warmup_steps=1", "logger=disabled"]
 
 
+def stage(zero: str) -> list[str]:
+    """Overrides for a ZeRO stage; ZeRO-3 partitions even the tiny model's parameters (all under 1e5 elements)."""
+    return [f"deepspeed={zero}", *(["deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+                                   if zero == "zero3" else [])]
+
+
 def env(tmp_path):
     return {**os.environ, "DS_ACCELERATOR": "cpu", "INDEXCACHE_CACHE": str(tmp_path.parent / "cache"),
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -72,6 +78,7 @@ def test_single_process_run_distils_and_exports(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_16"
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["pattern"] == "FSSSFSSS"
+    assert manifest["training_config"]["distill"]["pattern"] is None and "cache_dir" not in manifest["training_config"]
     trained = load_file(run_dir / "checkpoints" / "step_16" / "indexers.safetensors")
     exported = load_file(run_dir / "export" / "indexers.safetensors")
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
@@ -80,7 +87,7 @@ def test_single_process_run_distils_and_exports(tmp_path):
 def test_two_process_launch_zero3_ends_with_an_export_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
     run_dir = tmp_path / "run"
-    out = job(tmp_path, run_dir, "deepspeed=zero3", "distill.pattern=FSSFSSFS", "distill.dense_steps=3",
+    out = job(tmp_path, run_dir, *stage("zero3"), "distill.pattern=FSSFSSFS", "distill.dense_steps=3",
               "distill.sparse_steps=2", "distill.eval_every=5", "export.full_model=true", nproc=2)
     assert "world 2" in out
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model")
@@ -189,7 +196,7 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, zero
     """NaN gradients on rank 0 only, with finite losses: no rank updates, and the run then goes on as if
     that step's batch had been skipped (same weights as a run whose step 3 had a NaN loss)."""
     steps = ["distill.dense_steps=5", "distill.sparse_steps=0", "distill.eval_every=100", "distill.save_every=1",
-             "distill.keep_checkpoints=5", f"deepspeed={zero}"]
+             "distill.keep_checkpoints=5", *stage(zero)]
     out = job(tmp_path, tmp_path / "grad", *steps, nproc=2, faults="nan_grad@3")
     assert "step 3: non-finite gradient on some rank, step skipped (1 in a row)" in out
     before, skipped, after = (load_file(tmp_path / "grad" / "checkpoints" / f"step_{s}" / "indexers.safetensors")
@@ -205,7 +212,7 @@ def test_zero3_follows_zero2_with_gradient_accumulation(tmp_path):
     the backwards): the same weights as ZeRO-2 after dense and sparse steps."""
     steps = ["distill.dense_steps=3", "distill.sparse_steps=1", "distill.grad_accum=3", "distill.eval_every=100"]
     for zero in ("zero2", "zero3"):
-        job(tmp_path, tmp_path / zero, *steps, f"deepspeed={zero}")
+        job(tmp_path, tmp_path / zero, *steps, *stage(zero))
     two = load_file(tmp_path / "zero2" / "checkpoints" / "step_4" / "indexers.safetensors")
     three = load_file(tmp_path / "zero3" / "checkpoints" / "step_4" / "indexers.safetensors")
     for k in two:
@@ -265,7 +272,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path, zero):
     """A ZeRO checkpoint of 2 processes, re-sharded (universal) to 1 process with the same global batch,
     continues the same trajectory: step 6 matches the uninterrupted 2-process run's step 6."""
     steps = ["distill.dense_steps=4", "distill.sparse_steps=2", "distill.save_every=2", "distill.keep_checkpoints=5",
-             "distill.eval_every=100", f"deepspeed={zero}"]
+             "distill.eval_every=100", *stage(zero)]
     run_dir = tmp_path / "run"
     job(tmp_path, run_dir, *steps, nproc=2)
     two = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
