@@ -196,8 +196,9 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         for _ in range(d.grad_accum):  # forward then backward per micro-batch (ZeRO-3 loses grads otherwise)
             out = engine(next(loader).to(device), sparse=sparse)
             loss = faults.nonfinite_if(step, rank, out.loss)
-            if not torch.isfinite(loss):  # NaN gradients: DeepSpeed's overflow check then skips the step
-                loss.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+            # a non-finite loss gets NaN gradients, so DeepSpeed's overflow check skips the step (no host sync)
+            finite = torch.isfinite(loss.detach())
+            loss.register_hook(lambda grad, finite=finite: torch.where(finite, grad, float("nan")))
             engine.backward(loss)
             engine.step()
             micro_losses.append(torch.stack([loss.detach(), *out.group_losses.values()]))
