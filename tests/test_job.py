@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from distill.pattern import PatternError
 from train.checkpoint import CheckpointError
 from train.distill import prepare
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny
 from train.model import ModelConfigError
 
 QUICK = ["model=tiny_glm", "data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
@@ -219,6 +219,20 @@ def test_zero3_follows_zero2_with_gradient_accumulation(tmp_path):
         torch.testing.assert_close(three[k], two[k], rtol=1e-4, atol=1e-5)
     grad_norms = [[m["train/grad_norm"] for m in metrics(tmp_path / z) if "train/grad_norm" in m] for z in ("zero2", "zero3")]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
+
+
+def test_zero3_loads_a_model_directory_partitioned(tmp_path):
+    """Under ZeRO-3 a model directory loads straight into shards (a model larger than one GPU loads), and the
+    run trains as ZeRO-2 does on the same weights."""
+    tiny("tiny_glm").save_pretrained(tmp_path / "model")
+    steps = ["model=local", f"model.path={tmp_path / 'model'}", "distill.dense_steps=2", "distill.sparse_steps=1",
+             "distill.eval_every=100", "export.enabled=false"]
+    outs = {zero: job(tmp_path, tmp_path / zero, *steps, *stage(zero), nproc=2) for zero in ("zero2", "zero3")}
+    assert "backbone loaded partitioned" in outs["zero3"] and "backbone loaded partitioned" not in outs["zero2"]
+    two = load_file(tmp_path / "zero2" / "checkpoints" / "step_3" / "indexers.safetensors")
+    three = load_file(tmp_path / "zero3" / "checkpoints" / "step_3" / "indexers.safetensors")
+    for k in two:
+        torch.testing.assert_close(three[k], two[k], rtol=1e-4, atol=1e-5)
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 
 import datasets
@@ -41,7 +42,10 @@ def setup_distributed(device_cfg: str) -> tuple[torch.device, int, int]:
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+    if "MASTER_PORT" not in os.environ:  # one process without torchrun: any free port (runs may be side by side)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -155,7 +159,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     loader = BatchLoader(data["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
     val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches)
 
-    backbone = build_model(cfg.model, device, config)
+    backbone = build_model(cfg.model, device, config, ds_config)
+    partitioned = any(hasattr(p, "ds_id") for p in backbone.parameters())  # ZeRO-3 loaded it in shards
     distiller = Distiller(backbone, pattern, kernel=d.kernel, target=d.target, reduction=d.loss_reduction)
     trainable = [p for p in distiller.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=distiller, model_parameters=trainable, config=ds_config)
@@ -172,7 +177,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     if rank == 0:
         print(f"[distill] {cfg.name}: pattern {pattern} (retention {pattern.retention:.3f}), groups "
               f"{pattern.groups()}, {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable)} trainable parameters, world {world_size}, "
-              f"{device}" + (f", resumed at step {step}" if step else ""), flush=True)
+              f"{device}" + (", backbone loaded partitioned" if partitioned else "")
+              + (f", resumed at step {step}" if step else ""), flush=True)
 
     total = d.dense_steps + d.sparse_steps
     tokens_per_step = d.micro_batch_size * d.grad_accum * world_size * d.seq_len

@@ -44,22 +44,42 @@ def model_config(cfg: Mapping):
     return MODEL_TYPES[model_type][0](**overrides)
 
 
-def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None) -> PreTrainedModel:
+def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
+                ds_config: Mapping | None = None) -> PreTrainedModel:
     """The causal LM of `cfg` (a `conf/model/*.yaml` mapping), in eval mode, on `device`.
 
-    With `cfg.path`: loaded from that local directory (`cfg.config` entries override its config).
-    Without: a random model of `cfg.type` built from `cfg.config`, seeded by `cfg.init_seed`.
+    With `cfg.path`: loaded from that local directory (`cfg.config` entries override its config); with a
+    ZeRO-3 `ds_config`, partitioned over the processes as it loads (no process ever holds the whole model),
+    so a model larger than one GPU loads. Without: a random model of `cfg.type` built from `cfg.config`,
+    seeded by `cfg.init_seed`, whole on every process (the same weights under every ZeRO stage).
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg.get("dtype"), device)
     config = config if config is not None else model_config(cfg)
     model_cls = MODEL_TYPES[config.model_type][1]
-    if cfg.get("path"):
-        model = model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype)
-    else:
+    if not cfg.get("path"):
         torch.manual_seed(int(cfg.get("init_seed", 0)))
-        model = model_cls(config).to(dtype)
-    return model.to(device).eval()
+        return _rope_in_fp32(model_cls(config).to(dtype)).to(device).eval()
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+        keep = HfDeepSpeedConfig(dict(ds_config))  # noqa: F841  while set, transformers loads under zero.Init
+        try:
+            return _rope_in_fp32(model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype)).eval()
+        finally:
+            unset_hf_deepspeed_config()
+    return model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype).to(device).eval()
+
+
+def _rope_in_fp32(model: PreTrainedModel) -> PreTrainedModel:
+    """RoPE's inverse frequencies in fp32, as `from_pretrained` leaves them: a model cast with .to(bf16) or
+    built under zero.Init (bf16 default dtype) holds them in bf16, which shifts the phases at long context."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and inv_freq.dtype != torch.float32:
+            fresh = type(module)(module.config)  # built in the default fp32
+            module.inv_freq = fresh.inv_freq.to(inv_freq.device)
+            module.original_inv_freq = fresh.original_inv_freq.to(inv_freq.device)
+    return model
 
 
 def _plain(mapping) -> dict:
