@@ -55,9 +55,18 @@ def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, retur
     return out
 
 
+def indexers(run_dir, step):
+    """The indexer weights of a run's checkpoint of `step`."""
+    return load_file(run_dir / "checkpoints" / f"step_{step}" / "indexers.safetensors")
+
+
+def assert_close_indexers(actual, expected):
+    for k in expected:
+        torch.testing.assert_close(actual[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
 def same_indexers(run_a, run_b, step):
-    a = load_file(run_a / "checkpoints" / f"step_{step}" / "indexers.safetensors")
-    b = load_file(run_b / "checkpoints" / f"step_{step}" / "indexers.safetensors")
+    a, b = indexers(run_a, step), indexers(run_b, step)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -79,7 +88,7 @@ def test_single_process_run_distils_and_exports(tmp_path):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["pattern"] == "FSSSFSSS"
     assert manifest["training_config"]["distill"]["pattern"] is None and "cache_dir" not in manifest["training_config"]
-    trained = load_file(run_dir / "checkpoints" / "step_16" / "indexers.safetensors")
+    trained = indexers(run_dir, 16)
     exported = load_file(run_dir / "export" / "indexers.safetensors")
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
 
@@ -93,7 +102,7 @@ def test_two_process_launch_zero3_ends_with_an_export_transformers_loads(tmp_pat
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model")
     assert type(model).__name__ == "GlmMoeDsaForCausalLM"
     assert model.config.indexer_types == ["full", "shared", "shared", "full", "shared", "shared", "full", "shared"]
-    trained = load_file(run_dir / "checkpoints" / "step_5" / "indexers.safetensors")
+    trained = indexers(run_dir, 5)
     state = model.state_dict()
     assert sorted({int(k.split(".")[2]) for k in trained}) == [0, 3, 6]
     assert all(torch.equal(state[k], v) for k, v in trained.items())
@@ -199,8 +208,7 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, zero
              "distill.keep_checkpoints=5", *stage(zero)]
     out = job(tmp_path, tmp_path / "grad", *steps, nproc=2, faults="nan_grad@3")
     assert "step 3: non-finite gradient on some rank, step skipped (1 in a row)" in out
-    before, skipped, after = (load_file(tmp_path / "grad" / "checkpoints" / f"step_{s}" / "indexers.safetensors")
-                              for s in (2, 3, 4))
+    before, skipped, after = (indexers(tmp_path / "grad", s) for s in (2, 3, 4))
     assert all(torch.equal(before[k], skipped[k]) and torch.isfinite(after[k]).all() for k in before)
     assert not all(torch.equal(skipped[k], after[k]) for k in before)
     job(tmp_path, tmp_path / "loss", *steps, nproc=2, faults="nan_loss@3")
@@ -213,10 +221,7 @@ def test_zero3_follows_zero2_with_gradient_accumulation(tmp_path):
     steps = ["distill.dense_steps=3", "distill.sparse_steps=1", "distill.grad_accum=3", "distill.eval_every=100"]
     for zero in ("zero2", "zero3"):
         job(tmp_path, tmp_path / zero, *steps, *stage(zero))
-    two = load_file(tmp_path / "zero2" / "checkpoints" / "step_4" / "indexers.safetensors")
-    three = load_file(tmp_path / "zero3" / "checkpoints" / "step_4" / "indexers.safetensors")
-    for k in two:
-        torch.testing.assert_close(three[k], two[k], rtol=1e-4, atol=1e-5)
+    assert_close_indexers(indexers(tmp_path / "zero3", 4), indexers(tmp_path / "zero2", 4))
     grad_norms = [[m["train/grad_norm"] for m in metrics(tmp_path / z) if "train/grad_norm" in m] for z in ("zero2", "zero3")]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
 
@@ -229,10 +234,7 @@ def test_zero3_loads_a_model_directory_partitioned(tmp_path):
              "distill.eval_every=100", "export.enabled=false"]
     outs = {zero: job(tmp_path, tmp_path / zero, *steps, *stage(zero), nproc=2) for zero in ("zero2", "zero3")}
     assert "backbone loaded partitioned" in outs["zero3"] and "backbone loaded partitioned" not in outs["zero2"]
-    two = load_file(tmp_path / "zero2" / "checkpoints" / "step_3" / "indexers.safetensors")
-    three = load_file(tmp_path / "zero3" / "checkpoints" / "step_3" / "indexers.safetensors")
-    for k in two:
-        torch.testing.assert_close(three[k], two[k], rtol=1e-4, atol=1e-5)
+    assert_close_indexers(indexers(tmp_path / "zero3", 3), indexers(tmp_path / "zero2", 3))
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
@@ -289,14 +291,12 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path, zero):
              "distill.eval_every=100", *stage(zero)]
     run_dir = tmp_path / "run"
     job(tmp_path, run_dir, *steps, nproc=2)
-    two = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
+    two = indexers(run_dir, 6)
     import shutil
     shutil.rmtree(run_dir / "checkpoints" / "step_6")
     (run_dir / "checkpoints" / "latest").write_text("step_4")
     out = job(tmp_path, run_dir, *steps, "distill.micro_batch_size=1", "distill.grad_accum=4")
     assert "resumed at step 4" in out and "world 1" in out
-    one = load_file(run_dir / "checkpoints" / "step_6" / "indexers.safetensors")
-    four = load_file(run_dir / "checkpoints" / "step_4" / "indexers.safetensors")
-    for k in two:
-        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(one[k], four[k])  # it did train from step 4 to 6
+    one, four = indexers(run_dir, 6), indexers(run_dir, 4)
+    assert_close_indexers(one, two)
+    assert all(not torch.allclose(one[k], four[k]) for k in two)  # it did train from step 4 to 6
