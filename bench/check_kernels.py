@@ -9,7 +9,7 @@ import sys
 import torch
 
 from bench.common import DSA, dsa_inputs, flash_lse
-from distill.targets import allowed_keys
+from kernels.reference import allowed_keys
 from kernels import reference
 from kernels.centroid_kl import centroid_kl
 from kernels.indexer_topk import indexer_topk

@@ -25,7 +25,7 @@ from torch import nn
 from distill.capture import capture
 from distill.model import apply_pattern, dsa_attentions
 from distill.pattern import Pattern, resolve_pattern
-from distill.targets import allowed_keys, layer_attention
+from kernels.reference import allowed_keys, layer_attention
 
 log = logging.getLogger(__name__)
 

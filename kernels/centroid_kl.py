@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distill.targets import document_starts
+from kernels.reference import document_starts
 from kernels.reference import _check_shapes
 
 LOG2E = 1.4426950408889634

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distill.targets import document_starts
+from kernels.reference import document_starts
 from kernels.centroid_kl import TL_DTYPES, dot_dtype, tile_config
 
 EMPTY = tl.constexpr(-(2**63))  # packed sentinel: below every score

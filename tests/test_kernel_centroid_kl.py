@@ -6,7 +6,7 @@ from kernels import enable_cpu_interpreter
 
 enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
 
-from distill.targets import allowed_keys, document_starts  # noqa: E402
+from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
 from kernels.centroid_kl import centroid_kl  # noqa: E402
 
