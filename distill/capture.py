@@ -1,137 +1,132 @@
-"""One no-grad forward of the frozen backbone, recording what the distillation loss needs.
+"""A capture: the object one backbone forward passes through, layer by layer (DESIGN.md section 3).
 
-Per layer: the main attention's post-RoPE q and k ([B, T, H, Dq], MLA nope + rope parts per head)
-and its softmax scale; per F layer: the indexer's inputs (hidden states, q_resid, cos, sin) and the
-top-k it chose. The backbone attends densely (all causal keys) or sparsely (each layer to its
-pattern's top-k, as DSA inference does), whichever the capture asks for.
+The family forward (`distill.adapters`) hands every DSA layer to the capture twice: `select` (the layer's
+keys: an F layer runs its indexer's projections and the fused top-k, an S layer takes its owner's top-k)
+and `attend` (the layer's attention: dense over every causal key with each head's LSE, or sparse over the
+row's top-k keys in MLA's absorbed form). `layer_done` follows each layer; once the last layer of a group
+has run, `group_done(f)` lets a subclass consume the group (the objective computes its loss there and
+frees what the group recorded) and the group's top-k is dropped. Memory therefore holds one group.
+
+No [B, 1, T, T] mask, no [B, T, HI, T] indexer scores, no T x T tensor: the attention is fused (dense) or
+gathered (sparse, O(T * k)), and top-k comes from the fused top-k kernel.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from distill.indexer import IndexerInputs, indexer_projections, kernel_weights
-from distill.model import SharedIndexer, dsa_attentions, rope_style
+from distill.adapters import IndexerInputs, MlaDsaFamily, MlaForms
+from distill.pattern import Pattern
+from kernels import indexer_topk_fn, sparse_attention_fn
+from kernels.dense_attention import causal_attention
 
-ATTN_IMPLEMENTATION = "distill_capture"
-
-
-@dataclass
-class Captured:
-    sparse: bool
-    mask_free: bool = False   # dense and every indexer replaced: no [B, 1, T, T] mask is built
-    grad: bool = False        # record the fused indexers' projections with autograd (for the loss)
-    main_q: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, T, H, Dq]
-    main_k: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, T, H, Dq]
-    scale: dict[int, float] = field(default_factory=dict)
-    indexer_inputs: dict[int, IndexerInputs] = field(default_factory=dict)
-    topk: dict[int, torch.Tensor] = field(default_factory=dict)     # F layer -> [B, T, K] int32, -1 = no key
-    # F layer -> (index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI] scaled), when top-k came from topk_fn
-    projections: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]
 
 
-_active: Captured | None = None
+class Capture:
+    """How one forward of the backbone attends, and what it hands on; the base class only attends.
 
-
-def _capture_attention(module, query, key, value, attention_mask, *, indices=None, **kwargs):
-    """transformers' DSA sdpa path, recording q and k, with the top-k mask applied only when sparse."""
-    if _active is not None:
-        _active.main_q[module.layer_idx] = query.transpose(1, 2)
-        _active.main_k[module.layer_idx] = key.transpose(1, 2)
-        _active.scale[module.layer_idx] = float(kwargs["scaling"])
-    if _active is not None and _active.mask_free:
-        attention_mask = None  # causal flash / memory-efficient attention, no [B, 1, T, T] mask
-    elif indices is not None and (_active is None or _active.sparse):
-        keep = torch.zeros(indices.shape[0], indices.shape[1], key.shape[2] + 1, dtype=torch.bool,
-                           device=indices.device)
-        keep.scatter_(-1, torch.where(indices < 0, key.shape[2], indices).long(), True)
-        attention_mask = attention_mask & keep[:, None, :, : key.shape[2]]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _capture_mask(*args, **kwargs):
-    """transformers' sdpa mask; a [B, 1, 1, 1] stand-in when the capture needs none (no index reads it)."""
-    if _active is not None and _active.mask_free:
-        return torch.ones(kwargs["batch_size"], 1, 1, 1, dtype=torch.bool, device=kwargs["device"])
-    return sdpa_mask(*args, **kwargs)
-
-
-AttentionInterface.register(ATTN_IMPLEMENTATION, _capture_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _capture_mask)
-
-
-def _causal_topk(topk: torch.Tensor) -> torch.Tensor:
-    """transformers pads rows with fewer than k keys with masked (future) keys: mark those -1."""
-    t = torch.arange(topk.shape[1], device=topk.device)[None, :, None]
-    return torch.where(topk.long() > t, -1, topk.long()).to(torch.int32)
-
-
-def _fused_indexer(indexer: nn.Module, layer: int, record: Captured, rope: str, topk_fn: Callable):
-    """An indexer forward that records its inputs and projections and picks top-k with `topk_fn`
-    (no [B, T, T] scores). The projections keep their autograd graph when `record.grad`."""
-    def forward(hidden_states, q_resid, position_embeddings, *args, **kwargs):
-        inputs = IndexerInputs(hidden_states, q_resid, *position_embeddings)
-        record.indexer_inputs[layer] = inputs
-        with torch.set_grad_enabled(record.grad):
-            q, k, weights = indexer_projections(indexer, inputs, rope)
-            record.projections[layer] = (q, k, kernel_weights(indexer, weights))
-        record.topk[layer] = topk_fn(*(t.detach() for t in record.projections[layer]), indexer.index_topk)
-        return record.topk[layer]
-    return forward
-
-
-@contextlib.contextmanager
-def capture(model: nn.Module, sparse: bool, layers: list[int] | None = None, topk_fn: Callable | None = None,
-            grad: bool = False):
-    """Context manager yielding a `Captured` filled by the model forwards run inside it.
-
-    `layers`: the F layers whose indexer inputs and top-k to record (default: all with an indexer).
-    `topk_fn(index_q, index_k, index_w, k)`: when given, these F layers pick their top-k with it instead of
-    the backbone's indexer forward (which materialises [B, T, HI, T] scores); if they are all the model's
-    F layers and the capture is dense, no [B, 1, T, T] mask is built either (causal flash attention);
-    their projections are recorded, with autograd when `grad`, so the loss need not compute them again.
+    pattern: F/S letters (None: every layer attends densely and no indexer runs, the dense anchor).
+    sparse: each layer attends only to its owner's top-k (DSA inference); else to all causal keys.
+    kernel: 'auto' | 'triton' | 'reference' (kernels.KINDS). index_topk: overrides the indexers' k.
+    grad: the F layers' indexer projections keep their autograd graph (training).
+    select_dense: F layers pick top-k in the dense stage too (recall, overlap); sparse always does.
+    cu_seqlens: document offsets over the flattened B*T tokens (packed documents), or None.
     """
-    global _active
-    if _active is not None:
-        raise RuntimeError("captures do not nest")
-    record = Captured(sparse=sparse, grad=grad)
-    handles, replaced = [], []
-    indexers = {layer: attn.indexer for layer, attn in enumerate(dsa_attentions(model))
-                if attn.indexer is not None and not isinstance(attn.indexer, SharedIndexer)}
-    for layer, indexer in indexers.items():
-        if layers is not None and layer not in layers:
-            continue
-        if topk_fn is not None:
-            indexer.forward = _fused_indexer(indexer, layer, record, rope_style(model), topk_fn)
-            replaced.append(indexer)
-            continue
 
-        def pre_hook(module, args, kwargs, layer=layer):
-            hidden_states, q_resid, (cos, sin) = args[:3]
-            record.indexer_inputs[layer] = IndexerInputs(hidden_states, q_resid, cos, sin)
+    def __init__(self, family: MlaDsaFamily, pattern: Pattern | None, *, sparse: bool, device: torch.device,
+                 kernel: str = "auto", index_topk: int | None = None, grad: bool = False,
+                 select_dense: bool = False, cu_seqlens: torch.Tensor | None = None):
+        if sparse and pattern is None:
+            raise ValueError("a sparse forward needs a pattern (which layers select top-k)")
+        self.family, self.pattern, self.sparse = family, pattern, sparse
+        self.index_topk, self.grad, self.select_dense, self.cu_seqlens = index_topk, grad, select_dense, cu_seqlens
+        self.topk_fn = indexer_topk_fn(kernel, device)
+        self.sparse_attention = sparse_attention_fn(kernel, device)
+        self.topk: dict[int, torch.Tensor] = {}   # F layer -> [B, T, K] int32 (-1 = no key), while its group runs
+        self._last = {} if pattern is None else {members[-1]: f for f, members in pattern.groups().items()}
 
-        def post_hook(module, args, kwargs, output, layer=layer):
-            record.topk[layer] = _causal_topk(output)
+    # ---- called by the family forward ---------------------------------------------------------------
+    def select(self, layer: int, indexer: nn.Module | None, inputs: IndexerInputs) -> torch.Tensor | None:
+        """The top-k [B, T, K] layer `layer` attends to (None: dense, no selection needed)."""
+        if self.pattern is None:
+            return None
+        owner = self.pattern.owner(layer)
+        if owner != layer:
+            return self.topk.get(owner)
+        if not (self.sparse or self.select_dense or self.wants_projections(layer)):
+            return None
+        with torch.set_grad_enabled(self.grad), self.projections_context():
+            q, k, w = self.family.indexer_projections(indexer, inputs)
+            projections = (q, k, self.family.kernel_weights(indexer, w))
+        topk = None
+        if self.sparse or self.select_dense:
+            topk = self.topk_fn(*(t.detach() for t in projections), self.index_topk or indexer.index_topk,
+                                cu_seqlens=self.cu_seqlens)
+            self.topk[layer] = topk
+        self.indexed(layer, projections, topk)
+        return topk
 
-        handles.append(indexer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(indexer.register_forward_hook(post_hook, with_kwargs=True))
-    record.mask_free = not sparse and len(replaced) == len(indexers)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    _active = record
-    try:
-        yield record
-    finally:
-        _active = None
-        model.set_attn_implementation(previous)
-        for h in handles:
-            h.remove()
-        for indexer in replaced:
-            del indexer.forward
+    def attend(self, layer: int, forms: MlaForms, topk: torch.Tensor | None) -> torch.Tensor:
+        """Layer `layer`'s attention output [B, T, H, Dv]."""
+        if self.sparse:
+            q, kv = forms.absorbed()
+            target = self.sparse_target(layer)
+            buffer, weight = target if target is not None else (None, 1.0)
+            latent, lse = self.sparse_attention(q, kv, topk, forms.scale, forms.latent_dim, prob_out=buffer,
+                                                prob_weight=weight, cu_seqlens=self.cu_seqlens)
+            self.sparse_attended(layer, forms, topk, lse)
+            return forms.output(latent)
+        q, k, v = forms.expanded()
+        out, lse = causal_attention(q, k, v, forms.scale, cu_seqlens=self.cu_seqlens)
+        self.dense_attended(layer, forms, q, k, lse, topk)
+        return out
+
+    def layer_done(self, layer: int) -> None:
+        f = self._last.get(layer)
+        if f is not None:
+            self.group_done(f)
+            self.topk.pop(f, None)
+
+    # ---- what a subclass consumes -------------------------------------------------------------------
+    def wants_projections(self, layer: int) -> bool:
+        """Whether F layer `layer` runs its indexer's projections in the dense stage (a loss needs them)."""
+        return False
+
+    def projections_context(self):
+        """The context the F layers' indexer projections run in (e.g. autograd's saved tensors on the CPU)."""
+        return contextlib.nullcontext()
+
+    def indexed(self, layer: int, projections: Projections, topk: torch.Tensor | None) -> None:
+        """F layer `layer` ran its indexer: its projections and top-k (None when it selected nothing)."""
+
+    def sparse_target(self, layer: int) -> tuple[torch.Tensor, float] | None:
+        """(an fp32 [B, T, K] buffer, weight): the sparse attention of `layer` adds weight x its head-averaged
+        probabilities over the row's top-k keys into it; None: nothing to accumulate."""
+        return None
+
+    def dense_attended(self, layer: int, forms: MlaForms, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                       topk: torch.Tensor | None) -> None:
+        """Layer `layer` attended densely: q, k [B, T, H, Dq] (post-RoPE), lse [B, H, T] fp32."""
+
+    def sparse_attended(self, layer: int, forms: MlaForms, topk: torch.Tensor, lse: torch.Tensor) -> None:
+        """Layer `layer` attended to `topk` [B, T, K]: lse [B, H, T] fp32 over those keys."""
+
+    def group_done(self, f: int) -> None:
+        """Every layer of F layer f's group has run."""
+
+    # ---- helpers for subclasses ---------------------------------------------------------------------
+    def topk_mass(self, forms: MlaForms, topk: torch.Tensor, *, dense_lse: torch.Tensor | None = None,
+                  topk_lse: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] fp32: the share of the layer's dense head-averaged attention that falls on `topk`:
+        mean_h exp(lse_h over the top-k keys - lse_h over all causal keys); computes the LSE not given."""
+        if dense_lse is None:
+            q, k, v = forms.expanded()
+            dense_lse = causal_attention(q, k, v, forms.scale, cu_seqlens=self.cu_seqlens)[1]
+        if topk_lse is None:
+            q, kv = forms.absorbed()
+            topk_lse = self.sparse_attention(q, kv, topk, forms.scale, forms.latent_dim,
+                                             cu_seqlens=self.cu_seqlens)[1]
+        return torch.exp(topk_lse - dense_lse).nan_to_num(0.0).mean(dim=1)

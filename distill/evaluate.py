@@ -1,8 +1,9 @@
 """What a pattern costs in quality: held-out LM loss with real DSA sparse attention, top-k overlap, top-k recall.
 
 Under a pattern every layer attends only to its top-k keys and S layers reuse their owner's top-k,
-exactly as DSA inference does (transformers' own attention path, top-k mask included). The dense
-mode (pattern None) attends to all causal keys: the "dense attention" anchor.
+exactly as DSA inference does (the family forward of `distill.adapters`: fused top-k, sparse attention over
+the gathered keys, no T x T tensor). The dense mode (pattern None) attends to all causal keys: the "dense
+attention" anchor.
 
 `python -m distill.evaluate` (conf/evaluate.yaml) writes metrics.json and topk_overlap.png into the
 Hydra run directory and logs them to wandb.
@@ -22,14 +23,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from torch import nn
 
-from distill.capture import capture
-from distill.model import apply_pattern, dsa_attentions
+from distill.adapters import NotDSAModelError, family_of
+from distill.capture import Capture
+from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, resolve_pattern
-from kernels.reference import allowed_keys, layer_attention
 
 log = logging.getLogger(__name__)
 
-CHUNK_ELEMENTS = 64 << 20  # bound on the [B, H, rows, T] (or [L, B, rows, T]) block a row chunk holds
+CHUNK_ELEMENTS = 64 << 20  # bound on the [B, rows, vocab] logits (or [L, B, rows, T] overlap) a chunk holds
 
 
 class CalibrationError(ValueError):
@@ -108,69 +109,85 @@ def _row_chunk(per_row: int, seq_len: int, chunk_size: int | None) -> int:
     return chunk_size or max(1, min(seq_len, CHUNK_ELEMENTS // max(1, per_row)))
 
 
-def topk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, topk: torch.Tensor,
-              chunk_size: int | None = None) -> torch.Tensor:
-    """Share of each row's dense head-averaged attention that falls on its top-k keys: [B, T].
-
-    q, k [B, T, H, Dq] (post-RoPE, as captured); topk [B, T, K] int (-1 = no key). Rows in chunks:
-    memory O(B * H * chunk * T), never B * H * T * T.
-    """
-    B, T, H = q.shape[:3]
-    chunk = _row_chunk(B * H * T, T, chunk_size)
-    parts = []
-    for start in range(0, T, chunk):
-        rows = slice(start, min(T, start + chunk))
-        attention = layer_attention(q, k, scale, allowed_keys(B, T, rows, None, q.device), rows)
-        idx = topk[:, rows].long()
-        parts.append(attention.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).sum(-1))
-    return torch.cat(parts, dim=1)
+def lm_nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk_size: int | None = None) -> float:
+    """Sum over the B * (T - 1) next-token predictions of the cross-entropy (transformers' shifted-label loss,
+    fp32 logits) from the final normed hidden states [B, T, hidden]; the LM head runs on chunks of positions,
+    so memory is O(B * chunk * vocab), never B * T * vocab."""
+    B, T = ids.shape
+    chunk = _row_chunk(B * model.config.vocab_size, T - 1, chunk_size)
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    for start in range(0, T - 1, chunk):
+        rows = slice(start, min(T - 1, start + chunk))
+        logits = model.lm_head(hidden[:, rows]).float()
+        labels = ids[:, rows.start + 1: rows.stop + 1]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").double()
+    return float(total)
 
 
-@torch.no_grad()
+class _Evaluation(Capture):
+    """Evaluation's capture: per layer, the dense attention mass on the keys it attends to; per F layer, its top-k."""
+
+    def __init__(self, family, pattern, *, sparse, device, index_topk=None, recall=True, keep_topk=False):
+        super().__init__(family, pattern, sparse=sparse, device=device, index_topk=index_topk)
+        self.recall, self.keep_topk = recall, keep_topk
+        self.mass = torch.zeros(len(pattern) if pattern is not None else 0, dtype=torch.float64)
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def select(self, layer, indexer, inputs):
+        if self.pattern is not None and self.pattern.owner(layer) == layer and \
+                (indexer is None or isinstance(indexer, SharedIndexer)):
+            raise NotDSAModelError(f"layer {layer} is F in {self.pattern} but the model has no indexer there")
+        return super().select(layer, indexer, inputs)
+
+    def indexed(self, layer, projections, topk):
+        if self.keep_topk:
+            self.kept[layer] = topk
+
+    def sparse_attended(self, layer, forms, topk, lse):
+        if self.recall:
+            self.mass[layer] += self.topk_mass(forms, topk, topk_lse=lse).double().sum().cpu()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, pattern: Pattern | str | None, batches, *, topk: int | None = None,
-             chunk_size: int | None = None) -> dict:
+             chunk_size: int | None = None, recall: bool = True) -> dict:
     """LM loss, perplexity and per-layer top-k recall of `model` under `pattern` on `batches`.
 
     pattern None: dense attention (all causal keys). Otherwise real DSA sparse attention: each layer
     attends to the top-k keys of its owner F layer; `topk` overrides index_topk.
     loss: token-mean next-token cross-entropy over all batches (transformers' shifted-label loss).
     topk_recall[l]: mean over rows of the share of layer l's dense head-averaged attention (over all
-    causal keys, from the q/k of this forward) that falls on the top-k keys layer l uses.
-    The caller's model is left unchanged.
+    causal keys) that falls on the top-k keys layer l uses. The caller's model is left unchanged.
+    chunk_size: positions per LM-head chunk.
     """
     batches = check_batches(batches)
-    num_layers = len(dsa_attentions(model))
+    family = family_of(model)
+    num_layers = len(family.dsa_attentions(model))
     device = next(model.parameters()).device
-    if pattern is None:
-        if topk is not None:
-            raise ValueError("topk has no meaning in dense mode (pattern None attends to all causal keys)")
-        applied = contextlib.nullcontext()
-    else:
+    if pattern is None and topk is not None:
+        raise ValueError("topk has no meaning in dense mode (pattern None attends to all causal keys)")
+    if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
+        raise ValueError(f"topk must be a positive number of keys, got {topk!r}")
+    if pattern is not None:
         pattern = as_pattern(pattern, num_layers)
-        applied = pattern_applied(model, pattern, topk)
     nll, tokens, rows = 0.0, 0, 0
     mass = torch.zeros(num_layers, dtype=torch.float64)
-    with applied, capture(model, sparse=pattern is not None) as record:
-        for ids in batches:
-            ids = ids.to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            nll += float(loss) * shifted_tokens(ids)
-            tokens += shifted_tokens(ids)
-            if pattern is None:
-                continue
-            for layer in range(num_layers):
-                used = record.topk[pattern.owner(layer)]
-                mass[layer] += topk_mass(record.main_q[layer], record.main_k[layer], record.scale[layer], used,
-                                         chunk_size).double().sum().cpu()
-            rows += ids.numel()
+    for ids in batches:
+        ids = ids.to(device)
+        run = _Evaluation(family, pattern, sparse=pattern is not None, device=device, index_topk=topk, recall=recall)
+        hidden = family.forward(model, ids, run)
+        nll += lm_nll_sum(model, hidden, ids, chunk_size)
+        tokens += shifted_tokens(ids)
+        rows += ids.numel()
+        mass += run.mass if pattern is not None else 0.0
     metrics = {"mode": "dense" if pattern is None else "sparse", "loss": nll / tokens,
                "perplexity": math.exp(nll / tokens), "tokens": tokens}
     if pattern is not None:
-        recall = (mass / rows).tolist()
         metrics.update(pattern=str(pattern), retention=pattern.retention,
-                       index_topk=topk or dsa_attentions(model)[0].indexer.index_topk,
-                       topk_recall=recall, mean_topk_recall=sum(recall) / len(recall))
+                       index_topk=topk or family.dsa_attentions(model)[0].indexer.index_topk)
+        if recall:
+            values = (mass / rows).tolist()
+            metrics.update(topk_recall=values, mean_topk_recall=sum(values) / len(values))
     return metrics
 
 
@@ -200,19 +217,19 @@ def topk_overlap(model: nn.Module, batches, *, pattern: Pattern | str | None = N
     (default all-F: every layer its own indexer's set; an S layer uses its owner's).
     """
     batches = check_batches(batches)
-    num_layers = len(dsa_attentions(model))
+    family = family_of(model)
+    num_layers = len(family.dsa_attentions(model))
     pattern = Pattern.all_full(num_layers) if pattern is None else as_pattern(pattern, num_layers)
     device = next(model.parameters()).device
     total = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     rows = 0
-    backbone = getattr(model, "model", model)  # the decoder stack: no LM-head logits needed
-    with pattern_applied(model, pattern, topk), capture(model, sparse=True) as record:
-        for ids in batches:
-            ids = ids.to(device)
-            backbone(input_ids=ids, use_cache=False)
-            used = torch.stack([record.topk[pattern.owner(layer)] for layer in range(num_layers)])
-            total += _overlap_sum(used, chunk_size).cpu()
-            rows += ids.numel()
+    for ids in batches:
+        ids = ids.to(device)
+        run = _Evaluation(family, pattern, sparse=True, device=device, index_topk=topk, recall=False, keep_topk=True)
+        family.forward(model, ids, run)
+        used = torch.stack([run.kept[pattern.owner(layer)] for layer in range(num_layers)])
+        total += _overlap_sum(used, chunk_size).cpu()
+        rows += ids.numel()
     return (total / rows).float()
 
 

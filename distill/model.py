@@ -4,41 +4,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distill.adapters import NotDSAModelError, family_of
 from distill.pattern import Pattern
 
-
-class NotDSAModelError(ValueError):
-    """The model has no DeepSeek-Sparse-Attention indexers to distil."""
+__all__ = ["NotDSAModelError", "SharedIndexer", "apply_pattern", "decoder_layers", "dsa_attentions", "rope_style"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise NotDSAModelError(f"{type(model).__name__} has no decoder layers (expected model.model.layers)")
-    return layers
+    return family_of(model).decoder_layers(model)
 
 
 def dsa_attentions(model: nn.Module) -> list[nn.Module]:
     """The attention module of every decoder layer, each checked to be a DSA attention."""
-    attentions = []
-    for i, layer in enumerate(decoder_layers(model)):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "indexer"):
-            raise NotDSAModelError(
-                f"{type(model).__name__} layer {i} has no DSA indexer: distillation needs a DeepSeek Sparse "
-                "Attention model (GlmMoeDsa or DeepseekV32)")
-        attentions.append(attn)
-    return attentions
+    return family_of(model).dsa_attentions(model)
 
 
 def rope_style(model: nn.Module) -> str:
-    """How the indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32)."""
-    return "half" if model.config.model_type == "deepseek_v32" else "interleave"
+    """How the model's indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32)."""
+    return family_of(model).indexer_rope
 
 
 class SharedIndexer(nn.Module):
-    """Stands where an S layer's indexer was: returns its owner's latest top-k. No parameters."""
+    """Stands where an S layer's indexer was, for transformers' own forward (`model(...)`): returns its
+    owner's latest top-k. No parameters. (The distillation forward hands S layers their owner's top-k itself.)"""
 
     def __init__(self, owner: nn.Module):
         super().__init__()

@@ -1,16 +1,28 @@
-"""The distillation objective: each F layer's indexer against the centroid of the layers it serves."""
+"""The distillation objective: each F layer's indexer against the centroid of the layers it serves.
+
+One no-grad forward of the frozen backbone streams group by group (DESIGN.md section 3): a group's loss is
+computed as soon as its last layer has run, and what the group recorded is freed, so memory holds one group.
+- Dense stage: the served layers' q and k ([G, B, T, H, Dq]) and each head's LSE, which the backbone's
+  fused attention returns, go to the fused centroid KL (no per-head LSE pass).
+- Sparse stage: every served layer's sparse attention adds its head-averaged probabilities over the row's
+  top-k keys into the group's [B, T, K] fp32 target (the cross-entropy is linear in the target); no q or k
+  is kept, and the loss is the gathered sparse centroid KL, O(T * k).
+The losses keep the autograd graph of the F layers' indexer projections; the fused kernels compute the
+indexer-input gradients in their forward, so backward only scales them and runs the projections' backward.
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from distill.capture import Captured, capture
+from distill.adapters import MlaForms, family_of
+from distill.capture import Capture, Projections
 from distill.model import apply_pattern
 from distill.pattern import Pattern
-from distill.targets import topk_recall
-from kernels import centroid_kl_fn, indexer_topk_fn
+from kernels import centroid_kl_fn, sparse_centroid_kl_fn
 
 TARGETS = ("centroid", "own")
 REDUCTIONS = ("sum", "mean")
@@ -28,54 +40,118 @@ class Distiller(nn.Module):
     """Frozen backbone + trainable F-layer indexers; `forward(input_ids, sparse)` gives the distillation loss.
 
     target 'centroid' trains each F layer against the mean attention of its whole group (the method);
-    'own' against its own layer only (the single-layer baseline).
+    'own' against its own layer only (the single-layer baseline). offload_saved: keep what the indexer
+    projections' backward needs (their inputs) in pinned CPU memory until backward, so GPU memory does not
+    grow with the number of F layers ('auto': on CUDA).
     """
 
     def __init__(self, backbone: nn.Module, pattern: Pattern, *, kernel: str = "auto",
-                 target: str = "centroid", reduction: str = "sum"):
+                 target: str = "centroid", reduction: str = "sum", offload_saved: bool | str = "auto"):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"distill.target {target!r} is not one of {TARGETS}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"distill.loss_reduction {reduction!r} is not one of {REDUCTIONS}")
+        self.family = family_of(backbone)
         self.backbone = backbone
         self.pattern = pattern
         self.indexers = apply_pattern(backbone, pattern)
         self.kernel = kernel
         self.target = target
         self.reduction = reduction
+        self.offload_saved = offload_saved
         self.served = {f: (members if target == "centroid" else [f]) for f, members in pattern.groups().items()}
 
-    def forward(self, input_ids: torch.Tensor, sparse: bool = False, with_recall: bool = False) -> DistillOutput:
-        """input_ids [B, T]: one backbone forward, then one loss per group (captures freed group by group)."""
-        centroid_kl = centroid_kl_fn(self.kernel, input_ids.device)
-        topk_fn = indexer_topk_fn(self.kernel, input_ids.device)
-        grad = torch.is_grad_enabled()
-        with capture(self.backbone, sparse, list(self.indexers), topk_fn, grad) as record, torch.no_grad():
-            self.backbone.model(input_ids=input_ids)  # F layers' projections recorded (with autograd when grad)
-        losses, recall = {}, {}
-        for f, members in self.served.items():
-            main_q, main_k, scale = self._group_capture(record, members)
-            topk = record.topk[f] if sparse else None
-            if with_recall:
-                recall[f] = topk_recall(main_q, main_k, scale, record.topk[f]).item()
-            losses[f] = centroid_kl(*record.projections.pop(f), main_q, main_k, scale, topk)
-            del main_q, main_k
-        total = torch.stack(list(losses.values())).sum()
+    def forward(self, input_ids: torch.Tensor, sparse: bool = False, with_recall: bool = False, *,
+                cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> DistillOutput:
+        """input_ids [B, T] (cu_seqlens: packed documents; position_ids [B, T] or None): one streamed forward."""
+        device = input_ids.device
+        offload = self.offload_saved if isinstance(self.offload_saved, bool) else device.type == "cuda"
+        run = GroupLosses(self, sparse=sparse, with_recall=with_recall, grad=torch.is_grad_enabled(), device=device,
+                          cu_seqlens=cu_seqlens, offload=offload)
+        with torch.no_grad():
+            self.family.forward(self.backbone, input_ids, run, position_ids)
+        total = torch.stack(list(run.losses.values())).sum()
         if self.reduction == "mean":
-            total = total / len(losses)
-        return DistillOutput(total, losses, recall if with_recall else None)
-
-    @staticmethod
-    def _group_capture(record: Captured, members: list[int]):
-        """Stack the served layers' q and k into [G, B, T, H, Dq]; drop them from the record."""
-        scales = {record.scale[m] for m in members}
-        if len(scales) != 1:
-            raise ValueError(f"layers {members} use different attention scales {sorted(scales)}")
-        main_q = torch.stack([record.main_q.pop(m) for m in members])
-        main_k = torch.stack([record.main_k.pop(m) for m in members])
-        return main_q, main_k, scales.pop()
+            total = total / len(run.losses)
+        recall = {f: (mass / input_ids.numel()).item() for f, mass in run.recall.items()} if with_recall else None
+        return DistillOutput(total, run.losses, recall)
 
     def indexer_state_dict(self) -> dict[str, torch.Tensor]:
         """The F-layer indexer weights under their backbone state-dict names."""
         return {name: p.detach() for name, p in self.backbone.named_parameters() if p.requires_grad}
+
+
+class GroupLosses(Capture):
+    """The objective's capture: records each group while it runs and turns it into the group's loss."""
+
+    def __init__(self, distiller: Distiller, *, sparse: bool, with_recall: bool, grad: bool, device: torch.device,
+                 cu_seqlens: torch.Tensor | None, offload: bool):
+        super().__init__(distiller.family, distiller.pattern, sparse=sparse, device=device, kernel=distiller.kernel,
+                         grad=grad, select_dense=with_recall, cu_seqlens=cu_seqlens)
+        self.served = distiller.served
+        self.feeds = {m: f for f, members in self.served.items() for m in members}  # layer -> the target it feeds
+        self.with_recall = with_recall
+        self.offload = offload and grad
+        self.centroid_kl = centroid_kl_fn(distiller.kernel, device)
+        self.sparse_centroid_kl = sparse_centroid_kl_fn(distiller.kernel, device)
+        self.projections: dict[int, Projections] = {}
+        self.dense: dict[int, dict] = {}           # F layer -> main_q, main_k [G, B, T, H, Dq], main_lse [G, B, H, T]
+        self.targets: dict[int, torch.Tensor] = {}  # F layer -> [B, T, K] fp32 sparse centroid
+        self.losses: dict[int, torch.Tensor] = {}
+        self.recall: dict[int, torch.Tensor] = {}   # F layer -> sum over rows of the centroid mass in its top-k
+
+    def wants_projections(self, layer: int) -> bool:
+        return True
+
+    def projections_context(self):
+        """Where the projections' autograd keeps what their backward needs: pinned CPU memory when offloading."""
+        return torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload else contextlib.nullcontext()
+
+    def indexed(self, layer: int, projections: Projections, topk: torch.Tensor | None) -> None:
+        self.projections[layer] = projections
+        if self.sparse:
+            self.targets[layer] = torch.zeros(topk.shape, dtype=torch.float32, device=topk.device)
+
+    def sparse_target(self, layer: int):
+        f = self.feeds.get(layer)
+        return None if f is None else (self.targets[f], 1.0 / len(self.served[f]))
+
+    def dense_attended(self, layer, forms: MlaForms, q, k, lse, topk) -> None:
+        f = self.feeds.get(layer)
+        if f is None:
+            return
+        members = self.served[f]
+        g = members.index(layer)
+        if g == 0:
+            G = len(members)
+            self.dense[f] = {"main_q": q.new_empty(G, *q.shape), "main_k": k.new_empty(G, *k.shape),
+                             "main_lse": lse.new_empty(G, *lse.shape), "scale": forms.scale}
+        group = self.dense[f]
+        if forms.scale != group["scale"]:
+            raise ValueError(f"layers {members} use different attention scales ({group['scale']}, {forms.scale})")
+        group["main_q"][g].copy_(q)
+        group["main_k"][g].copy_(k)
+        group["main_lse"][g].copy_(lse)
+        if self.with_recall:
+            self._add_recall(f, self.topk_mass(forms, self.topk[f], dense_lse=lse))
+
+    def sparse_attended(self, layer, forms: MlaForms, topk, lse) -> None:
+        f = self.feeds.get(layer)
+        if f is not None and self.with_recall:
+            self._add_recall(f, self.topk_mass(forms, topk, topk_lse=lse))
+
+    def _add_recall(self, f: int, mass: torch.Tensor) -> None:
+        share = mass.double().sum() / len(self.served[f])
+        self.recall[f] = self.recall.get(f, 0.0) + share
+
+    def group_done(self, f: int) -> None:
+        projections = self.projections.pop(f)
+        with torch.enable_grad():
+            if self.sparse:
+                self.losses[f] = self.sparse_centroid_kl(*projections, self.targets.pop(f), self.topk[f],
+                                                         cu_seqlens=self.cu_seqlens)
+            else:
+                group = self.dense.pop(f)
+                self.losses[f] = self.centroid_kl(*projections, group["main_q"], group["main_k"], group["scale"],
+                                                  None, cu_seqlens=self.cu_seqlens, main_lse=group["main_lse"])

@@ -24,18 +24,13 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
-from distill.evaluate import (check_batches, load_model_and_batches, log_run, pattern_applied, shifted_tokens,
-                              topk_overlap)
-from distill.model import NotDSAModelError, decoder_layers, dsa_attentions
+from distill.adapters import family_of
+from distill.capture import Capture
+from distill.evaluate import check_batches, lm_nll_sum, load_model_and_batches, log_run, shifted_tokens, topk_overlap
 from distill.pattern import Pattern
 
 log = logging.getLogger(__name__)
-
-# transformers' DSA models build one causal mask, keyed by this layer type (GlmMoeDsaModel / DeepseekV32Model.forward)
-DSA_LAYER_TYPE = "deepseek_sparse_attention"
-
 
 class SearchError(ValueError):
     """A search target that no pattern of the model can reach."""
@@ -45,7 +40,7 @@ class SearchError(ValueError):
 class _BatchInputs:
     ids: torch.Tensor
     embeds: torch.Tensor
-    layer_kwargs: dict
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -55,45 +50,37 @@ class _PrefixCache:
     topk: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+class _KeepTopk(Capture):
+    """The sparse forward under a pattern, keeping every F layer's top-k (for the prefix cache)."""
+
+    def __init__(self, family, pattern: Pattern, device: torch.device):
+        super().__init__(family, pattern, sparse=True, device=device)
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def indexed(self, layer, projections, topk):
+        self.kept[layer] = topk
+
+
 class LayerwiseRunner:
     """Runs the frozen backbone one decoder layer at a time over fixed batches, counting layer forwards.
 
-    Replicates the model's forward (embeddings, causal mask, rotary embeddings, decoder layers, norm,
-    LM head, transformers' shifted-label loss); a pattern's S layers reuse their owner's top-k through
-    `apply_pattern`'s SharedIndexer, for GlmMoeDsa and DeepseekV32 alike.
+    The family forward of `distill.adapters` (embeddings, rotary embeddings, decoder layers, norm), then the
+    LM head and transformers' shifted-label loss in chunks of positions; a pattern's S layers reuse their
+    owner's top-k through the capture, for GlmMoeDsa and DeepseekV32 alike. No causal mask is built.
     """
 
     def __init__(self, model: nn.Module, batches):
         self.model = model
-        self.backbone = model.model
-        self.layers = decoder_layers(model)
-        self.num_layers = len(dsa_attentions(model))
-        other = sorted(set(model.config.layer_types[: self.num_layers]) - {DSA_LAYER_TYPE})
-        if other:
-            raise NotDSAModelError(f"layer types {other} in {type(model).__name__}: the search runs DSA layers only")
+        self.family = family_of(model)
+        self.num_layers = len(self.family.dsa_attentions(model))
         self.layer_forwards = 0
-        device = next(model.parameters()).device
-        self.inputs = [self._prepare(ids.to(device)) for ids in check_batches(batches)]
+        self.device = next(model.parameters()).device
+        self.inputs = [self._prepare(ids.to(self.device)) for ids in check_batches(batches)]
 
     @torch.no_grad()
     def _prepare(self, ids: torch.Tensor) -> _BatchInputs:
-        embeds = self.backbone.embed_tokens(ids)
-        position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.model.config, inputs_embeds=embeds, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids, allow_is_causal_skip=False)
-        rotary = self.backbone.rotary_emb(embeds, position_ids=position_ids)
-        return _BatchInputs(ids, embeds, {"attention_mask": mask, "position_embeddings": rotary,
-                                          "position_ids": position_ids})
-
-    def _layer(self, i: int, hidden: torch.Tensor, inputs: _BatchInputs) -> torch.Tensor:
-        self.layer_forwards += 1
-        out = self.layers[i](hidden, **inputs.layer_kwargs)
-        return out[0] if isinstance(out, tuple) else out  # GlmMoeDsa layers also return their top-k
-
-    def _nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> float:
-        logits = self.model.lm_head(self.backbone.norm(hidden))
-        loss = self.model.loss_function(logits=logits, labels=ids, vocab_size=self.model.config.vocab_size)
-        return float(loss) * shifted_tokens(ids)
+        embeds, position_embeddings = self.family.embed(self.model, ids)
+        return _BatchInputs(ids, embeds, position_embeddings)
 
     @torch.no_grad()
     def loss(self, pattern: Pattern, start: int = 0, prefix: list[_PrefixCache] | None = None,
@@ -105,24 +92,25 @@ class LayerwiseRunner:
         if start and prefix is None:
             raise ValueError("resuming at a layer > 0 needs the prefix cache of a pattern that agrees before it")
         nll, tokens, caches = 0.0, 0, []
-        with pattern_applied(self.model, pattern) as indexers:
-            for b, inputs in enumerate(self.inputs):
-                if start:
-                    hidden = prefix[b].hidden[start]
-                    owner = pattern.owner(start - 1)  # the latest F layer before `start`: its top-k is still current
-                    indexers[owner].last_topk = prefix[b].topk[owner]
-                    cache = _PrefixCache(prefix[b].hidden[:start], {f: prefix[b].topk[f] for f in indexers if f < start})
-                else:
-                    hidden, cache = inputs.embeds, _PrefixCache()
-                for i in range(start, self.num_layers):
-                    if keep:
-                        cache.hidden.append(hidden)
-                    hidden = self._layer(i, hidden, inputs)
-                    if keep and i in indexers:
-                        cache.topk[i] = indexers[i].last_topk
-                nll += self._nll_sum(hidden, inputs.ids)
-                tokens += shifted_tokens(inputs.ids)
-                caches.append(cache)
+        for b, inputs in enumerate(self.inputs):
+            run = _KeepTopk(self.family, pattern, self.device)
+            if start:
+                hidden = prefix[b].hidden[start]
+                owner = pattern.owner(start - 1)  # the latest F layer before `start`: its top-k is still current
+                run.topk[owner] = prefix[b].topk[owner]
+                cache = _PrefixCache(prefix[b].hidden[:start],
+                                     {f: t for f, t in prefix[b].topk.items() if f < start and pattern.owner(f) == f})
+            else:
+                hidden, cache = inputs.embeds, _PrefixCache()
+            for i in range(start, self.num_layers):
+                if keep:
+                    cache.hidden.append(hidden)
+                self.layer_forwards += 1
+                hidden = self.family.layer(self.model, i, hidden, inputs.position_embeddings, run)
+            cache.topk.update(run.kept)
+            nll += lm_nll_sum(self.model, self.model.model.norm(hidden), inputs.ids)
+            tokens += shifted_tokens(inputs.ids)
+            caches.append(cache)
         return nll / tokens, caches if keep else None
 
 

@@ -42,6 +42,18 @@ def indexer_topk_fn(kind: str, device: torch.device | str):
     return indexer_topk
 
 
+def sparse_attention_fn(kind: str, device: torch.device | str):
+    """INTERIM."""
+    from kernels.sparse_interim import sparse_mqa_attention
+    return sparse_mqa_attention
+
+
+def sparse_centroid_kl_fn(kind: str, device: torch.device | str):
+    """INTERIM."""
+    from kernels.sparse_interim import sparse_centroid_kl
+    return sparse_centroid_kl
+
+
 def enable_cpu_interpreter() -> None:
     """Run the Triton kernels on Triton's CPU interpreter from now on (tests): sets TRITON_INTERPRET=1 and
     rebuilds what was built for the GPU before it was set (triton.language's helpers, these kernel modules),

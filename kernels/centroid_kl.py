@@ -6,7 +6,7 @@
 
 Shapes: index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI], main_q/main_k [G, B, T, H, Dq],
 topk_indices [B, T, K] (-1 = no key), cu_seqlens int [num_docs + 1] (offsets over the flattened B*T
-tokens; see distill.targets), main_lse [G, B, H, T] (natural log, over the allowed keys).
+tokens; see kernels.reference), main_lse [G, B, H, T] (natural log, over the allowed keys).
 
 The loss is terminal, so dL/dI = softmax(I) - pbar is known in the forward and the forward computes
 the gradients of index_q/k/w right away; backward only scales them by grad_output. No T x T tensor is

@@ -180,3 +180,25 @@ def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_
     G, H = main_q.shape[0], main_q.shape[3]
     if main_lse is not None and main_lse.shape != (G, B, H, T):
         raise ValueError(f"expected main_lse [G,B,H,T] = {(G, B, H, T)}; got {tuple(main_lse.shape)}")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                     cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None):
+    """Reference of `kernels.dense_attention.causal_attention`: (out [B, T, H, Dv], lse [B, H, T] fp32).
+
+    q, k [B, T, H, Dq], v [B, T, H, Dv]; keys causal and in the query's document. Rows in chunks: memory
+    O(B * H * chunk * T), never B * H * T * T.
+    """
+    B, T, H = q.shape[:3]
+    chunk = chunk_size or max(1, min(T, (64 << 20) // max(1, B * H * T)))
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    for start in range(0, T, chunk):
+        rows = slice(start, min(T, start + chunk))
+        allowed = allowed_keys(B, T, rows, None, q.device, cu_seqlens=cu_seqlens)
+        scores = torch.einsum("bthd,bshd->bhts", q[:, rows].to(dtype), k.to(dtype)) * scale
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        lse[:, :, rows] = torch.logsumexp(scores, dim=-1).float()
+        out[:, rows] = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v.to(dtype)).to(q.dtype)
+    return out, lse

@@ -1,12 +1,12 @@
-"""Capture, the differentiable indexer forward and the Distiller on tiny GlmMoeDsa / DeepseekV32 models."""
+"""The family forward and its capture, the indexer projections and the Distiller on tiny GlmMoeDsa / DeepseekV32."""
 import copy
 from unittest import mock
 
 import pytest
 import torch
 
-from distill.capture import capture
-from distill.indexer import indexer_projections, indexer_scores
+from distill.adapters import FAMILIES, family_of
+from distill.capture import Capture
 from distill.model import NotDSAModelError, SharedIndexer, apply_pattern, dsa_attentions, rope_style
 from distill.objective import Distiller
 from distill.pattern import Pattern, PatternError
@@ -18,50 +18,100 @@ def model(request):
     return tiny(request.param)
 
 
-def test_indexer_forward_reproduces_backbone_logits_and_topk_exactly(model):
+def indexer_scores(q, k, weights, softmax_scale):
+    """Causal indexer logits [B, T, T] in the backbone indexer's exact operation order (-inf above the diagonal)."""
+    scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * softmax_scale
+    logits = torch.matmul(weights.unsqueeze(-2), scores.relu()).squeeze(-2)
+    T = q.shape[1]
+    return logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+
+
+class Recorder(Capture):
+    """Records every F layer's indexer inputs and top-k, and every layer's dense q, k and LSE."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inputs, self.kept, self.dense = {}, {}, {}
+
+    def select(self, layer, indexer, inputs):
+        self.inputs[layer] = inputs
+        return super().select(layer, indexer, inputs)
+
+    def indexed(self, layer, projections, topk):
+        self.kept[layer] = topk
+
+    def dense_attended(self, layer, forms, q, k, lse, topk):
+        self.dense[layer] = (q, k, lse, forms.scale)
+
+
+def test_indexer_projections_reproduce_backbone_logits_and_topk_exactly(model):
+    """On the backbone indexer's own inputs, the family's projections give its logits bit for bit, and the
+    fused top-k's signature (kernels.reference.indexer_topk) its top-k."""
+    from distill.adapters import IndexerInputs
+    from kernels.reference import indexer_topk
     x = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(0))
-    seen = {}
+    seen, inputs, outputs, handles = [], {}, {}, []
     real_topk = torch.Tensor.topk
 
     def spy(self, k, *args, **kwargs):  # the backbone indexer's last call: topk over its [B, T, T] logits
-        seen.setdefault("logits", []).append(self.clone())
+        if self.shape == (2, 37, 37):
+            seen.append(self.clone())
         return real_topk(self, k, *args, **kwargs)
 
-    with capture(model, sparse=True) as record, torch.no_grad(), mock.patch.object(torch.Tensor, "topk", spy):
+    for f, attn in enumerate(dsa_attentions(model)):
+        handles.append(attn.indexer.register_forward_pre_hook(
+            lambda m, args, f=f: inputs.__setitem__(f, IndexerInputs(args[0], args[1], *args[2]))))
+        handles.append(attn.indexer.register_forward_hook(lambda m, args, out, f=f: outputs.__setitem__(f, out)))
+    with torch.no_grad(), mock.patch.object(torch.Tensor, "topk", spy):
         model(x)
-    logits = [l for l in seen["logits"] if l.shape == (2, 37, 37)]
-    for i, f in enumerate(sorted(record.indexer_inputs)):
-        indexer = dsa_attentions(model)[f].indexer
-        q, k, w = indexer_projections(indexer, record.indexer_inputs[f], rope_style(model))
-        ours = indexer_scores(q, k, w, indexer.softmax_scale)
-        assert torch.equal(ours, logits[i]), f"layer {f} logits differ"
-        kk = indexer.index_topk
-        topk = ours.topk(kk, dim=-1).indices
-        valid = record.topk[f] >= 0
-        assert torch.equal(topk.to(torch.int32)[valid], record.topk[f][valid])
-        assert (record.topk[f][:, 5, 6:] == -1).all()  # row 5 has 6 causal keys
+    for h in handles:
+        h.remove()
+    family = family_of(model)
+    for f, attn in enumerate(dsa_attentions(model)):
+        q, k, w = family.indexer_projections(attn.indexer, inputs[f])
+        ours = indexer_scores(q, k, w, attn.indexer.softmax_scale)
+        assert torch.equal(ours, seen[f]), f"layer {f} logits differ"
+        topk = indexer_topk(q, k, family.kernel_weights(attn.indexer, w), attn.indexer.index_topk)
+        valid = topk >= 0
+        assert torch.equal(outputs[f][valid], topk[valid])
+        assert (topk[:, 5, 6:] == -1).all() and valid[:, 15:].all()  # row t has min(t + 1, k) keys
 
 
-def test_capture_records_mla_q_k_and_keeps_forward(model):
+def test_family_forward_equals_transformers_forward(model):
+    """Sparse under all-F = the model's own DSA forward; dense = attention over every causal key (an index_topk
+    that covers every key); the dense layers hand on q, k [B, T, H, Dq], the scale and each head's true LSE."""
     x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    family = family_of(model)
+    n = model.config.num_hidden_layers
     with torch.no_grad():
         native = model(x).logits
-        with capture(model, sparse=True) as record:
-            sparse = model(x).logits
-        with capture(model, sparse=False) as dense_record:
-            dense = model(x).logits
+        sparse = model.lm_head(family.forward(model, x, Capture(family, Pattern.all_full(n), sparse=True,
+                                                                 device=x.device)))
+        dense_record = Recorder(family, None, sparse=False, device=x.device)
+        dense = model.lm_head(family.forward(model, x, dense_record))
         wide = copy.deepcopy(model)
         for attn in dsa_attentions(wide):
             attn.indexer.index_topk = 10_000
         all_keys = wide(x).logits
-    torch.testing.assert_close(sparse, native)          # sparse capture = the model's own DSA forward
-    torch.testing.assert_close(dense, all_keys)         # dense capture = attention over every causal key
-    assert not torch.allclose(dense, native)            # index_topk=16 < 33 keys: DSA really drops keys
+    torch.testing.assert_close(sparse, native, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dense, all_keys, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(dense, native, rtol=1e-4, atol=1e-4)  # index_topk=16 < 33 keys: DSA really drops keys
     c = model.config
-    assert len(record.main_q) == c.num_hidden_layers
-    assert record.main_q[0].shape == (2, 33, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
-    assert record.scale[0] == pytest.approx((c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5)
-    assert dense_record.main_q.keys() == record.main_q.keys()
+    assert sorted(dense_record.dense) == list(range(n))
+    q, k, lse, scale = dense_record.dense[0]
+    assert q.shape == k.shape == (2, 33, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
+    assert scale == pytest.approx((c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    causal = torch.ones(33, 33, dtype=torch.bool).tril()
+    torch.testing.assert_close(lse, torch.logsumexp(logits.masked_fill(~causal, float("-inf")), -1))
+
+
+def test_unknown_family_names_the_known_ones():
+    from transformers import LlamaConfig
+    with pytest.raises(NotDSAModelError, match="glm_moe_dsa"):
+        family_of(LlamaConfig())
+    assert sorted(FAMILIES) == ["deepseek_v32", "glm_moe_dsa"]
+    assert rope_style(tiny("tiny_dsv32")) == "half"
 
 
 def test_apply_pattern_freezes_backbone_and_drops_shared_indexers():
@@ -119,27 +169,15 @@ def test_own_target_uses_only_the_f_layer():
         Distiller(tiny("tiny_glm"), Pattern.parse("F" * 8), target="mean")
 
 
-def test_capture_with_a_topk_function_needs_no_mask_and_matches(model):
-    """With topk_fn (the fused kernel's signature) the dense forward builds no [B,1,T,T] mask and still
-    equals the masked dense forward; the sparse forward equals the model's own DSA forward."""
-    from kernels.reference import indexer_topk
+def test_streamed_forward_builds_no_mask_and_runs_no_transformers_indexer(model):
+    """Neither stage builds transformers' causal mask or calls its indexer forward ([B, T, HI, T] scores)."""
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexer
     x = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        native = model(x).logits
-        with capture(model, sparse=False) as masked:
-            dense = model(x).logits
-        with mock.patch("distill.capture.sdpa_mask", side_effect=AssertionError("mask built")):
-            with capture(model, sparse=False, topk_fn=indexer_topk) as fused:
-                assert fused.mask_free
-                dense_fused = model(x).logits
-        with capture(model, sparse=True) as own_sparse:
-            model(x)
-        with capture(model, sparse=True, topk_fn=indexer_topk) as fused_sparse:
-            assert not fused_sparse.mask_free
-            sparse_fused = model(x).logits
-    torch.testing.assert_close(dense_fused, dense)
-    torch.testing.assert_close(sparse_fused, native)
-    for f in own_sparse.topk:
-        assert torch.equal(fused_sparse.topk[f].sort(-1).values, own_sparse.topk[f].sort(-1).values)
-    assert masked.topk.keys() == own_sparse.topk.keys()
-    assert all("forward" not in vars(dsa_attentions(model)[f].indexer) for f in own_sparse.topk)  # restored
+    distiller = Distiller(copy.deepcopy(model), Pattern.from_retention(model.config.num_hidden_layers, 0.5))
+    boom = AssertionError("transformers' mask or indexer forward ran")
+    with mock.patch("transformers.masking_utils.sdpa_mask", side_effect=boom), \
+            mock.patch.object(GlmMoeDsaIndexer, "forward", side_effect=boom), \
+            mock.patch.object(DeepseekV32Indexer, "forward", side_effect=boom):
+        for sparse in (False, True):
+            distiller(x, sparse=sparse, with_recall=True).loss.backward()

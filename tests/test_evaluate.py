@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import GlmMoeDsaForCausalLM
 
-from distill.capture import capture
-from distill.evaluate import CalibrationError, evaluate, pattern_applied, plot_overlap, topk_mass, topk_overlap
+from distill.adapters import family_of
+from distill.capture import Capture
+from distill.evaluate import CalibrationError, evaluate, plot_overlap, topk_overlap
 from distill.model import dsa_attentions
 from distill.pattern import Pattern, PatternError
 from tests.conftest import ROOT
@@ -90,40 +91,57 @@ def test_dense_mode_equals_topk_covering_every_key(glm, batches):
     assert all(0 < r < 1 for r in sparse["topk_recall"])
 
 
-def test_topk_mass_matches_direct_computation_in_any_chunking():
-    g = torch.Generator().manual_seed(3)
-    B, T, H, D, K = 2, 11, 3, 5, 4
-    q, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
-    scores = torch.randn(B, T, T, generator=g).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
-    topk = scores.topk(K, dim=-1)
-    topk = topk.indices.masked_fill(topk.values == -math.inf, -1).to(torch.int32)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    logits = torch.einsum("bthd,bshd->bhts", q, k).mul(0.7).masked_fill(~causal, -math.inf)
-    attention = logits.softmax(-1).mean(1)  # [B, T, T]
-    chosen = torch.zeros(B, T, T)
-    for b in range(B):
-        for t in range(T):
-            for s in topk[b, t].tolist():
-                if s >= 0:
-                    chosen[b, t, s] = 1.0
-    expected = (attention * chosen).sum(-1)
-    for chunk in (None, 1, 4, T):
-        torch.testing.assert_close(topk_mass(q, k, 0.7, topk, chunk), expected)
+def test_topk_mass_matches_direct_computation(glm):
+    """The capture's recall, mean_h exp(LSE over the top-k - LSE over all causal keys), equals the dense
+    head-averaged attention summed over the top-k keys, computed directly."""
+    family = family_of(glm)
+    x = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    class Probe(Capture):
+        def sparse_attended(self, layer, forms, topk, lse):
+            if layer == 2:
+                q, k, _ = forms.expanded()
+                seen.update(mass=self.topk_mass(forms, topk, topk_lse=lse), mass_lazy=self.topk_mass(forms, topk),
+                            q=q, k=k, scale=forms.scale, topk=topk)
+
+    with torch.no_grad():
+        family.forward(glm, x, Probe(family, Pattern.parse("FFSSFSSS"), sparse=True, device=x.device, index_topk=5))
+    T = x.shape[1]
+    logits = torch.einsum("bthd,bshd->bhts", seen["q"], seen["k"]) * seen["scale"]
+    attention = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf).softmax(-1).mean(1)
+    idx = seen["topk"].long()
+    expected = attention.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).sum(-1)
+    torch.testing.assert_close(seen["mass"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen["mass_lazy"], expected, rtol=1e-4, atol=1e-5)
+    assert (expected < 0.999).any() and torch.allclose(expected[:, :5], torch.ones(2, 5))
+
+
+def native_topk(model, ids):
+    """Each layer's top-k sets from transformers' own all-F DSA forward: [L][B][T] sets of key indices."""
+    sets, handles = {}, []
+    for layer, attn in enumerate(dsa_attentions(model)):
+        handles.append(attn.indexer.register_forward_hook(
+            lambda module, args, out, layer=layer: sets.__setitem__(layer, out)))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    T = ids.shape[1]
+    return [[[{s for s in row if s <= t} for t, row in enumerate(batch)] for batch in sets[l].tolist()]
+            for l in range(len(sets))]
 
 
 def test_topk_overlap_matches_set_intersections(glm, batches):
     matrix = topk_overlap(glm, batches, chunk_size=7)
     pattern = Pattern.all_full(8)
     total, rows = torch.zeros(8, 8, dtype=torch.float64), 0
-    with pattern_applied(glm, pattern), capture(glm, sparse=True) as record, torch.no_grad():
-        for ids in batches:
-            glm(ids)
-            sets = [[[set(s for s in row if s >= 0) for row in batch] for batch in record.topk[l].tolist()]
-                    for l in range(8)]
-            for a in range(8):
-                for c in range(8):
-                    total[a, c] += sum(len(x & y) / len(x) for bx, by in zip(sets[a], sets[c]) for x, y in zip(bx, by))
-            rows += ids.numel()
+    for ids in batches:
+        sets = native_topk(glm, ids)
+        for a in range(8):
+            for c in range(8):
+                total[a, c] += sum(len(x & y) / len(x) for bx, by in zip(sets[a], sets[c]) for x, y in zip(bx, by))
+        rows += ids.numel()
     torch.testing.assert_close(matrix, (total / rows).float())
     torch.testing.assert_close(matrix.diagonal(), torch.ones(8))
     assert (matrix < 1).any()

@@ -1,0 +1,60 @@
+"""The backbone's dense causal attention, returning each head's log-sum-exp (the centroid target needs it).
+
+    out_t = sum_{s<=t} softmax_s(scale q_t . k_s) v_s,     lse_t = log sum_{s<=t} exp(scale q_t . k_s)
+
+per head, over the causal keys of the row's document. Shapes: q, k [B, T, H, Dq], v [B, T, H, Dv] ->
+out [B, T, H, Dv] (q's dtype), lse [B, H, T] fp32 natural log.
+
+The strongest attention torch has for the backbone's real shapes (MLA: Dq 192, Dv 128), fused, no
+T x T tensor:
+- CUDA: cuDNN's fused attention (what the default `scaled_dot_product_attention` picks on Hopper), which
+  returns the LSE at no extra cost; the memory-efficient backend where cuDNN refuses the shapes.
+- CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
+- Packed documents (`cu_seqlens`): the row-chunked reference (`kernels.reference.causal_attention`).
+Every LSE a backend returns is checked on the last query row of each head against a direct computation,
+without a host sync (`torch._assert_async`): a backend that changed its LSE convention fails loudly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                     cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, T, H, Dv], lse [B, H, T] fp32) of causal attention; see the module docstring."""
+    if cu_seqlens is not None:
+        return reference.causal_attention(q, k, v, scale, cu_seqlens=cu_seqlens)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D] views
+    if q.device.type == "cuda":
+        out, lse = _cuda_attention(qh, kh, vh, scale)
+    else:
+        dv = v.shape[-1]
+        padded = F.pad(vh, (0, q.shape[-1] - dv)) if dv < q.shape[-1] else vh
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh, kh, padded, 0.0, True, scale=scale)[:2]
+        out = out[..., :dv]
+    lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., : q.shape[1]].float()
+    _check_last_row_lse(qh, kh, scale, lse)
+    return out.transpose(1, 2), lse
+
+
+def _cuda_attention(qh, kh, vh, scale):
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qh, kh, vh, None, True, 0.0, True, False, scale=scale)[:2]
+    except RuntimeError:  # cuDNN refuses some shapes / GPUs: the memory-efficient kernel also returns the LSE
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qh, kh, vh, None, True, 0.0, True, scale=scale)[:2]
+    return out, lse
+
+
+def _check_last_row_lse(qh, kh, scale, lse) -> None:
+    """The last query row attends to every key: its LSE is a [B, H, T] dot product away."""
+    scores = torch.einsum("bhd,bhsd->bhs", qh[:, :, -1], kh)  # [B, H, T] in the input dtype: no fp32 copy of k
+    direct = torch.logsumexp(scores.float() * scale, dim=-1)
+    tol = 2e-2 * direct.abs().clamp(min=1.0) if qh.dtype != torch.float32 else 1e-4 * direct.abs().clamp(min=1.0)
+    torch._assert_async(((lse[:, :, -1] - direct).abs() <= tol).all(),
+                        "the attention backend's log-sum-exp is not the natural-log LSE over causal keys")
