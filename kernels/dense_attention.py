@@ -10,7 +10,8 @@ T x T tensor:
 - CUDA: cuDNN's fused attention (what the default `scaled_dot_product_attention` picks on Hopper), which
   returns the LSE at no extra cost; the memory-efficient backend where cuDNN refuses the shapes.
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
-- Packed documents (`cu_seqlens`): the row-chunked reference (`kernels.reference.causal_attention`).
+- Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
+  each run in turn (exact, and as fast as the backend is for that length).
 Every LSE a backend returns is checked on the last query row of each head against a direct computation,
 without a host sync (`torch._assert_async`): a backend that changed its LSE convention fails loudly.
 """
@@ -19,14 +20,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
                      cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, T, H, Dv], lse [B, H, T] fp32) of causal attention; see the module docstring."""
     if cu_seqlens is not None:
-        return reference.causal_attention(q, k, v, scale, cu_seqlens=cu_seqlens)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+        for b, start, end in document_runs(cu_seqlens, q.shape[0], q.shape[1]):
+            rows = slice(start, end)
+            out[b:b + 1, rows], lse[b:b + 1, :, rows] = causal_attention(q[b:b + 1, rows], k[b:b + 1, rows],
+                                                                        v[b:b + 1, rows], scale)
+        return out, lse
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D] views
     if q.device.type == "cuda":
         out, lse = _cuda_attention(qh, kh, vh, scale)
@@ -39,6 +45,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., : q.shape[1]].float()
     _check_last_row_lse(qh, kh, scale, lse)
     return out.transpose(1, 2), lse
+
+
+def document_runs(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every document's run of tokens within a row (a row start is a boundary)."""
+    flat = sorted(set(cu_seqlens.tolist()) | {b * seq_len for b in range(batch + 1)})
+    return [(a // seq_len, a % seq_len, b - (a // seq_len) * seq_len) for a, b in zip(flat, flat[1:]) if b > a]
 
 
 def _cuda_attention(qh, kh, vh, scale):

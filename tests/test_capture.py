@@ -181,3 +181,40 @@ def test_streamed_forward_builds_no_mask_and_runs_no_transformers_indexer(model)
             mock.patch.object(DeepseekV32Indexer, "forward", side_effect=boom):
         for sparse in (False, True):
             distiller(x, sparse=sparse, with_recall=True).loss.backward()
+
+
+def test_one_group_at_a_time_and_losses_as_groups_end():
+    """The streamed forward holds one group's q/k (dense) or target (sparse) at a time, and each group's loss
+    exists as soon as its last layer has run (before any later layer runs)."""
+    from distill.objective import GroupLosses
+    model = tiny("tiny_glm")
+    pattern = Pattern.parse("FSSFSFSS")
+    distiller = Distiller(model, pattern)
+    x = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(5))
+    live, losses_seen = [], []
+    original_layer_done = GroupLosses.layer_done
+
+    def layer_done(self, layer):
+        live.append(len(self.dense) + len(self.targets))
+        original_layer_done(self, layer)
+        losses_seen.append((layer, sorted(self.losses)))
+
+    with mock.patch.object(GroupLosses, "layer_done", layer_done):
+        for sparse in (False, True):
+            live.clear(), losses_seen.clear()
+            distiller(x, sparse=sparse)
+            assert max(live) == 1
+            assert losses_seen == [(0, []), (1, []), (2, [0]), (3, [0]), (4, [0, 3]), (5, [0, 3]), (6, [0, 3]),
+                                   (7, [0, 3, 5])]
+
+
+def test_offloading_saved_inputs_changes_no_gradient():
+    x = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for offload in (False, True):
+        distiller = Distiller(tiny("tiny_glm"), Pattern.parse("FSSSFSSS"), offload_saved=offload)
+        distiller(x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in distiller.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)

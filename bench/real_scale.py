@@ -1,0 +1,78 @@
+"""Real-scale distillation steps: DeepSeek-V3.2 attention shapes at full depth, one GPU.
+
+A random GlmMoeDsa with DeepSeek-V3.2's attention (128 MLA heads, q/k 128 nope + 64 rope, v 128, q LoRA 1536,
+kv latent 512, 64 indexer heads of 128, top-2048) and a narrow rest (hidden, dense MLP and vocabulary small
+enough to fit 61 layers), under GLM-5.2's kind of pattern (transformers' rule, index_topk_freq 4 with
+index_skip_topk_offset 3: F F F S S S F ...; 17 F of 61). Per stage: one optimizer step (streamed forward +
+backward + AdamW on the F indexers), its peak memory and tokens/s, after a warm-up step.
+
+    python -m bench.real_scale --layers 61 --seq-len 131072 --out results/     (one call per configuration)
+
+Writes real_scale-<layers>x<seq_len>.json; docs/BENCHMARKS.md gathers the rows with the GPU and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from bench.common import measure
+from distill.objective import Distiller
+from distill.pattern import Pattern
+from distill.source import random_model
+
+HIDDEN = 1024
+
+
+def model_config(layers: int, seq_len: int) -> dict:
+    """DeepSeek-V3.2 attention shapes, narrow elsewhere."""
+    return dict(vocab_size=4096, hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=layers,
+                first_k_dense_replace=layers, moe_intermediate_size=256, n_routed_experts=4, num_experts_per_tok=2,
+                num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64, index_head_dim=128,
+                index_topk=2048, max_position_embeddings=seq_len, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", type=int, default=61)
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--stages", default="dense,sparse")
+    parser.add_argument("--offload-saved", choices=("auto", "on", "off"), default="auto",
+                        help="keep the indexer projections' saved inputs in pinned CPU memory until backward")
+    args = parser.parse_args()
+    config = model_config(args.layers, args.seq_len)
+    model = random_model(dict(type="glm_moe_dsa", config=config, init_seed=0), torch.bfloat16).cuda().eval()
+    pattern = Pattern.from_freq(args.layers, 4, "transformers", offset=3)
+    offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
+    distiller = Distiller(model, pattern, kernel="triton", offload_saved=offload)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(3, config["vocab_size"], (1, args.seq_len), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    rows = []
+    for stage in args.stages.split(","):
+        def step(sparse=stage == "sparse"):
+            distiller(ids, sparse=sparse).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds, peak = measure(step, reps=1, warmup=1)
+        rows.append(dict(stage=stage, seconds=seconds, tokens_per_s=None if isinstance(seconds, str)
+                         else args.seq_len / seconds, peak_gib=peak,
+                         peak_total_gib=torch.cuda.max_memory_allocated() / 2**30))
+        print(rows[-1], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"real_scale-{args.layers}x{args.seq_len}.json")
+    with open(path, "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, model=config, pattern=str(pattern),
+                       groups=len(pattern.full_layers), seq_len=args.seq_len, offload_saved=args.offload_saved,
+                       rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
