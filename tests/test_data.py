@@ -41,7 +41,14 @@ def col(dataset, name):
 
 
 def cache_entries(cache_dir):
-    return sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []
+    """The packed entries of a cache directory (not the documents/ of text and hf_disk corpora)."""
+    return sorted(e for e in os.listdir(cache_dir) if e != "documents") if os.path.isdir(cache_dir) else []
+
+
+@pytest.fixture(autouse=True)
+def default_cache_in_tmp(tmp_path, monkeypatch):
+    """Corpora built without a cache directory write their documents under tmp_path, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 # --- corpora -------------------------------------------------------------------------------------
