@@ -453,3 +453,5 @@ def test_text_and_hf_disk_documents_are_memory_mapped_arrow_files(tmp_path):
             assert type(documents.data).__name__ == "MemoryMappedTable"
     assert col(build_corpus(text_cfg(files, validation_files=files[0]), str(cache))["train"], "text") == \
         [f"document {i}" for i in range(3)]
+    cut = build_corpus(text_cfg(files, validation_files=files[0], max_documents=2), str(cache))  # over all files
+    assert col(cut["train"], "text") == ["document 0", "document 1"]

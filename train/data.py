@@ -426,6 +426,8 @@ def _generated(generator, gen_kwargs: dict, fingerprint: str, documents_dir: str
             rows += 1
             yield row
 
+    # from_generator shards list arguments over separate generator runs; as tuples they reach one run whole
+    gen_kwargs = {name: tuple(value) if isinstance(value, list) else value for name, value in gen_kwargs.items()}
     try:
         return Dataset.from_generator(counted, features=features, gen_kwargs=gen_kwargs, cache_dir=documents_dir,
                                       fingerprint=fingerprint)
@@ -483,21 +485,25 @@ def _joined(documents: Dataset, data_cfg: Mapping, documents_dir: str) -> Datase
         raise DataError(f"data.join_by {join_by!r} is unknown for source {data_cfg.get('source')!r}; "
                         f"use one of {', '.join(JOIN_BY_PATH)} or null")
     key_column = "group" if "group" in documents.column_names else "source"
-    groups: dict[str, list[int]] = {}
+    group_of = np.empty(len(documents), dtype=np.int64)  # group number of each document, by first appearance
+    keys: dict[str, int] = {}
     row = 0
     for batch in documents.select_columns([key_column]).iter(batch_size=10_000):
         for key in batch[key_column]:
             if key_column == "source":
                 path = re.sub(r":\d+$", "", key)  # "path:number" of a paragraph, line or jsonl record
                 key = path if join_by == "file" else os.path.dirname(path) or path
-            groups.setdefault(key, []).append(row)
+            group_of[row] = keys.setdefault(key, len(keys))
             row += 1
+    order = np.argsort(group_of, kind="stable")  # documents group by group, each group's in order
+    bounds = np.searchsorted(group_of[order], np.arange(len(keys) + 1))
 
-    def joined(texts: Dataset, groups: dict[str, list[int]]):
-        for key, rows in groups.items():
-            yield {"text": JOIN_SEPARATOR.join(texts[rows]["text"]), "source": key}
+    def joined(texts: Dataset, keys: tuple[str, ...], order: np.ndarray, bounds: np.ndarray):
+        for group, key in enumerate(keys):
+            yield {"text": JOIN_SEPARATOR.join(texts[order[bounds[group]:bounds[group + 1]]]["text"]), "source": key}
 
-    return _generated(joined, {"texts": documents.select_columns(["text"]), "groups": groups},
+    return _generated(joined, {"texts": documents.select_columns(["text"]), "keys": list(keys), "order": order,
+                               "bounds": bounds},
                       _digest("joined", documents._fingerprint, join_by, JOIN_SEPARATOR), documents_dir)
 
 
@@ -526,7 +532,7 @@ def _text_documents(data_cfg: Mapping, key: str, documents_dir: str) -> Dataset:
                       _digest("text", stats, sample_by, text_field, limit), documents_dir)
 
 
-def _text_rows(paths: list[str], sample_by: str, text_field: str, limit: int | None) -> Iterator[dict]:
+def _text_rows(paths: tuple[str, ...], sample_by: str, text_field: str, limit: int | None) -> Iterator[dict]:
     """Rows {"text", "source"} of the non-empty documents of `paths`, at most `limit`; one file read at a time."""
     def documents():
         for path in paths:
