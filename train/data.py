@@ -170,9 +170,10 @@ def packed_datasets(data_cfg: Mapping, tokenizer, seq_len: int, cache_dir: str |
         _save_atomically(packed, path)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    packed = load_from_disk(path)
     log.info("packed %d train and %d validation sequences of %d tokens in %.1f s into %s",
              len(packed["train"]), len(packed["validation"]), seq_len, time.perf_counter() - start, path)
-    return load_from_disk(path)
+    return packed
 
 
 def default_cache_dir() -> str:
