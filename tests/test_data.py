@@ -41,7 +41,14 @@ def col(dataset, name):
 
 
 def cache_entries(cache_dir):
-    return sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []
+    """The packed entries of a cache directory (not the documents/ of text and hf_disk corpora)."""
+    return sorted(e for e in os.listdir(cache_dir) if e != "documents") if os.path.isdir(cache_dir) else []
+
+
+@pytest.fixture(autouse=True)
+def default_cache_in_tmp(tmp_path, monkeypatch):
+    """Corpora built without a cache directory write their documents under tmp_path, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 # --- corpora -------------------------------------------------------------------------------------
@@ -294,3 +301,157 @@ def test_corpus_too_small_for_one_sequence(tmp_path):
     assert cache_entries(tmp_path / "cache") == []
     with pytest.raises(DataError, match="fewer than one global batch"):
         BatchLoader(rows_dataset(5), batch_size=3, seed=0, world_size=2)
+
+
+# --- documents in packed rows --------------------------------------------------------------------
+
+def starts_of(rows):
+    """Per row: 0 and every position of a bos token (the ByteTokenizer puts bos only at a document start)."""
+    return [sorted({0} | {i for i, t in enumerate(row) if t == BYTE.bos_token_id}) for row in rows]
+
+
+def documents_dataset(rows, doc_starts):
+    features = Features({"input_ids": List(Value("int32"), length=len(rows[0])), "doc_starts": List(Value("int32"))})
+    return Dataset.from_dict({"input_ids": rows, "doc_starts": doc_starts}, features=features)
+
+
+def test_packed_rows_record_document_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DOCUMENTS_PER_PACKING_BATCH", 3)  # rows and documents span packing batches
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 12, size=20)] + ["a long document " * 3]
+    files = [write(tmp_path / f"d{i:02d}.txt", text) for i, text in enumerate(texts)]
+    packed = packed_datasets(text_cfg(files, validation_files=files[-1]), BYTE, 8, str(tmp_path / "cache"))
+    rows, doc_starts = col(packed["train"], "input_ids"), col(packed["train"], "doc_starts")
+    assert [t for row in rows for t in row] == byte_stream(texts)[:len(rows) * 8]
+    assert doc_starts == starts_of(rows)
+    assert col(packed["validation"], "doc_starts") == [[0]] * 6  # one 50-token document: 6 rows that continue it
+    assert packed["train"].features["doc_starts"] == List(Value("int32"))
+
+
+def test_batches_carry_cu_seqlens_of_the_flattened_rows():
+    dataset = documents_dataset([[1] * 6, [2] * 6, [3] * 6], [[0, 2, 5], [0], [0, 4]])
+    (batch,) = eval_batches(dataset, batch_size=3, documents={})
+    assert isinstance(batch, data.Batch) and batch.input_ids.dtype == torch.long and batch.input_ids.shape == (3, 6)
+    assert batch.cu_seqlens.dtype == torch.int32 and batch.cu_seqlens.tolist() == [0, 2, 5, 6, 12, 16, 18]
+    assert batch.max_seqlen == 6 and batch.position_ids is None  # positions run on unless asked
+    # the middle row continues one document: one segment, exactly its row, as without document masking
+    only_middle = eval_batches(dataset.select([1]), batch_size=1, documents={})[0]
+    assert only_middle.cu_seqlens.tolist() == [0, 6]
+    assert all(isinstance(b, torch.Tensor) for b in eval_batches(dataset, batch_size=2))  # the tensor API stays
+
+
+def test_position_ids_restart_only_when_asked():
+    dataset = documents_dataset([[1] * 6, [2] * 6], [[0, 2, 5], [0, 4]])
+    restarted = eval_batches(dataset, batch_size=2, documents={"restart_positions": True})[0]
+    assert restarted.position_ids.tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]
+    assert restarted.position_ids.dtype == torch.long and restarted.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12]
+    unmasked = eval_batches(dataset, batch_size=2, documents={"document_mask": False, "restart_positions": True})[0]
+    assert unmasked.cu_seqlens is None and torch.equal(unmasked.position_ids, restarted.position_ids)
+    moved = restarted.to("meta")
+    assert moved.input_ids.is_meta and moved.cu_seqlens.is_meta and moved.position_ids.is_meta
+
+
+def test_document_mask_false_gives_no_cu_seqlens():
+    batch = next(BatchLoader(rows_dataset(4), batch_size=2, seed=0, documents={"document_mask": False}))
+    assert batch.cu_seqlens is None and batch.max_seqlen is None and batch.position_ids is None
+    assert batch.input_ids.shape == (2, 4)  # a dataset without doc_starts serves when no boundary is asked for
+    with pytest.raises(DataError, match="doc_starts.*packed_datasets"):
+        BatchLoader(rows_dataset(4), batch_size=2, seed=0, documents={})
+    with pytest.raises(DataError, match="document_mask must be true or false"):
+        BatchLoader(rows_dataset(4), batch_size=2, seed=0, documents={"document_mask": "yes"})
+    with pytest.raises(DataError, match="start with 0 in every row"):
+        eval_batches(documents_dataset([[1] * 4], [[1, 2]]), batch_size=1, documents={})
+
+
+def test_batch_loader_with_documents_resumes_exactly():
+    doc_starts = [[0] + sorted({int(i) for i in np.random.default_rng(i).integers(1, 8, size=i % 4)})
+                  for i in range(23)]
+    dataset = documents_dataset([[i] * 8 for i in range(23)], doc_starts)
+    options = {"document_mask": True, "restart_positions": True}
+    loader = BatchLoader(dataset, batch_size=4, seed=7, documents=options)
+    for _ in range(8):
+        next(loader)
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(6)]
+    resumed = BatchLoader(dataset, batch_size=4, seed=7, documents=options)
+    resumed.load_state_dict(state)
+    for a, b in zip(expected, [next(resumed) for _ in range(6)]):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+        assert torch.equal(a.position_ids, b.position_ids)
+    first = expected[0]
+    rows = first.input_ids[:, 0].tolist()
+    assert first.cu_seqlens.tolist() == [b * 8 + s for b, row in enumerate(rows) for s in doc_starts[row]] + [32]
+
+
+def test_min_doc_tokens_packs_only_long_documents(tmp_path):
+    texts = ["ab", "cdefghij", "k", "lmnop", "qrstuvwxyz"]
+    files = [write(tmp_path / f"{i}.txt", text) for i, text in enumerate(texts)]
+    cfg = text_cfg(files, validation_files=files[1], min_doc_tokens=5)
+    cache = str(tmp_path / "cache")
+    packed = packed_datasets(cfg, BYTE, 4, cache)
+    kept = [text for text in texts if len(text) >= 5]
+    rows = col(packed["train"], "input_ids")
+    assert [t for row in rows for t in row] == byte_stream(kept)[:len(rows) * 4]
+    assert col(packed["train"], "doc_starts") == starts_of(rows)
+    packed_datasets({**cfg, "document_mask": False, "restart_positions": True}, BYTE, 4, cache)
+    assert len(cache_entries(cache)) == 1  # batch options do not change the packed rows
+    packed_datasets({**cfg, "min_doc_tokens": 0}, BYTE, 4, cache)
+    assert len(cache_entries(cache)) == 2
+    with pytest.raises(DataError, match="min_doc_tokens=20 tokens are kept"):
+        packed_datasets({**cfg, "min_doc_tokens": 20}, BYTE, 4, cache)
+
+
+def test_join_by_directory_or_file_makes_one_document_per_group(tmp_path):
+    a1 = write(tmp_path / "a" / "1.txt", "one\n\ntwo")
+    b1 = write(tmp_path / "b" / "1.txt", "three")
+    a2 = write(tmp_path / "a" / "2.txt", "four")
+    files = [a1, b1, a2]  # a's files are not adjacent: groups keep the order of their first document
+    joined = build_corpus(text_cfg(files, validation_files=b1, join_by="directory"))
+    assert col(joined["train"], "text") == ["one\n\ntwo\n\nfour", "three"]
+    assert col(joined["train"], "source") == [os.path.dirname(a1), os.path.dirname(b1)]
+    paragraphs = text_cfg([a1], validation_files=a1, sample_by="paragraph")
+    assert col(build_corpus(paragraphs)["train"], "text") == ["one", "two"]
+    assert col(build_corpus({**paragraphs, "join_by": "file"})["train"], "text") == ["one\n\ntwo"]
+    with pytest.raises(DataError, match="join_by 'package' is unknown"):
+        build_corpus(text_cfg(files, join_by="package"))
+    DatasetDict(train=Dataset.from_dict({"text": ["x", "y", "z", ""], "repo": ["r1", "r2", "r1", "r1"]}),
+                validation=Dataset.from_dict({"text": ["v"], "repo": ["r3"]})).save_to_disk(str(tmp_path / "hf"))
+    hf = build_corpus({"source": "hf_disk", "path": str(tmp_path / "hf"), "val_fraction": 0.1, "join_by": "repo"})
+    assert list(zip(col(hf["train"], "source"), col(hf["train"], "text"))) == [("r1", "x\n\nz"), ("r2", "y")]
+
+
+def test_stdlib_long_joins_each_package_into_one_long_document():
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
+        cfg = compose(overrides=["+data=stdlib_long", "data.max_documents=300"]).data
+    assert cfg.join_by == "directory" and cfg.document_mask is True and cfg.restart_positions is False
+    long, plain = build_corpus(cfg), build_corpus({**SMALL_STDLIB, "max_documents": 300})
+    lengths = {name: np.array([len(t) for split in corpus.values() for t in split["text"]])
+               for name, corpus in (("long", long), ("plain", plain))}
+    assert lengths["long"].sum() >= lengths["plain"].sum() and lengths["long"].mean() > 3 * lengths["plain"].mean()
+    in_long_documents = {name: x[x >= 100_000].sum() / x.sum() for name, x in lengths.items()}  # characters' share
+    assert in_long_documents["long"] > 3 * in_long_documents["plain"]
+    files = [(path, text) for path, text in stdlib_sources()[:300] if text]
+    documents = dict(zip(*(col(long["train"], c) + col(long["validation"], c) for c in ("source", "text"))))
+    package = next(os.path.dirname(path) for path, _ in files if os.path.dirname(path))
+    assert documents[package] == "\n\n".join(text for path, text in files if os.path.dirname(path) == package)
+    module = next(path for path, _ in files if "/" not in path)
+    assert documents[module] == dict(files)[module]  # a top-level module stays one document
+
+
+def test_text_and_hf_disk_documents_are_memory_mapped_arrow_files(tmp_path):
+    files = [write(tmp_path / f"{i}.txt", f"document {i}") for i in range(3)]
+    Dataset.from_dict({"text": [f"row {i}" for i in range(10)]}).save_to_disk(str(tmp_path / "hf"))
+    cache = tmp_path / "cache"
+    for cfg in (text_cfg(files, validation_files=files[0]),
+                {"source": "hf_disk", "path": str(tmp_path / "hf"), "val_fraction": 0.5}):
+        corpus = build_corpus(cfg, str(cache))
+        for split in ("train", "validation"):
+            documents = corpus[split]
+            assert isinstance(documents, Dataset) and documents.cache_files
+            assert all(f["filename"].startswith(str(cache / "documents")) for f in documents.cache_files)
+            assert type(documents.data).__name__ == "MemoryMappedTable"
+    assert col(build_corpus(text_cfg(files, validation_files=files[0]), str(cache))["train"], "text") == \
+        [f"document {i}" for i in range(3)]
+    cut = build_corpus(text_cfg(files, validation_files=files[0], max_documents=2), str(cache))  # over all files
+    assert col(cut["train"], "text") == ["document 0", "document 1"]

@@ -1,9 +1,12 @@
 """Training text: corpora (stdlib sources, local txt/jsonl, HF datasets on disk), packed token sequences, batches.
 
-A corpus is a `DatasetDict` with splits "train" and "validation" and columns "text" and "source".
-`packed_datasets` tokenizes it, joins documents as `[bos] doc [eos] [bos] doc [eos] ...` and cuts the
-stream into rows of `seq_len` tokens (column "input_ids"), cached on disk. `BatchLoader` serves those
-rows to each rank as resumable, endlessly repeating epochs.
+A corpus is a `DatasetDict` with splits "train" and "validation" and columns "text" and "source". Text and
+hf_disk corpora are memory-mapped Arrow datasets written under the cache directory, never Python lists of
+documents, so they may be larger than memory. `packed_datasets` tokenizes a corpus, joins documents as
+`[bos] doc [eos] [bos] doc [eos] ...` and cuts the stream into rows of `seq_len` tokens (column
+"input_ids") with each row's document starts (column "doc_starts"), cached on disk. `BatchLoader` serves
+those rows to each rank as resumable, endlessly repeating epochs; with `documents=` it yields `Batch`es
+that carry the document boundaries (`cu_seqlens`) and, if asked, per-document positions.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import shutil
 import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
-from datasets.table import InMemoryTable
+from datasets.arrow_writer import ArrowWriter
+from datasets.exceptions import DatasetGenerationError
 
 from train.tokenizer import encode_batch, tokenizer_fingerprint
 
@@ -33,9 +38,13 @@ log = logging.getLogger(__name__)
 SOURCES = ("stdlib", "text", "hf_disk")
 SPLITS = ("train", "validation")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+# data.join_by of the stdlib and text sources: documents whose source path shares a directory / a file join.
+JOIN_BY_PATH = ("directory", "file")
+JOIN_SEPARATOR = "\n\n"
 # Keys of a data config that do not change the packed sequences (left out of the cache key).
-NON_CONTENT_KEYS = ("name", "num_proc", "cache_dir")
-CACHE_FORMAT = 1
+NON_CONTENT_KEYS = ("name", "num_proc", "cache_dir", "document_mask", "restart_positions")
+CACHE_FORMAT = 2  # 2: rows carry "doc_starts"; min_doc_tokens and join_by
+DOCUMENTS_PER_PACKING_BATCH = 256
 
 
 class DataError(ValueError):
@@ -65,22 +74,28 @@ def stdlib_sources() -> list[tuple[str, str]]:
     return sources
 
 
-def build_corpus(data_cfg: Mapping) -> DatasetDict:
+def build_corpus(data_cfg: Mapping, cache_dir: str | None = None) -> DatasetDict:
     """The "train" and "validation" splits (columns "text", "source") of a `conf/data/*.yaml` mapping.
 
     source stdlib: one document per standard-library file. source text: `files` (.txt/.jsonl paths or
-    globs). source hf_disk: `datasets.load_from_disk(path)`. Unless the source has its own validation
-    documents, a document goes to validation when a SHA-256 hash of its "source" falls below
-    `val_fraction`, so the split of a document never depends on the others. `max_documents` keeps the
-    first documents (in the source's order) before the split.
+    globs). source hf_disk: the text column of `datasets.load_from_disk(path)`. Text and hf_disk
+    documents are written once to memory-mapped Arrow files under `<cache_dir>/documents` (default:
+    `data_cfg.cache_dir`, else `default_cache_dir()`). `max_documents` keeps the first documents (in the
+    source's order); then `join_by` joins the documents of one source directory, file or (hf_disk) column
+    value into one long document, groups in order of first appearance, members in order, separated by a
+    blank line; its "source" becomes the group. Unless the source has its own validation documents, a
+    document goes to validation when a SHA-256 hash of its "source" falls below `val_fraction`, so the
+    split of a document never depends on the others (and a joined group lies in one split).
     """
     source = data_cfg.get("source")
+    documents_dir = os.path.join(_cache_root(data_cfg, cache_dir), "documents")
     if source == "stdlib":
-        corpus = _split(_documents_dataset(stdlib_sources()), data_cfg)
+        stdlib = _documents_dataset(stdlib_sources())
+        corpus = _split(_joined(_head(stdlib, _max_documents(data_cfg)), data_cfg, documents_dir), data_cfg)
     elif source == "text":
-        corpus = _text_corpus(data_cfg)
+        corpus = _text_corpus(data_cfg, documents_dir)
     elif source == "hf_disk":
-        corpus = _hf_disk_corpus(data_cfg)
+        corpus = _hf_disk_corpus(data_cfg, documents_dir)
     else:
         raise DataError(f"data.source {source!r} is unknown; use one of {', '.join(SOURCES)}")
     for split in SPLITS:
@@ -105,44 +120,60 @@ def corpus_fingerprint(corpus: DatasetDict) -> str:
 
 
 def packed_datasets(data_cfg: Mapping, tokenizer, seq_len: int, cache_dir: str | None = None) -> DatasetDict:
-    """"train" and "validation" rows of `seq_len` token ids (column "input_ids", int32).
+    """"train" and "validation" rows of `seq_len` tokens: columns "input_ids" (int32 [seq_len]) and
+    "doc_starts" (int32 [num_starts]: the sorted positions in the row where a document begins; always 0
+    first, since a document cut at the end of a row goes on at position 0 of the next).
 
-    Each split's documents are tokenized (`datasets.map`, batched, `data_cfg.num_proc` processes) and
-    joined as [bos] doc [eos] (bos only if the tokenizer has one) into one stream that is cut into
-    rows; the last partial row is dropped. The result is cached under `cache_dir` (default:
-    `data_cfg.cache_dir`, else `default_cache_dir()`), keyed by the corpus text, the tokenizer, seq_len
-    and the data config; a cache directory appears only complete (written to a temporary directory,
-    then renamed).
+    Each split's documents are tokenized (`datasets.map`, batched, `data_cfg.num_proc` processes, into
+    Arrow files on disk); those of fewer than `data_cfg.min_doc_tokens` tokens (bos/eos not counted) are
+    dropped; the rest are joined as [bos] doc [eos] (bos only if the tokenizer has one) into one stream
+    that is cut into rows; the last partial row is dropped. Packing streams over the tokenized documents,
+    so neither step holds the corpus in memory. The result is cached under `cache_dir` (default:
+    `data_cfg.cache_dir`, else `default_cache_dir()`), keyed by the corpus text, the tokenizer, seq_len and
+    the data config; a cache directory appears only complete (written to a temporary directory, then
+    renamed).
     """
     if int(seq_len) < 1:
         raise DataError(f"seq_len must be a positive number of tokens, got {seq_len}")
     seq_len = int(seq_len)
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token, which packing puts between documents")
-    corpus = build_corpus(data_cfg)
+    min_doc_tokens = data_cfg.get("min_doc_tokens") or 0
+    if not isinstance(min_doc_tokens, int) or min_doc_tokens < 0:
+        raise DataError(f"data.min_doc_tokens must be a count of tokens >= 0 (0: keep all), got {min_doc_tokens!r}")
+    root = _cache_root(data_cfg, cache_dir)
+    corpus = build_corpus(data_cfg, root)
     key_fields = {"format": CACHE_FORMAT, "corpus": corpus_fingerprint(corpus),
                   "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
                   "data": {k: v for k, v in _plain(data_cfg).items() if k not in NON_CONTENT_KEYS}}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()
-    root = cache_dir or data_cfg.get("cache_dir") or default_cache_dir()
-    path = os.path.join(os.path.expanduser(root), f"{data_cfg.get('source')}-{seq_len}-{key[:20]}")
+    path = os.path.join(root, f"{data_cfg.get('source')}-{seq_len}-{key[:20]}")
     if os.path.isdir(path):
         log.info("packed data from cache %s", path)
         return load_from_disk(path)
     start = time.perf_counter()
-    packed = DatasetDict({split: _pack(corpus[split], tokenizer, seq_len, int(data_cfg.get("num_proc") or 1),
-                                       fingerprint=f"{key[:20]}-{split}")
-                          for split in SPLITS})
-    for split in SPLITS:
-        if len(packed[split]) == 0:
-            raise DataError(
-                f"the {split} split ({len(corpus[split])} documents) has fewer than seq_len={seq_len} tokens, "
-                f"so it packs into no sequence; use more documents (data.max_documents, data.val_fraction) "
-                f"or a shorter seq_len")
-    _save_atomically(packed, path)
+    os.makedirs(root, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.work-", dir=root)
+    try:
+        packed = DatasetDict({split: _pack(corpus[split], tokenizer, seq_len, int(data_cfg.get("num_proc") or 1),
+                                           min_doc_tokens, os.path.join(work_dir, split),
+                                           fingerprint=f"{key[:20]}-{split}")
+                              for split in SPLITS})
+        for split in SPLITS:
+            if len(packed[split]) == 0:
+                raise DataError(
+                    f"the {split} split ({len(corpus[split])} documents"
+                    + (f", of which those of >= data.min_doc_tokens={min_doc_tokens} tokens are kept" if min_doc_tokens
+                       else "") +
+                    f") has fewer than seq_len={seq_len} tokens, so it packs into no sequence; use more documents "
+                    f"(data.max_documents, data.val_fraction, data.min_doc_tokens) or a shorter seq_len")
+        _save_atomically(packed, path)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    packed = load_from_disk(path)
     log.info("packed %d train and %d validation sequences of %d tokens in %.1f s into %s",
              len(packed["train"]), len(packed["validation"]), seq_len, time.perf_counter() - start, path)
-    return load_from_disk(path)
+    return packed
 
 
 def default_cache_dir() -> str:
@@ -150,8 +181,35 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "indexcache", "data")
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One batch of packed rows and their documents.
+
+    input_ids: int64 [B, T]. cu_seqlens: int32 [num_docs + 1], the documents' offsets over the flattened
+    B*T tokens (flash-attention varlen convention: 0 first, B*T last; every row start is an offset, so a
+    document cut at a row's end is two documents here), or None when attention may cross documents
+    (data.document_mask=false). max_seqlen: the longest document's tokens (with cu_seqlens), else None.
+    position_ids: int64 [B, T], each token's offset from its document's start (data.restart_positions),
+    or None: positions run on 0..T-1 in every row.
+    """
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    position_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with its tensors on `device`."""
+        def moved(tensor):
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+        return replace(self, input_ids=moved(self.input_ids), cu_seqlens=moved(self.cu_seqlens),
+                       position_ids=moved(self.position_ids))
+
+
 class BatchLoader:
-    """Endless LongTensor batches [batch_size, seq_len] of one rank's share of each epoch.
+    """Endless batches of one rank's share of each epoch: int64 tensors [batch_size, seq_len], or with
+    `documents` (a data config: its document_mask, default true, and restart_positions, default false)
+    `Batch`es with the rows' document boundaries.
 
     Epoch e visits the rows in the order of a permutation seeded by seed + e (or in order without
     shuffle); its global batches are consecutive runs of batch_size * world_size rows, of which rank r
@@ -160,13 +218,12 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, *, documents: Mapping | None = None):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"BatchLoader needs batch_size >= 1 and 0 <= rank < world_size, got "
                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
-        if "input_ids" not in dataset.column_names:
-            raise DataError(f"BatchLoader needs an \"input_ids\" column, the dataset has {dataset.column_names}")
-        self.rows = dataset.with_format("numpy", columns=["input_ids"])
+        self.rows = _batch_rows(dataset, documents)
+        self.documents = documents
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
@@ -189,14 +246,14 @@ class BatchLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | Batch:
         if self.position == self.batches_per_epoch:
             self.epoch += 1
             self.position = 0
         start = (self.position * self.world_size + self.rank) * self.batch_size
         indices = self._epoch_order()[start:start + self.batch_size]
         self.position += 1
-        return torch.from_numpy(self.rows[indices]["input_ids"].astype(np.int64))
+        return _batch(self.rows[indices], self.documents)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -208,32 +265,110 @@ class BatchLoader:
         self.epoch, self.position = epoch, position
 
 
-def eval_batches(dataset: Dataset, batch_size: int, max_batches: int | None = None) -> list[torch.Tensor]:
-    """The first rows of `dataset` in order, as LongTensor batches [<= batch_size, seq_len] (the last may be short)."""
-    rows = dataset.with_format("numpy", columns=["input_ids"])
+def eval_batches(dataset: Dataset, batch_size: int, max_batches: int | None = None, *,
+                 documents: Mapping | None = None) -> list[torch.Tensor] | list[Batch]:
+    """The first rows of `dataset` in order, in batches of <= batch_size rows (the last may be short):
+    int64 tensors [rows, seq_len], or with `documents` (as for `BatchLoader`) `Batch`es."""
+    rows = _batch_rows(dataset, documents)
     num_rows = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
-    return [torch.from_numpy(rows[start:min(start + batch_size, num_rows)]["input_ids"].astype(np.int64))
-            for start in range(0, num_rows, batch_size)]
+    return [_batch(rows[start:min(start + batch_size, num_rows)], documents) for start in range(0, num_rows, batch_size)]
 
 
-def _pack(documents: Dataset, tokenizer, seq_len: int, num_proc: int, fingerprint: str) -> Dataset:
-    """Rows of seq_len tokens cut from the stream [bos] doc [eos] [bos] doc [eos] ... of `documents`."""
+def _document_options(documents: Mapping) -> tuple[bool, bool]:
+    """(document_mask, restart_positions) of a data config, defaults true and false."""
+    options = (documents.get("document_mask", True), documents.get("restart_positions", False))
+    for name, value in zip(("document_mask", "restart_positions"), options):
+        if not isinstance(value, bool):
+            raise DataError(f"data.{name} must be true or false, got {value!r}")
+    return options
+
+
+def _batch_rows(dataset: Dataset, documents: Mapping | None) -> Dataset:
+    """`dataset` as numpy rows of the columns that batches of these `documents` options read."""
+    columns = ["input_ids"] + (["doc_starts"] if documents is not None and any(_document_options(documents)) else [])
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise DataError(f"batches need the columns {columns}; the dataset has {dataset.column_names}"
+                        + ("; pack it with train.data.packed_datasets, which records each row's document starts "
+                           "(or set data.document_mask=false and data.restart_positions=false)"
+                           if missing == ["doc_starts"] else ""))
+    return dataset.with_format("numpy", columns=columns)
+
+
+def _batch(rows: Mapping, documents: Mapping | None) -> torch.Tensor | Batch:
+    """The batch of numpy rows ("input_ids" [B, T], "doc_starts" per row): a tensor without `documents`."""
+    input_ids = torch.from_numpy(rows["input_ids"].astype(np.int64))
+    if documents is None:
+        return input_ids
+    document_mask, restart_positions = _document_options(documents)
+    if not (document_mask or restart_positions):
+        return Batch(input_ids)
+    num_rows, seq_len = input_ids.shape
+    starts = np.concatenate([row * seq_len + np.asarray(row_starts, dtype=np.int64)
+                             for row, row_starts in enumerate(rows["doc_starts"])])
+    bounds = np.append(starts, num_rows * seq_len)
+    lengths = np.diff(bounds)
+    if np.any(lengths <= 0) or not np.all(np.isin(np.arange(num_rows) * seq_len, starts)):
+        raise DataError(f"doc_starts of a batch must be sorted distinct positions in [0, {seq_len}) that start "
+                        f"with 0 in every row; got {[list(s) for s in rows['doc_starts']]}")
+    cu_seqlens, max_seqlen = (torch.from_numpy(bounds.astype(np.int32)), int(lengths.max())) if document_mask \
+        else (None, None)
+    position_ids = None
+    if restart_positions:
+        tokens = np.arange(num_rows * seq_len)
+        positions = tokens - starts[np.searchsorted(starts, tokens, side="right") - 1]
+        position_ids = torch.from_numpy(positions.reshape(num_rows, seq_len))
+    return Batch(input_ids, cu_seqlens, max_seqlen, position_ids)
+
+
+def _pack(documents: Dataset, tokenizer, seq_len: int, num_proc: int, min_doc_tokens: int, work_dir: str,
+          fingerprint: str) -> Dataset:
+    """Rows of seq_len tokens cut from the stream [bos] doc [eos] [bos] doc [eos] ... of `documents`, with
+    their "doc_starts"; tokenized and packed into Arrow files under `work_dir` (memory-mapped)."""
     prefix = np.array([] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id], dtype=np.int32)
     suffix = np.array([tokenizer.eos_token_id], dtype=np.int32)
 
     def tokenize(batch):
-        ids = encode_batch(tokenizer, batch["text"])
-        return {"input_ids": [np.concatenate([prefix, np.asarray(x, dtype=np.int32), suffix]) for x in ids]}
+        ids = [np.asarray(x, dtype=np.int32) for x in encode_batch(tokenizer, batch["text"])]
+        return {"input_ids": [np.concatenate([prefix, x, suffix]) for x in ids if len(x) >= min_doc_tokens]}
 
+    os.makedirs(work_dir)
     tokenized = documents.map(tokenize, batched=True, remove_columns=documents.column_names,
                               num_proc=num_proc if num_proc > 1 else None,
-                              keep_in_memory=True, features=Features({"input_ids": List(Value("int32"))}),
+                              cache_file_name=os.path.join(work_dir, "tokenized.arrow"),
+                              features=Features({"input_ids": List(Value("int32"))}),
                               new_fingerprint=fingerprint, desc="tokenize")
-    chunks = [chunk.flatten() for chunk in tokenized.data.column("input_ids").chunks]
-    stream = pa.concat_arrays(chunks) if chunks else pa.array([], pa.int32())
-    num_rows = len(stream) // seq_len
-    rows = pa.FixedSizeListArray.from_arrays(stream.slice(0, num_rows * seq_len), seq_len)
-    return Dataset(InMemoryTable(pa.table({"input_ids": rows})))
+    path = os.path.join(work_dir, "packed.arrow")
+    features = Features({"input_ids": List(Value("int32"), length=seq_len), "doc_starts": List(Value("int32"))})
+    with ArrowWriter(features=features, path=path) as writer:
+        for table in _packed_tables(tokenized, seq_len):
+            writer.write_table(table)
+        writer.finalize()
+    return Dataset.from_file(path)
+
+
+def _packed_tables(tokenized: Dataset, seq_len: int) -> Iterator[pa.Table]:
+    """Tables of the full rows ("input_ids", "doc_starts") of the token stream of `tokenized`, in order.
+
+    Reads DOCUMENTS_PER_PACKING_BATCH documents at a time and carries the tokens of an unfinished row
+    (with the offsets of the documents that start in it) into the next batch.
+    """
+    carry = np.empty(0, dtype=np.int32)
+    carry_starts = np.empty(0, dtype=np.int64)  # offsets in `carry` where a document starts
+    for table in tokenized.with_format("arrow").iter(batch_size=DOCUMENTS_PER_PACKING_BATCH):
+        column = table["input_ids"].combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+        stream = np.concatenate([carry, column.flatten().to_numpy()])
+        starts = np.concatenate([carry_starts, len(carry) + np.cumsum(lengths) - lengths])
+        cut = len(stream) // seq_len * seq_len
+        if cut:
+            boundaries = np.union1d(np.arange(0, cut, seq_len), starts[starts < cut])  # every row starts one
+            offsets = np.searchsorted(boundaries // seq_len, np.arange(cut // seq_len + 1))
+            yield pa.table({
+                "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(stream[:cut]), seq_len),
+                "doc_starts": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                       pa.array((boundaries % seq_len).astype(np.int32)))})
+        carry, carry_starts = stream[cut:], starts[starts >= cut] - cut
 
 
 def _save_atomically(dataset: DatasetDict, path: str) -> None:
@@ -263,10 +398,52 @@ def _plain(cfg: Mapping) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def _cache_root(data_cfg: Mapping, cache_dir: str | None) -> str:
+    """`cache_dir`, else data.cache_dir, else `default_cache_dir()`, with ~ expanded."""
+    return os.path.expanduser(cache_dir or data_cfg.get("cache_dir") or default_cache_dir())
+
+
+def _document_features() -> Features:
+    return Features({"text": Value("string"), "source": Value("string")})
+
+
 def _documents_dataset(documents: list[tuple[str, str]]) -> Dataset:
     """Columns "text" and "source" of the non-empty documents."""
     documents = [(source, text) for source, text in documents if text]
-    return Dataset.from_dict({"text": [text for _, text in documents], "source": [source for source, _ in documents]})
+    return Dataset.from_dict({"text": [text for _, text in documents], "source": [source for source, _ in documents]},
+                             features=_document_features())
+
+
+def _generated(generator, gen_kwargs: dict, fingerprint: str, documents_dir: str,
+               features: Features | None = None) -> Dataset:
+    """`Dataset.from_generator`: the rows of `generator(**gen_kwargs)` written once to a memory-mapped
+    Arrow file under `documents_dir`, reused while `fingerprint` (which must name the content) is the same."""
+    features = features or _document_features()
+    rows = 0
+
+    def counted(**kwargs):
+        nonlocal rows
+        for row in generator(**kwargs):
+            rows += 1
+            yield row
+
+    # from_generator shards list arguments over separate generator runs; as tuples they reach one run whole
+    gen_kwargs = {name: tuple(value) if isinstance(value, list) else value for name, value in gen_kwargs.items()}
+    try:
+        return Dataset.from_generator(counted, features=features, gen_kwargs=gen_kwargs, cache_dir=documents_dir,
+                                      fingerprint=fingerprint)
+    except DatasetGenerationError as error:
+        if isinstance(error.__cause__, DataError):
+            raise error.__cause__ from None
+        raise
+    except ValueError:
+        if rows:
+            raise
+        return Dataset.from_dict({name: [] for name in features}, features=features)  # datasets refuses 0 rows
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _max_documents(data_cfg: Mapping) -> int | None:
@@ -285,43 +462,98 @@ def _in_validation(key: str, val_fraction: float) -> bool:
 
 
 def _split(documents: Dataset, data_cfg: Mapping) -> DatasetDict:
-    """Train/validation by the hash of each document's "source", after keeping the first max_documents."""
+    """Train/validation by the hash of each document's "source"."""
     val_fraction = data_cfg.get("val_fraction")
     if val_fraction is None or not 0 < float(val_fraction) < 1:
         raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-    documents = _head(documents, _max_documents(data_cfg))
-    in_validation = np.array([_in_validation(key, float(val_fraction)) for key in documents["source"]], dtype=bool)
+    in_validation = np.fromiter((_in_validation(key, float(val_fraction))
+                                 for batch in documents.select_columns(["source"]).iter(batch_size=10_000)
+                                 for key in batch["source"]), dtype=bool, count=len(documents))
     return DatasetDict(train=documents.select(np.flatnonzero(~in_validation)),
                        validation=documents.select(np.flatnonzero(in_validation)))
 
 
-def _text_corpus(data_cfg: Mapping) -> DatasetDict:
-    train = _documents_dataset(_text_documents(data_cfg, "files"))
+def _joined(documents: Dataset, data_cfg: Mapping, documents_dir: str) -> Dataset:
+    """`documents` with those of one group joined (see `build_corpus`), or unchanged when data.join_by is null.
+
+    The group of a document is its "group" column (hf_disk) or, for join_by directory/file, the directory
+    (a file at the top of the source stays alone) or the path of its "source".
+    """
+    join_by = data_cfg.get("join_by")
+    if join_by is None:
+        return documents
+    if "group" not in documents.column_names and join_by not in JOIN_BY_PATH:
+        raise DataError(f"data.join_by {join_by!r} is unknown for source {data_cfg.get('source')!r}; "
+                        f"use one of {', '.join(JOIN_BY_PATH)} or null")
+    key_column = "group" if "group" in documents.column_names else "source"
+    group_of = np.empty(len(documents), dtype=np.int64)  # group number of each document, by first appearance
+    keys: dict[str, int] = {}
+    row = 0
+    for batch in documents.select_columns([key_column]).iter(batch_size=10_000):
+        for key in batch[key_column]:
+            if key_column == "source":
+                path = re.sub(r":\d+$", "", key)  # "path:number" of a paragraph, line or jsonl record
+                key = path if join_by == "file" else os.path.dirname(path) or path
+            group_of[row] = keys.setdefault(key, len(keys))
+            row += 1
+    order = np.argsort(group_of, kind="stable")  # documents group by group, each group's in order
+    bounds = np.searchsorted(group_of[order], np.arange(len(keys) + 1))
+
+    def joined(texts: Dataset, keys: tuple[str, ...], order: np.ndarray, bounds: np.ndarray):
+        for group, key in enumerate(keys):
+            yield {"text": JOIN_SEPARATOR.join(texts[order[bounds[group]:bounds[group + 1]]]["text"]), "source": key}
+
+    return _generated(joined, {"texts": documents.select_columns(["text"]), "keys": list(keys), "order": order,
+                               "bounds": bounds},
+                      _digest("joined", documents._fingerprint, join_by, JOIN_SEPARATOR), documents_dir)
+
+
+def _text_corpus(data_cfg: Mapping, documents_dir: str) -> DatasetDict:
+    train = _joined(_text_documents(data_cfg, "files", documents_dir), data_cfg, documents_dir)
     if not data_cfg.get("validation_files"):
         return _split(train, data_cfg)
-    validation = _documents_dataset(_text_documents(data_cfg, "validation_files"))
-    limit = _max_documents(data_cfg)
-    return DatasetDict(train=_head(train, limit), validation=_head(validation, limit))
+    validation = _text_documents(data_cfg, "validation_files", documents_dir)
+    return DatasetDict(train=train, validation=_joined(validation, data_cfg, documents_dir))
 
 
-def _text_documents(data_cfg: Mapping, key: str) -> list[tuple[str, str]]:
-    """(source, text) of the .txt/.jsonl files of `data_cfg[key]`: source is "path" or "path:number"."""
+def _text_documents(data_cfg: Mapping, key: str, documents_dir: str) -> Dataset:
+    """The first max_documents non-empty documents of the .txt/.jsonl files of `data_cfg[key]`, memory-mapped:
+    "source" is "path" (a .txt document) or "path:number" (a paragraph, a line or a jsonl record).
+
+    Cached by the files' paths, sizes and modification times and the reading options.
+    """
     sample_by = data_cfg.get("sample_by", "document")
     if sample_by not in TEXT_SAMPLE_BY:
         raise DataError(f"data.sample_by {sample_by!r} is unknown; use one of {', '.join(TEXT_SAMPLE_BY)}")
     text_field = data_cfg.get("text_field", "text")
-    documents = []
-    for path in _expand_files(data_cfg.get(key), key):
-        if path.endswith(".jsonl"):
-            documents += _jsonl_documents(path, text_field)
-            continue
-        text = _read_text(path)
-        if sample_by == "document":
-            documents.append((path, text))
-        else:
-            pieces = re.split(r"\n\s*\n", text) if sample_by == "paragraph" else text.splitlines()
-            documents += [(f"{path}:{i}", piece) for i, piece in enumerate(pieces) if piece.strip()]
-    return documents
+    limit = _max_documents(data_cfg)
+    paths = _expand_files(data_cfg.get(key), key)
+    stats = [(os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+    return _generated(_text_rows, {"paths": paths, "sample_by": sample_by, "text_field": text_field, "limit": limit},
+                      _digest("text", stats, sample_by, text_field, limit), documents_dir)
+
+
+def _text_rows(paths: tuple[str, ...], sample_by: str, text_field: str, limit: int | None) -> Iterator[dict]:
+    """Rows {"text", "source"} of the non-empty documents of `paths`, at most `limit`; one file read at a time."""
+    def documents():
+        for path in paths:
+            if path.endswith(".jsonl"):
+                yield from _jsonl_documents(path, text_field)
+                continue
+            text = _read_text(path)
+            if sample_by == "document":
+                yield path, text
+            else:
+                pieces = re.split(r"\n\s*\n", text) if sample_by == "paragraph" else text.splitlines()
+                yield from ((f"{path}:{i}", piece) for i, piece in enumerate(pieces) if piece.strip())
+
+    count = 0
+    for source, text in documents():
+        if limit is not None and count == limit:
+            return
+        if text:
+            count += 1
+            yield {"text": text, "source": source}
 
 
 def _expand_files(patterns, key: str) -> list[str]:
@@ -353,24 +585,32 @@ def _read_text(path: str) -> str:
         raise DataError(f"{path!r} is not UTF-8 text: {error}") from None
 
 
-def _jsonl_documents(path: str, text_field: str) -> list[tuple[str, str]]:
-    documents = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number} is not valid JSON: {error}") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(f"{path}:{number} has no string field {text_field!r} (data.text_field)")
-        documents.append((f"{path}:{number}", record[text_field]))
-    return documents
+def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
+    """(source "path:line number", text) of the records of a .jsonl file, read line by line."""
+    with open(path, encoding="utf-8") as f:
+        lines = enumerate(f, start=1)
+        while True:
+            try:
+                number, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path!r} is not UTF-8 text: {error}") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number} is not valid JSON: {error}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise DataError(f"{path}:{number} has no string field {text_field!r} (data.text_field)")
+            yield f"{path}:{number}", record[text_field]
 
 
-def _hf_disk_corpus(data_cfg: Mapping) -> DatasetDict:
+def _hf_disk_corpus(data_cfg: Mapping, documents_dir: str) -> DatasetDict:
     """A dataset saved with `save_to_disk`: its train_split and validation_split (default "train",
-    "validation"), or a hash split of train_split (or of a plain Dataset) by row number."""
+    "validation"), or a hash split of train_split (or of a plain Dataset) by row number. data.join_by
+    names a column whose value groups the rows to join."""
     path = data_cfg.get("path")
     if not path or not os.path.isdir(os.path.expanduser(path)):
         raise DataError(f"data.path {path!r} is not a directory saved by datasets' save_to_disk")
@@ -388,21 +628,38 @@ def _hf_disk_corpus(data_cfg: Mapping) -> DatasetDict:
     else:
         train, validation = saved, None
     text_field = data_cfg.get("text_field", "text")
+    join_by = data_cfg.get("join_by")
     limit = _max_documents(data_cfg)
 
     def documents(dataset: Dataset, split: str) -> Dataset:
-        """The non-empty texts of `dataset`, source "<split>/<row number>"."""
-        if text_field not in dataset.column_names:
-            raise DataError(f"data.path {path!r} split {split!r} has columns {dataset.column_names}, "
-                            f"not data.text_field {text_field!r}")
-        texts = dataset.select_columns([text_field]).with_format("arrow")[:][text_field]
-        rows = np.flatnonzero(pc.fill_null(pc.greater(pc.utf8_length(texts), 0), False).to_numpy(zero_copy_only=False))
-        rows = rows if limit is None else rows[:limit]
-        dataset = dataset.select_columns([text_field]).select(rows)
-        if text_field != "text":
-            dataset = dataset.rename_column(text_field, "text")
-        return dataset.add_column("source", [f"{split}/{i}" for i in rows])
+        """The first `limit` non-empty texts of `dataset`, source "<split>/<row number>" (and "group")."""
+        for field, what in ((text_field, "data.text_field"), (join_by, "data.join_by")):
+            if field is not None and field not in dataset.column_names:
+                raise DataError(f"data.path {path!r} split {split!r} has columns {dataset.column_names}, "
+                                f"not {what} {field!r}")
+        features = Features({**_document_features(), **({"group": Value("string")} if join_by else {})})
+        columns = [text_field] + ([join_by] if join_by and join_by != text_field else [])
+        return _generated(_hf_rows, {"dataset": dataset.select_columns(columns), "split": split,
+                                     "text_field": text_field, "join_by": join_by, "limit": limit},
+                          _digest("hf_disk", os.path.abspath(os.path.expanduser(path)), dataset._fingerprint, split,
+                                  text_field, join_by, limit), documents_dir, features)
 
+    train = _joined(documents(train, train_split), data_cfg, documents_dir)
     if validation is None:
-        return _split(documents(train, train_split), {**_plain(data_cfg), "max_documents": None})
-    return DatasetDict(train=documents(train, train_split), validation=documents(validation, validation_split))
+        return _split(train, data_cfg)
+    return DatasetDict(train=train, validation=_joined(documents(validation, validation_split), data_cfg,
+                                                       documents_dir))
+
+
+def _hf_rows(dataset: Dataset, split: str, text_field: str, join_by: str | None, limit: int | None) -> Iterator[dict]:
+    """Rows {"text", "source"[, "group"]} of the non-empty texts of `dataset`, at most `limit`."""
+    count, row = 0, 0
+    for batch in dataset.iter(batch_size=1000):
+        for i, text in enumerate(batch[text_field]):
+            if limit is not None and count == limit:
+                return
+            if text:
+                count += 1
+                yield {"text": text, "source": f"{split}/{row + i}",
+                       **({"group": str(batch[join_by][i])} if join_by else {})}
+        row += len(batch[text_field])
