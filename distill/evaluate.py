@@ -37,12 +37,23 @@ class CalibrationError(ValueError):
     """An empty or malformed set of evaluation / calibration batches."""
 
 
-def check_batches(batches) -> list[torch.Tensor]:
-    """The batches as a list of integer tensors [B, T] with T >= 2 (a next-token loss needs two tokens)."""
+def batch_parts(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(input_ids [B, T], cu_seqlens or None, position_ids [B, T] or None) of a batch: a tensor of token ids,
+    or an object with those attributes (train.data.Batch: packed rows and their documents)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    return (getattr(batch, "input_ids", None), getattr(batch, "cu_seqlens", None),
+            getattr(batch, "position_ids", None))
+
+
+def check_batches(batches) -> list:
+    """The batches, checked: token ids [B, T] with T >= 2 (a next-token loss needs two tokens), as tensors or
+    as batches with documents (see `batch_parts`)."""
     batches = list(batches)
     if not batches:
         raise CalibrationError("the evaluation/calibration set is empty: no batches of token ids to compute a loss on")
-    for i, ids in enumerate(batches):
+    for i, batch in enumerate(batches):
+        ids = batch_parts(batch)[0]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise CalibrationError(f"batch {i} must be an integer tensor of token ids [B, T], got "
                                    f"{type(ids).__name__} {getattr(ids, 'shape', '')} {getattr(ids, 'dtype', '')}")
@@ -127,8 +138,9 @@ def lm_nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk_
 class _Evaluation(Capture):
     """Evaluation's capture: per layer, the dense attention mass on the keys it attends to; per F layer, its top-k."""
 
-    def __init__(self, family, pattern, *, sparse, device, index_topk=None, recall=True, keep_topk=False):
-        super().__init__(family, pattern, sparse=sparse, device=device, index_topk=index_topk)
+    def __init__(self, family, pattern, *, sparse, device, index_topk=None, recall=True, keep_topk=False,
+                 cu_seqlens=None):
+        super().__init__(family, pattern, sparse=sparse, device=device, index_topk=index_topk, cu_seqlens=cu_seqlens)
         self.recall, self.keep_topk = recall, keep_topk
         self.mass = torch.zeros(len(pattern) if pattern is not None else 0, dtype=torch.float64)
         self.kept: dict[int, torch.Tensor] = {}
@@ -172,10 +184,11 @@ def evaluate(model: nn.Module, pattern: Pattern | str | None, batches, *, topk: 
         pattern = as_pattern(pattern, num_layers)
     nll, tokens, rows = 0.0, 0, 0
     mass = torch.zeros(num_layers, dtype=torch.float64)
-    for ids in batches:
-        ids = ids.to(device)
-        run = _Evaluation(family, pattern, sparse=pattern is not None, device=device, index_topk=topk, recall=recall)
-        hidden = family.forward(model, ids, run)
+    for batch in batches:
+        ids, cu_seqlens, position_ids = (None if t is None else t.to(device) for t in batch_parts(batch))
+        run = _Evaluation(family, pattern, sparse=pattern is not None, device=device, index_topk=topk, recall=recall,
+                          cu_seqlens=cu_seqlens)
+        hidden = family.forward(model, ids, run, position_ids)
         nll += lm_nll_sum(model, hidden, ids, chunk_size)
         tokens += shifted_tokens(ids)
         rows += ids.numel()
@@ -223,10 +236,11 @@ def topk_overlap(model: nn.Module, batches, *, pattern: Pattern | str | None = N
     device = next(model.parameters()).device
     total = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     rows = 0
-    for ids in batches:
-        ids = ids.to(device)
-        run = _Evaluation(family, pattern, sparse=True, device=device, index_topk=topk, recall=False, keep_topk=True)
-        family.forward(model, ids, run)
+    for batch in batches:
+        ids, cu_seqlens, position_ids = (None if t is None else t.to(device) for t in batch_parts(batch))
+        run = _Evaluation(family, pattern, sparse=True, device=device, index_topk=topk, recall=False, keep_topk=True,
+                          cu_seqlens=cu_seqlens)
+        family.forward(model, ids, run, position_ids)
         used = torch.stack([run.kept[pattern.owner(layer)] for layer in range(num_layers)])
         total += _overlap_sum(used, chunk_size).cpu()
         rows += ids.numel()
@@ -254,7 +268,7 @@ def plot_overlap(matrix: torch.Tensor, path: str, title: str = "top-k overlap |A
 
 # ---- Hydra entry points (shared with distill.search) ------------------------------------------------------------
 
-def load_model_and_batches(cfg) -> tuple[nn.Module, list[torch.Tensor]]:
+def load_model_and_batches(cfg) -> tuple[nn.Module, list]:
     """The model of cfg.model on cfg.device and the batches of cfg.batches (split, batch_size, max_batches, seq_len)."""
     from train.data import eval_batches, packed_datasets  # imports datasets
     from train.model import build_model
@@ -268,7 +282,7 @@ def load_model_and_batches(cfg) -> tuple[nn.Module, list[torch.Tensor]]:
     split = cfg.batches.split
     if split not in data:
         raise CalibrationError(f"batches.split {split!r} is not one of the data splits {sorted(data)}")
-    return model, eval_batches(data[split], cfg.batches.batch_size, cfg.batches.max_batches)
+    return model, eval_batches(data[split], cfg.batches.batch_size, cfg.batches.max_batches, documents=cfg.data)
 
 
 def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str],

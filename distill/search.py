@@ -27,7 +27,8 @@ from torch import nn
 
 from distill.adapters import family_of
 from distill.capture import Capture
-from distill.evaluate import check_batches, lm_nll_sum, load_model_and_batches, log_run, shifted_tokens, topk_overlap
+from distill.evaluate import (batch_parts, check_batches, lm_nll_sum, load_model_and_batches, log_run, shifted_tokens,
+                              topk_overlap)
 from distill.pattern import Pattern
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class SearchError(ValueError):
 @dataclass
 class _BatchInputs:
     ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None
     embeds: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
 
@@ -53,8 +55,8 @@ class _PrefixCache:
 class _KeepTopk(Capture):
     """The sparse forward under a pattern, keeping every F layer's top-k (for the prefix cache)."""
 
-    def __init__(self, family, pattern: Pattern, device: torch.device):
-        super().__init__(family, pattern, sparse=True, device=device)
+    def __init__(self, family, pattern: Pattern, device: torch.device, cu_seqlens: torch.Tensor | None):
+        super().__init__(family, pattern, sparse=True, device=device, cu_seqlens=cu_seqlens)
         self.kept: dict[int, torch.Tensor] = {}
 
     def indexed(self, layer, projections, topk):
@@ -75,12 +77,13 @@ class LayerwiseRunner:
         self.num_layers = len(self.family.dsa_attentions(model))
         self.layer_forwards = 0
         self.device = next(model.parameters()).device
-        self.inputs = [self._prepare(ids.to(self.device)) for ids in check_batches(batches)]
+        self.inputs = [self._prepare(batch) for batch in check_batches(batches)]
 
     @torch.no_grad()
-    def _prepare(self, ids: torch.Tensor) -> _BatchInputs:
-        embeds, position_embeddings = self.family.embed(self.model, ids)
-        return _BatchInputs(ids, embeds, position_embeddings)
+    def _prepare(self, batch) -> _BatchInputs:
+        ids, cu_seqlens, position_ids = (None if t is None else t.to(self.device) for t in batch_parts(batch))
+        embeds, position_embeddings = self.family.embed(self.model, ids, position_ids)
+        return _BatchInputs(ids, cu_seqlens, embeds, position_embeddings)
 
     @torch.no_grad()
     def loss(self, pattern: Pattern, start: int = 0, prefix: list[_PrefixCache] | None = None,
@@ -93,7 +96,7 @@ class LayerwiseRunner:
             raise ValueError("resuming at a layer > 0 needs the prefix cache of a pattern that agrees before it")
         nll, tokens, caches = 0.0, 0, []
         for b, inputs in enumerate(self.inputs):
-            run = _KeepTopk(self.family, pattern, self.device)
+            run = _KeepTopk(self.family, pattern, self.device, inputs.cu_seqlens)
             if start:
                 hidden = prefix[b].hidden[start]
                 owner = pattern.owner(start - 1)  # the latest F layer before `start`: its top-k is still current
