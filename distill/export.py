@@ -399,13 +399,16 @@ def _check_replaceable(out_dir: Path, full_model: bool) -> None:
                           f"{out_dir} an earlier export wrote is unknown; refusing to replace them: remove "
                           f"{out_dir} yourself or choose another output directory") from None
     owned_dirs = {parent.as_posix() for rel in owned for parent in Path(rel).parents if parent != Path(".")}
+    foreign = []
     for path in sorted(out_dir.rglob("*")):
         rel = path.relative_to(out_dir).as_posix()
-        ours = (path.is_file() and rel in owned) or (path.is_dir() and rel in owned_dirs)
-        if path.is_symlink() or not ours:
-            raise ExportError(f"{path} is not part of the export at {out_dir} (its {MANIFEST} does not list it); "
-                              f"refusing to replace the export and delete it: move it out of {out_dir}, or "
-                              "export to another directory")
+        ours = not path.is_symlink() and ((path.is_file() and rel in owned) or (path.is_dir() and rel in owned_dirs))
+        if not ours and not any(rel.startswith(f"{other}/") for other in foreign):
+            foreign.append(rel)
+    if foreign:
+        raise ExportError(f"{_few([str(out_dir / rel) for rel in foreign])} in the export at {out_dir} are not "
+                          f"part of it (its {MANIFEST} does not list them); refusing to replace the export and "
+                          f"delete them: move them out of {out_dir}, or export to another directory")
     if not full_model and (out_dir / MODEL_DIR).exists():
         raise ExportError(f"the export at {out_dir} has a full model directory {out_dir / MODEL_DIR}, which an "
                           "export without it would delete: export with --full-model (full_model=True) to rewrite "
