@@ -585,9 +585,8 @@ def load_indexers_into(model: nn.Module, export_dir_or_state: str | os.PathLike 
     targets = _indexer_state(model, indexers)
     missing, unexpected = sorted(targets.keys() - state.keys()), sorted(state.keys() - targets.keys())
     if missing or unexpected:
-        raise ExportError(f"{source} does not match the model under pattern {pattern}: missing {missing[:4]}"
-                          f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                          f"{'...' if len(unexpected) > 4 else ''}")
+        raise ExportError(f"{source} does not match the model under pattern {pattern}: missing {_few(missing)}, "
+                          f"unexpected {_few(unexpected)}")
     wrong = [f"{name}: {tuple(state[name].shape)} vs model {tuple(t.shape)}"
              for name, t in targets.items() if state[name].shape != t.shape]
     if wrong:

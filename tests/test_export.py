@@ -489,6 +489,31 @@ def test_indexer_export_of_a_model_dir_builds_no_backbone(tmp_path, monkeypatch,
         export_checkpoint(step_dir, tmp_path / "other")
 
 
+def test_full_model_of_a_live_model_from_a_single_file(tmp_path, input_ids):
+    """export() of a loaded model with a path takes model/ from the directory (one bf16 model.safetensors, no
+    index): the dtype and the MTP tensor stay; hidden entries there (a download cache) are not copied."""
+    source = tmp_path / "source"
+    build_model(model_cfg("tiny_dsv32")).to(torch.bfloat16).save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    mtp = torch.randn(16, 64).to(torch.bfloat16)
+    save_file({**tensors, "model.layers.4.eh_proj.weight": mtp}, source / "model.safetensors", metadata={"format": "pt"})
+    (source / ".cache").mkdir()
+    (source / ".cache" / "download.lock").write_text("")
+    cfg = {**model_cfg("local"), "path": str(source), "type": "deepseek_v32", "name": "dsv32"}
+    trained = trained_model(cfg, "FSFS")  # fp32, as on the CPU
+    out = export(trained, "FSFS", tmp_path / "export", model_cfg=cfg, full_model=True)
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "generation_config.json",
+                                                                  "model.safetensors"]
+    written = load_file(out / "model" / "model.safetensors")
+    assert raw_bytes(written["model.layers.4.eh_proj.weight"]) == raw_bytes(mtp)
+    assert not [k for k in written if k.startswith(("model.layers.1.", "model.layers.3.")) and ".indexer." in k]
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert loaded.dtype == torch.bfloat16
+    reference = build_model({**cfg, "dtype": "bfloat16"})
+    load_indexers_into(reference, f_indexer_state(trained), "FSFS")
+    torch.testing.assert_close(logits(loaded, input_ids), logits(reference, input_ids), rtol=1e-5, atol=1e-5)
+
+
 def rss_kib(field: str) -> int:
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
     return int(line.split()[1])
