@@ -14,10 +14,12 @@ An export directory holds
   source's safetensors files (never more than one shard in memory): shards without indexer tensors of the
   pattern's layers are hard-linked (copied across filesystems), the others rewritten with the new F-layer
   indexers in the shard's dtype and without the S-layer ones; every other tensor (an MTP layer's, for one)
-  and every other file (tokenizer, generation config, ...) is kept as it is. A random model (no path) is
-  rebuilt from its seed and saved whole (it is small). A DeepseekV32 source is converted: same
-  architecture but for the indexer RoPE, which is half-split there and interleaved in GlmMoeDsa, so the
-  rope rows of `wq_b` (per head), `wk` and `k_norm` are permuted; the scores are unchanged.
+  and every other file (tokenizer, generation config, ...; hidden ones such as .git and .cache left out) is
+  kept as it is. A random model (no path) is rebuilt from its seed and saved whole (it is small). A
+  DeepseekV32 source is converted: same architecture but for the indexer RoPE, which is half-split there
+  and interleaved in GlmMoeDsa, so the rope rows of `wq_b` (per head), `wk` and `k_norm` of every indexer
+  (an MTP layer's too, which would otherwise run with the wrong layout) are permuted; the scores are
+  unchanged.
 
 Everything is written into a temporary directory beside the target, then renamed into place, so a crash
 mid-write leaves an earlier export at the same path intact. An earlier export is replaced only if every
@@ -219,7 +221,7 @@ def _indexer_state(model: nn.Module, indexers: Mapping[int, nn.Module]) -> dict[
 
 def _pattern_indexer_layer(name: str, num_layers: int) -> int | None:
     """The layer of an indexer tensor of one of the pattern's `num_layers` layers; None for any other tensor
-    (an MTP / next-n layer's indexer beyond them included: it keeps its own, untouched)."""
+    (an MTP / next-n layer's indexer beyond them included: it keeps its own weights, never Shared)."""
     layer = _layer_of(name) if ".indexer." in name else None
     return layer if layer is not None and layer < num_layers else None
 
@@ -239,11 +241,13 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
         raise ExportError(f"the F-layer indexers {_few(sorted(set(indexer_tensors) - wanted))} are not in {source}, "
                           f"which has {_few(sorted(wanted - set(indexer_tensors)))} instead: the model directory "
                           "is not the one the indexers were trained on")
+    # a DeepseekV32 source's indexers all change layout, an MTP layer's too: it runs as a GlmMoeDsa indexer
+    changed = {name for name in shards if ".indexer." in name} if half else set(indexer_layers)
     model_dir.mkdir()
     _copy_other_files(source, model_dir, skip={*shards.values(), WEIGHTS_INDEX, CONFIG})
     dropped, dropped_bytes, dtypes = set(), 0, set()
     for shard in sorted(set(shards.values())):
-        if not any(shards[name] == shard for name in indexer_layers):
+        if not any(shards[name] == shard for name in changed):
             _link_or_copy(source / shard, model_dir / shard)
             continue
         with safe_open(source / shard, "pt") as f:
@@ -261,8 +265,7 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
                     dropped.add(name)
                     dropped_bytes += tensor.nbytes
             if half:
-                tensors.update(_half_to_interleaved_rope({n: t for n, t in tensors.items() if n in indexer_layers},
-                                                         config))
+                tensors.update(_half_to_interleaved_rope({n: t for n, t in tensors.items() if n in changed}, config))
             if tensors:  # a shard of S-layer indexers only is left out (and out of the index)
                 _save_safetensors(tensors, model_dir / shard, metadata=f.metadata())
     if (source / WEIGHTS_INDEX).is_file():
