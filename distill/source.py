@@ -110,16 +110,17 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def tensor_headers(model_dir: str | os.PathLike, names: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (safetensors dtype, shape)} of tensors of a model directory, read from the shard headers only."""
+    """{name: (safetensors dtype, shape)} of tensors of a model directory (`weight_map` names), read from the
+    shard headers only."""
     model_dir, shards = Path(model_dir), weight_map(model_dir)
-    missing = [name for name in names if name not in shards]
-    if missing:
-        raise ModelConfigError(f"{model_dir} has no tensors {missing[:4]}{'...' if len(missing) > 4 else ''}")
     headers = {}
     for shard in sorted({shards[name] for name in names}):
-        with safe_open(model_dir / shard, "pt") as f:
-            for name in names:
-                if shards[name] == shard:
-                    piece = f.get_slice(name)
-                    headers[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+        try:
+            with safe_open(model_dir / shard, "pt") as f:
+                for name in names:
+                    if shards[name] == shard:
+                        piece = f.get_slice(name)
+                        headers[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+        except Exception as e:  # safetensors raises its own error types for missing files, bad headers, names
+            raise ModelConfigError(f"cannot read the tensor headers of {model_dir / shard}: {e}") from None
     return headers
