@@ -1,4 +1,5 @@
-"""The export (DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity."""
+"""The export (DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity,
+model directories written shard by shard without building the backbone, what a re-export may replace, file modes."""
 import gc
 import json
 import os
