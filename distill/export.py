@@ -10,12 +10,24 @@ An export directory holds
   every other file, format version.
 - with `full_model=True`, `model/`: the backbone with the new indexers and a config.json that
   `AutoModelForCausalLM.from_pretrained` loads as `GlmMoeDsaForCausalLM` with `indexer_types` (and
-  `index_topk_pattern`) set; saved in the model's dtype. A DeepseekV32 source is converted: same
-  architecture but for the indexer RoPE, which is half-split there and interleaved in GlmMoeDsa, so the
-  rope rows of `wq_b` (per head), `wk` and `k_norm` are permuted; the scores are unchanged.
+  `index_topk_pattern`) set. From a model directory (`model.path`) it is made shard by shard from the
+  source's safetensors files (never more than one shard in memory): shards without indexer tensors of the
+  pattern's layers are hard-linked (copied across filesystems), the others rewritten with the new F-layer
+  indexers in the shard's dtype and without the S-layer ones; every other tensor (an MTP layer's, for one)
+  and every other file (tokenizer, generation config, ...; hidden ones such as .git and .cache left out) is
+  kept as it is. A random model (no path) is rebuilt from its seed and saved whole (it is small). A
+  DeepseekV32 source is converted: same architecture but for the indexer RoPE, which is half-split there
+  and interleaved in GlmMoeDsa, so the rope rows of `wq_b` (per head), `wk` and `k_norm` of every indexer
+  (an MTP layer's too, which would otherwise run with the wrong layout) are permuted; the scores are
+  unchanged.
 
 Everything is written into a temporary directory beside the target, then renamed into place, so a crash
-mid-write leaves an earlier export at the same path intact.
+mid-write leaves an earlier export at the same path intact. An earlier export is replaced only if every
+file there is one its manifest lists (a file a user put there is refused, named), and not by an export
+without `model/` while it has one. Files are created under the process umask.
+
+An export from a checkpoint never builds the backbone: the checkpoint's indexers are checked against the
+source's shard headers (or, for a random model, a weightless meta-device instance) and its config.
 
     python -m distill.export <checkpoint_or_run_dir> --out DIR [--full-model] [--keep-shared-indexers]
 """
@@ -26,8 +38,8 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
-import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,21 +48,24 @@ import safetensors
 import torch
 import transformers
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GlmMoeDsaConfig
+from transformers import AutoTokenizer, GlmMoeDsaConfig
 
-from distill.model import SharedIndexer, apply_pattern, dsa_attentions, rope_style
+from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
-from train.model import ModelConfigError, build_model
-from train.tokenizer import ByteTokenizer, load_tokenizer
+from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
+                            tensor_headers, weight_map)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEXERS = "indexers.safetensors"
 MODEL_DIR = "model"
+CONFIG = "config.json"
 UNUSED_NOTE = ("original (untrained) indexers of S layers, kept in model/ only for consumers that fail to load "
                "without them; never run: S layers reuse their owner's top-k")
+WRITABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ExportError(ValueError):
@@ -89,19 +104,34 @@ def export(model: nn.Module, pattern: Pattern | str, out_dir: str | os.PathLike,
            keep_shared_indexers: bool = False, tokenizer=None, step: int | None = None) -> Path:
     """Write the export of `model` (a backbone after `apply_pattern(model, pattern)`) to `out_dir`.
 
-    `model_cfg` is the conf/model mapping the backbone was built from (recorded; with
-    `keep_shared_indexers` it rebuilds the untrained S-layer indexers).
-    `tokenizer` (a transformers tokenizer; the byte-level fallback has no files) is saved in `model/`.
+    `model_cfg` is the conf/model mapping the backbone was built from (recorded). With `full_model`, a model
+    with `model_cfg.path` gets `model/` from that directory's shards (only `model`'s F-layer indexers are
+    taken from it); a random one is saved from `model`, with `keep_shared_indexers` plus the untrained S-layer
+    indexers of a rebuild from `model_cfg`. `tokenizer` (a transformers tokenizer; one without
+    `save_pretrained`, like the byte-level fallback, has no files) is saved in `model/`.
     Replaces an earlier export at `out_dir` only once the new one is complete. Returns `out_dir`.
     """
     pattern = Pattern.parse(str(pattern))
+    return _write_export(_patterned_indexer_tensors(model, pattern), pattern, out_dir, config=model.config,
+                         model_cfg=model_cfg, backbone=model, train_config=train_config, metrics=metrics,
+                         full_model=full_model, keep_shared_indexers=keep_shared_indexers, tokenizer=tokenizer,
+                         step=step)
+
+
+def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern, out_dir: str | os.PathLike, *,
+                  config, model_cfg: Mapping, backbone: nn.Module | None, train_config: Mapping | None,
+                  metrics: Mapping | None, full_model: bool, keep_shared_indexers: bool, tokenizer,
+                  step: int | None) -> Path:
+    """The export of F-layer `indexer_tensors` (state-dict names) of the model of `config` / `model_cfg`.
+
+    `backbone`: the live model under `pattern`, saved as `model/` for a random model; None rebuilds it.
+    """
     model_cfg = _plain(model_cfg)
     if keep_shared_indexers and not full_model:
         raise ExportError("keep_shared_indexers keeps S-layer indexers in the full model directory: "
                           "it needs full_model=True")
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
-    indexer_tensors = _patterned_indexer_tensors(model, pattern)
+    _check_replaceable(out_dir, full_model)
     manifest = {
         "format_version": FORMAT_VERSION,
         "pattern": str(pattern),
@@ -112,8 +142,8 @@ def export(model: nn.Module, pattern: Pattern | str, out_dir: str | os.PathLike,
         "groups": {str(f): layers for f, layers in pattern.groups().items()},
         "index_topk_freq": freq_forms(pattern),
         "consumer_lines": consumer_lines(pattern),
-        "source_model": _source_model(model, model_cfg),
-        "indexer_weights": {"file": INDEXERS, "dtype": "float32", "rope_layout": rope_style(model),
+        "source_model": _source_model(config, model_cfg),
+        "indexer_weights": {"file": INDEXERS, "dtype": "float32", "rope_layout": _rope_layout(config),
                             "tensors": sorted(indexer_tensors)},
         "model_dir": None,
         "unused_shared_indexers": None,
@@ -125,14 +155,23 @@ def export(model: nn.Module, pattern: Pattern | str, out_dir: str | os.PathLike,
                      "safetensors": safetensors.__version__},
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # under the umask: an export is for other processes to read
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an export is for other processes to read
-        save_file({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in indexer_tensors.items()},
-                  tmp / INDEXERS, metadata={"format": "pt", "pattern": str(pattern)})
+        _save_safetensors({name: t.detach().to("cpu", torch.float32).contiguous()
+                           for name, t in indexer_tensors.items()},
+                          tmp / INDEXERS, metadata={"format": "pt", "pattern": str(pattern)})
         if full_model:
-            manifest["model_dir"] = _write_model_dir(model, pattern, tmp / MODEL_DIR, model_cfg,
-                                                     keep_shared_indexers, tokenizer)
+            model_dir = tmp / MODEL_DIR
+            if model_cfg.get("path"):
+                manifest["model_dir"] = _model_dir_from_shards(Path(model_cfg["path"]), model_dir, pattern,
+                                                               indexer_tensors, model_config(model_cfg),
+                                                               keep_shared_indexers)
+            else:
+                manifest["model_dir"] = _model_dir_from_random(backbone, model_dir, pattern, indexer_tensors,
+                                                               model_cfg, keep_shared_indexers)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(model_dir)
             if keep_shared_indexers:
                 shared = [i for i, c in enumerate(str(pattern)) if c == "S"]
                 manifest["unused_shared_indexers"] = {"layers": shared, "note": UNUSED_NOTE}
@@ -180,33 +219,138 @@ def _indexer_state(model: nn.Module, indexers: Mapping[int, nn.Module]) -> dict[
             for indexer in indexers.values() for key, tensor in indexer.state_dict(keep_vars=True).items()}
 
 
-def _write_model_dir(model: nn.Module, pattern: Pattern, model_dir: Path, model_cfg: dict,
-                     keep_shared_indexers: bool, tokenizer) -> dict:
-    """Save the backbone as a GlmMoeDsa directory carrying `pattern`; returns its manifest entry."""
-    state = model.state_dict()
+def _pattern_indexer_layer(name: str, num_layers: int) -> int | None:
+    """The layer of an indexer tensor of one of the pattern's `num_layers` layers; None for any other tensor
+    (an MTP / next-n layer's indexer beyond them included: it keeps its own weights, never Shared)."""
+    layer = _layer_of(name) if ".indexer." in name else None
+    return layer if layer is not None and layer < num_layers else None
+
+
+def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
+                           indexer_tensors: Mapping[str, torch.Tensor], config, keep_shared_indexers: bool) -> dict:
+    """Write `model/` from the safetensors shards of `source`, one shard at a time; returns its manifest entry."""
+    try:
+        shards = weight_map(source)
+    except ModelConfigError as e:
+        raise ExportError(f"cannot write the full model directory: {e}") from None
+    letters, half = str(pattern), _rope_layout(config) == "half"
+    indexer_layers = {name: layer for name in shards
+                      if (layer := _pattern_indexer_layer(name, pattern.num_layers)) is not None}
+    wanted = {name for name, layer in indexer_layers.items() if letters[layer] == "F"}
+    if wanted != set(indexer_tensors):
+        raise ExportError(f"the F-layer indexers {_few(sorted(set(indexer_tensors) - wanted))} are not in {source}, "
+                          f"which has {_few(sorted(wanted - set(indexer_tensors)))} instead: the model directory "
+                          "is not the one the indexers were trained on")
+    # a DeepseekV32 source's indexers all change layout, an MTP layer's too: it runs as a GlmMoeDsa indexer
+    changed = {name for name in shards if ".indexer." in name} if half else set(indexer_layers)
+    model_dir.mkdir()
+    _copy_other_files(source, model_dir, skip={*shards.values(), WEIGHTS_INDEX, CONFIG})
+    dropped, dropped_bytes, dtypes = set(), 0, set()
+    for shard in sorted(set(shards.values())):
+        if not any(shards[name] == shard for name in changed):
+            _link_or_copy(source / shard, model_dir / shard)
+            continue
+        with safe_open(source / shard, "pt") as f:
+            tensors = {}
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if name not in indexer_layers:
+                    tensors[name] = tensor
+                elif name in wanted:
+                    tensors[name] = _as_source_tensor(indexer_tensors[name], tensor, f"{source / shard}: {name}")
+                    dtypes.add(str(tensor.dtype).removeprefix("torch."))
+                elif keep_shared_indexers:
+                    tensors[name] = tensor
+                else:
+                    dropped.add(name)
+                    dropped_bytes += tensor.nbytes
+            if half:
+                tensors.update(_half_to_interleaved_rope({n: t for n, t in tensors.items() if n in changed}, config))
+            if tensors:  # a shard of S-layer indexers only is left out (and out of the index)
+                _save_safetensors(tensors, model_dir / shard, metadata=f.metadata())
+    if (source / WEIGHTS_INDEX).is_file():
+        index = json.loads((source / WEIGHTS_INDEX).read_text())
+        index["weight_map"] = {name: shard for name, shard in index["weight_map"].items() if name not in dropped}
+        if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+            index["metadata"]["total_size"] -= dropped_bytes
+        (model_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_config(config, pattern, model_dir)
+    return _model_dir_entry(config, ",".join(sorted(dtypes)))
+
+
+def _as_source_tensor(trained: torch.Tensor, original: torch.Tensor, where: str) -> torch.Tensor:
+    """A trained indexer tensor in the dtype of the source tensor it replaces."""
+    if tuple(trained.shape) != tuple(original.shape):
+        raise ExportError(f"{where} has shape {tuple(original.shape)} but the trained indexer has "
+                          f"{tuple(trained.shape)}: the model directory is not the one the indexers were trained on")
+    if original.dtype not in WRITABLE_DTYPES:
+        raise ExportError(f"{where} is {original.dtype}: trained indexers are written only into float16, bfloat16 "
+                          "or float32 shards; dequantize the source model's indexer weights first")
+    return trained.detach().to("cpu", original.dtype).contiguous()
+
+
+def _copy_other_files(source: Path, model_dir: Path, skip: set[str]) -> None:
+    """Copy every file under `source` but those in `skip` and hidden ones (.git, .cache, ...) into `model_dir`."""
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_file() and rel.as_posix() not in skip and not any(p.startswith(".") for p in rel.parts):
+            (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, model_dir / rel)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` (an unchanged shard: no second copy on disk); copy it where links fail (another
+    filesystem, a file of another user under protected_hardlinks)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _model_dir_from_random(backbone: nn.Module | None, model_dir: Path, pattern: Pattern,
+                           indexer_tensors: Mapping[str, torch.Tensor], model_cfg: dict,
+                           keep_shared_indexers: bool) -> dict:
+    """Save a random model (`backbone`, or rebuilt from `model_cfg` with the indexers loaded) as `model/`."""
+    fresh = random_model(model_cfg) if backbone is None or keep_shared_indexers else None
+    originals = {}
     if keep_shared_indexers:
-        with torch.random.fork_rng(devices=[]):  # build_model seeds the global RNG
-            base = build_model(model_cfg, "cpu")
-        shared = {layer: attn.indexer for layer, attn in enumerate(dsa_attentions(base)) if str(pattern)[layer] == "S"}
-        originals = _indexer_state(base, shared)
-        dtype = next(model.parameters()).dtype
-        state.update({name: t.detach().to(dtype) for name, t in originals.items()})
-    source_type = model.config.model_type
-    if rope_style(model) == "half":
-        state = _half_to_interleaved_rope(state, model.config)
-    model.save_pretrained(model_dir, state_dict=state)
-    config = model.config.to_dict()
+        shared = {layer: attn.indexer for layer, attn in enumerate(dsa_attentions(fresh)) if str(pattern)[layer] == "S"}
+        originals = _indexer_state(fresh, shared)
+    if backbone is None:
+        backbone = fresh
+        load_indexers_into(backbone, indexer_tensors, pattern)
+    dtype = next(backbone.parameters()).dtype
+    state = backbone.state_dict()
+    state.update({name: t.detach().to(dtype) for name, t in originals.items()})
+    if _rope_layout(backbone.config) == "half":
+        state = _half_to_interleaved_rope(state, backbone.config)
+    backbone.save_pretrained(model_dir, state_dict=state)
+    mode = _new_file_mode(model_dir)
+    for weights in model_dir.glob("*.safetensors"):  # safetensors writes private files
+        os.chmod(weights, mode)
+    _write_config(backbone.config, pattern, model_dir)
+    return _model_dir_entry(backbone.config, str(dtype).removeprefix("torch."))
+
+
+def _write_config(config, pattern: Pattern, model_dir: Path) -> None:
+    """config.json of `model/`: the source's config as a GlmMoeDsaConfig carrying `pattern`."""
+    values = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "index_topk_freq",
                 "index_skip_topk_offset", "index_topk_pattern", "indexer_types"):
-        config.pop(key, None)
-    config = GlmMoeDsaConfig(**config, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
-    config.architectures = ["GlmMoeDsaForCausalLM"]
-    config.save_pretrained(model_dir)
-    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):  # the byte fallback has no files
-        tokenizer.save_pretrained(model_dir)
+        values.pop(key, None)
+    patched = GlmMoeDsaConfig(**values, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
+    patched.architectures = ["GlmMoeDsaForCausalLM"]
+    patched.save_pretrained(model_dir)
+
+
+def _model_dir_entry(config, dtype: str) -> dict:
     return {"path": MODEL_DIR, "model_type": "glm_moe_dsa", "architecture": "GlmMoeDsaForCausalLM",
-            "converted_from": source_type if source_type != "glm_moe_dsa" else None,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+            "converted_from": config.model_type if config.model_type != "glm_moe_dsa" else None, "dtype": dtype}
+
+
+def _rope_layout(config) -> str:
+    """The indexer's RoPE layout of a model config, as distill.model.rope_style gives it for a model."""
+    return "half" if config.model_type == "deepseek_v32" else "interleave"
 
 
 def _half_to_interleaved_rope(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
@@ -228,21 +372,50 @@ def _half_to_interleaved_rope(state: dict[str, torch.Tensor], config) -> dict[st
     return out
 
 
-def _source_model(model: nn.Module, model_cfg: dict) -> dict:
+def _source_model(config, model_cfg: dict) -> dict:
     path = model_cfg.get("path")
-    return {"type": model.config.model_type,
+    return {"type": config.model_type,
             "location": str(path) if path else f"random:{model_cfg.get('name')}",
             "init_seed": None if path else model_cfg.get("init_seed", 0),
             "revision": model_cfg.get("revision"),
             "model_cfg": model_cfg}
 
 
-def _check_replaceable(out_dir: Path) -> None:
+def _check_replaceable(out_dir: Path, full_model: bool) -> None:
+    """Refuse to write over anything at `out_dir` but an earlier export's own files (its manifest lists them).
+
+    An export without `model/` does not replace one that has it: that would delete a full model directory
+    (or, kept, leave one that no longer matches the indexers).
+    """
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise ExportError(f"export target {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    manifest_file = out_dir / MANIFEST
+    if not manifest_file.is_file():
         raise ExportError(f"export target {out_dir} is a non-empty directory that is not an export "
-                          f"(no {MANIFEST}); refusing to replace it")
+                          f"(no {MANIFEST}); refusing to replace it: choose another output directory")
+    try:
+        owned = {MANIFEST, *json.loads(manifest_file.read_text())["files"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"{manifest_file} is not a readable export manifest ({e!r}), so which files under "
+                          f"{out_dir} an earlier export wrote is unknown; refusing to replace them: remove "
+                          f"{out_dir} yourself or choose another output directory") from None
+    owned_dirs = {parent.as_posix() for rel in owned for parent in Path(rel).parents if parent != Path(".")}
+    foreign = []
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir).as_posix()
+        ours = not path.is_symlink() and ((path.is_file() and rel in owned) or (path.is_dir() and rel in owned_dirs))
+        if not ours and not any(rel.startswith(f"{other}/") for other in foreign):
+            foreign.append(rel)
+    if foreign:
+        raise ExportError(f"{_few([str(out_dir / rel) for rel in foreign])} in the export at {out_dir} are not "
+                          f"part of it (its {MANIFEST} does not list them); refusing to replace the export and "
+                          f"delete them: move them out of {out_dir}, or export to another directory")
+    if not full_model and (out_dir / MODEL_DIR).exists():
+        raise ExportError(f"the export at {out_dir} has a full model directory {out_dir / MODEL_DIR}, which an "
+                          "export without it would delete: export with --full-model (full_model=True) to rewrite "
+                          f"it, delete {out_dir / MODEL_DIR} yourself to drop it, or export to another directory")
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -261,10 +434,26 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     _fsync_dir(out_dir.parent)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
+    """`save_file`, then the mode any new file in that directory gets (safetensors writes private files)."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, _new_file_mode(path.parent))
+
+
+def _new_file_mode(directory: Path) -> int:
+    """The permission bits a file created in `directory` gets under the umask (read off a probe file:
+    os.umask would change the umask of every thread for a moment)."""
+    probe = directory / f".mode-probe-{uuid.uuid4().hex[:8]}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:4]}{'...' if len(names) > 4 else ''}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -290,7 +479,7 @@ def _sha256(path: Path, sync: bool = False) -> str:
 
 
 def _plain(obj):
-    """OmegaConf containers as plain dicts/lists (build_model and json need them); other values as given."""
+    """OmegaConf containers as plain dicts/lists (transformers configs and json need them); other values as given."""
     if isinstance(obj, (DictConfig, ListConfig)):
         return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
@@ -399,9 +588,8 @@ def load_indexers_into(model: nn.Module, export_dir_or_state: str | os.PathLike 
     targets = _indexer_state(model, indexers)
     missing, unexpected = sorted(targets.keys() - state.keys()), sorted(state.keys() - targets.keys())
     if missing or unexpected:
-        raise ExportError(f"{source} does not match the model under pattern {pattern}: missing {missing[:4]}"
-                          f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                          f"{'...' if len(unexpected) > 4 else ''}")
+        raise ExportError(f"{source} does not match the model under pattern {pattern}: missing {_few(missing)}, "
+                          f"unexpected {_few(unexpected)}")
     wrong = [f"{name}: {tuple(state[name].shape)} vs model {tuple(t.shape)}"
              for name, t in targets.items() if state[name].shape != t.shape]
     if wrong:
@@ -430,9 +618,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, full_model: bool = False,
                       keep_shared_indexers: bool = False) -> Path:
-    """Rebuild the checkpoint's model (meta.json), load its indexers.safetensors, and export it.
+    """Export a checkpoint's indexers.safetensors for the pattern and model of its meta.json.
 
-    With `full_model`, the model's tokenizer (`train.tokenizer.load_tokenizer`) goes into `model/` too.
+    The backbone is not built: the indexers are checked against the model's config and its shard headers
+    (a random model's: a weightless meta-device instance). With `full_model`, `model/` is made from the
+    model directory's shards, or for a random model from a rebuild of its seed; a `model.tokenizer`
+    directory's tokenizer is saved there too (a model directory's own tokenizer files are copied with it).
     """
     step_dir = resolve_checkpoint(checkpoint_dir)
     meta_file = step_dir / "meta.json"
@@ -445,22 +636,49 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
         raise ExportError(f"{meta_file} has no {e.args[0]!r} entry") from None
     except PatternError as e:
         raise ExportError(f"{meta_file}: {e}") from None
-    state = _read_safetensors(step_dir / INDEXERS)
     try:
-        model = build_model(model_cfg, "cpu")
+        config = model_config(model_cfg)
     except ModelConfigError as e:
-        raise ExportError(f"{meta_file}: cannot rebuild its model: {e}") from None
+        raise ExportError(f"{meta_file}: cannot read its model's config: {e}") from None
+    state = _read_safetensors(step_dir / INDEXERS)
+    _check_checkpoint_indexers(state, pattern, model_cfg, config, step_dir)
+    tokenizer_dir = model_cfg.get("tokenizer")
     try:
-        load_indexers_into(model, state, pattern)
-    except ExportError as e:
-        raise ExportError(f"checkpoint {step_dir} does not fit its own model config: {e}") from None
-    try:
-        tokenizer = load_tokenizer(model_cfg) if full_model else None
-    except ValueError as e:
-        raise ExportError(f"{meta_file}: {e}") from None
-    return export(model, pattern, out_dir, model_cfg=model_cfg, train_config=meta.get("config"),
-                  metrics=meta.get("metrics"), full_model=full_model, keep_shared_indexers=keep_shared_indexers,
-                  tokenizer=tokenizer, step=meta.get("step"))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if full_model and tokenizer_dir else None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_file}: model.tokenizer {tokenizer_dir!r} does not load: {e}") from None
+    return _write_export(state, pattern, out_dir, config=config, model_cfg=model_cfg, backbone=None,
+                         train_config=meta.get("config"), metrics=meta.get("metrics"), full_model=full_model,
+                         keep_shared_indexers=keep_shared_indexers, tokenizer=tokenizer, step=meta.get("step"))
+
+
+def _check_checkpoint_indexers(state: Mapping[str, torch.Tensor], pattern: Pattern, model_cfg: Mapping, config,
+                               step_dir: Path) -> None:
+    """Refuse a checkpoint whose indexer tensors are not exactly the F-layer indexers of its model under
+    `pattern` (names and shapes), without loading the model's weights."""
+    if pattern.num_layers != config.num_hidden_layers:
+        raise ExportError(f"checkpoint {step_dir} is for a {pattern.num_layers}-layer pattern ({pattern}) but its "
+                          f"model has {config.num_hidden_layers} DSA layers")
+    full = set(pattern.full_layers)
+    path = model_cfg.get("path")
+    if path:
+        try:
+            names = [name for name in weight_map(path) if _pattern_indexer_layer(name, pattern.num_layers) in full]
+            expected = {name: shape for name, (_, shape) in tensor_headers(path, names).items()}
+        except ModelConfigError as e:
+            raise ExportError(f"checkpoint {step_dir}: {e}") from None
+    else:
+        with torch.device("meta"):  # shapes without weights
+            model = MODEL_TYPES[config.model_type][1](config)
+        attentions = dsa_attentions(model)
+        expected = {name: tuple(t.shape)
+                    for name, t in _indexer_state(model, {layer: attentions[layer].indexer for layer in full}).items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{name}: {tuple(state[name].shape)} vs model {shape}"
+             for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
+    if missing or unexpected or wrong:
+        raise ExportError(f"checkpoint {step_dir} does not fit its own model config under pattern {pattern}: "
+                          f"missing {_few(missing)}, unexpected {_few(unexpected)}, shapes {_few(wrong)}")
 
 
 def main(argv: list[str] | None = None) -> int:

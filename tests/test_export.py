@@ -1,6 +1,10 @@
-"""The export (DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity."""
+"""The export (DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity,
+model directories written shard by shard without building the backbone, what a re-export may replace, file modes."""
+import gc
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -10,8 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GlmMoeDsaForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV32ForCausalLM,
+                          GlmMoeDsaForCausalLM)
 
 import distill.export as export_module
 from distill.export import (ExportError, consumer_lines, export, export_checkpoint, load_export,
@@ -336,3 +341,253 @@ def test_cli(tmp_path, capsys):
 
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 1
     assert "neither a checkpoint" in capsys.readouterr().err
+
+
+# ---- export from a model directory's shards -----------------------------------------------------------
+MODEL_CLASSES = (GlmMoeDsaForCausalLM, DeepseekV32ForCausalLM)
+
+
+def save_source_dir(model_dir: Path, name: str, dtype: torch.dtype, max_shard_size: str, **config) -> dict:
+    """A model directory of a random `name` in several shards, as a downloaded checkpoint has it: a tokenizer,
+    and tensors transformers does not load (an MTP layer's projection and indexer, in a shard that also holds
+    indexers). Returns its conf/model mapping."""
+    cfg = model_cfg(name, **config)
+    build_model(cfg).to(dtype).save_pretrained(model_dir, max_shard_size=max_shard_size)
+    train_bpe_tokenizer(["def f(x):\n    return x + 1\n"] * 4, 260, str(model_dir))
+    index_file = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = index["weight_map"]["model.layers.1.self_attn.indexer.wk.weight"]
+    tensors = load_file(model_dir / shard)
+    generator = torch.Generator().manual_seed(3)
+    for extra in mtp_tensors(cfg["config"]["num_hidden_layers"]):
+        tensors[extra] = torch.randn(16, cfg["config"]["hidden_size"], generator=generator).to(dtype)
+        index["weight_map"][extra] = shard
+    save_file(tensors, model_dir / shard, metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    return {**model_cfg("local"), "path": str(model_dir), "type": cfg["type"], "name": name}
+
+
+def mtp_tensors(num_layers: int) -> list[str]:
+    """The names of the MTP-style tensors `save_source_dir` adds to a model of `num_layers` layers."""
+    return [f"model.layers.{num_layers}.eh_proj.weight", f"model.layers.{num_layers}.self_attn.indexer.wk.weight"]
+
+
+def shard_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory by name (tests only: small models)."""
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for shard in sorted(set(index.values())):
+        tensors.update(load_file(model_dir / shard))
+    assert sorted(tensors) == sorted(index)
+    return tensors
+
+
+def half_to_interleaved_rows(head_dim: int, rope: int = 8) -> torch.Tensor:
+    """The row order that turns a half-split RoPE head (tiny models: 8 rope dims first) into an interleaved one."""
+    order = torch.arange(head_dim)
+    order[:rope] = torch.stack([torch.arange(rope // 2), torch.arange(rope // 2, rope)], dim=-1).flatten()
+    return order
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def pattern_layer_indexer(name: str, num_layers: int) -> int | None:
+    if not name.startswith("model.layers.") or ".indexer." not in name:
+        return None
+    layer = int(name.split(".")[2])
+    return layer if layer < num_layers else None
+
+
+@pytest.fixture(scope="module")
+def source_dirs(tmp_path_factory):
+    """{name: conf/model mapping} of sharded model directories: a bf16 GlmMoeDsa and an fp32 DeepseekV32."""
+    root = tmp_path_factory.mktemp("sources")
+    return {"tiny_glm": save_source_dir(root / "glm", "tiny_glm", torch.bfloat16, "100KB"),
+            "tiny_dsv32": save_source_dir(root / "dsv32", "tiny_dsv32", torch.float32, "100KB")}
+
+
+def forbid_building(monkeypatch) -> None:
+    """Make building any backbone (weights or not) fail."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the export built the backbone")
+    for cls in MODEL_CLASSES:
+        monkeypatch.setattr(cls, "__init__", refuse)
+
+
+@pytest.mark.parametrize("name,keep_shared", [("tiny_glm", False), ("tiny_dsv32", True)])
+def test_full_model_from_shards(tmp_path, monkeypatch, source_dirs, input_ids, name, keep_shared):
+    cfg, pattern = source_dirs[name], PATTERNS[name]
+    source, letters = Path(cfg["path"]), PATTERNS[name]
+    trained = fabricate_run(tmp_path / "run", cfg, pattern)
+    checkpoint = load_file(tmp_path / "run" / "checkpoints" / "step_20" / "indexers.safetensors")
+    with monkeypatch.context() as patch:
+        forbid_building(patch)
+        out = export_checkpoint(tmp_path / "run", tmp_path / "export", full_model=True,
+                                keep_shared_indexers=keep_shared)
+    manifest, _ = load_export(out)
+    model_dir = out / "model"
+    dtype = torch.bfloat16 if name == "tiny_glm" else torch.float32
+    assert manifest["model_dir"]["dtype"] == str(dtype).removeprefix("torch.")
+    assert manifest["model_dir"]["converted_from"] == (None if name == "tiny_glm" else "deepseek_v32")
+
+    source_index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    num_layers = len(letters)
+    by_shard = {}
+    for tensor_name, shard in source_index.items():
+        by_shard.setdefault(shard, []).append(tensor_name)
+    unchanged = [s for s, names in by_shard.items() if all(pattern_layer_indexer(n, num_layers) is None for n in names)]
+    assert len(by_shard) >= 3 and unchanged and len(unchanged) < len(by_shard)
+    for shard in unchanged:
+        assert (os.path.samefile(source / shard, model_dir / shard)
+                or (source / shard).read_bytes() == (model_dir / shard).read_bytes())
+
+    before, after = shard_tensors(source), shard_tensors(model_dir)
+    for tensor_name, tensor in before.items():
+        layer = pattern_layer_indexer(tensor_name, num_layers)
+        if tensor_name == mtp_tensors(num_layers)[1] and name == "tiny_dsv32":  # its own, in GlmMoeDsa's layout
+            torch.testing.assert_close(after[tensor_name], tensor[half_to_interleaved_rows(tensor.shape[0])], rtol=0,
+                                       atol=0)
+        elif layer is None:  # every other tensor, the MTP ones included: byte for byte
+            assert raw_bytes(after[tensor_name]) == raw_bytes(tensor), tensor_name
+        elif letters[layer] == "S":
+            assert (tensor_name in after) == keep_shared, tensor_name
+        elif name == "tiny_glm":  # DeepseekV32 rows are permuted for interleaved RoPE: the logits check them
+            assert after[tensor_name].dtype == dtype
+            torch.testing.assert_close(after[tensor_name], checkpoint[tensor_name].to(dtype), rtol=0, atol=0)
+    assert all(extra in after for extra in mtp_tensors(num_layers))
+    assert manifest["unused_shared_indexers"] == (
+        {"layers": [i for i, c in enumerate(letters) if c == "S"], "note": export_module.UNUSED_NOTE}
+        if keep_shared else None)
+
+    for copied in ("tokenizer.json", "generation_config.json"):
+        assert (model_dir / copied).read_bytes() == (source / copied).read_bytes()
+        assert f"model/{copied}" in manifest["files"]
+    text = "return x + 1"
+    assert AutoTokenizer.from_pretrained(model_dir)(text).input_ids == AutoTokenizer.from_pretrained(source)(text).input_ids
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert isinstance(loaded, GlmMoeDsaForCausalLM) and loaded.dtype == dtype
+    assert loaded.config.indexer_types == Pattern.parse(pattern).indexer_types()
+    assert loaded.config.index_topk_pattern == pattern
+    reference = build_model({**cfg, "dtype": str(dtype).removeprefix("torch.")})
+    load_indexers_into(reference, checkpoint, pattern)
+    untrained = build_model({**cfg, "dtype": str(dtype).removeprefix("torch.")})
+    apply_pattern(untrained, Pattern.parse(pattern))
+    assert not torch.allclose(logits(untrained, input_ids), logits(reference, input_ids))
+    torch.testing.assert_close(logits(loaded, input_ids), logits(reference, input_ids), rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits(loaded, input_ids), logits(trained, input_ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_glm", "tiny_dsv32"])
+def test_indexer_export_of_a_model_dir_builds_no_backbone(tmp_path, monkeypatch, source_dirs, name):
+    cfg, pattern = source_dirs[name], PATTERNS[name]
+    fabricate_run(tmp_path / "run", cfg, pattern)
+    checkpoint = load_file(tmp_path / "run" / "checkpoints" / "step_20" / "indexers.safetensors")
+    forbid_building(monkeypatch)
+    manifest, state = load_export(export_checkpoint(tmp_path / "run", tmp_path / "export"))
+    assert sorted(state) == sorted(checkpoint) == manifest["indexer_weights"]["tensors"]
+    assert all(torch.equal(state[k], v) for k, v in checkpoint.items())
+    assert manifest["source_model"]["type"] == cfg["type"] and manifest["source_model"]["location"] == cfg["path"]
+    assert manifest["indexer_weights"]["rope_layout"] == ("interleave" if name == "tiny_glm" else "half")
+    assert manifest["num_layers"] == len(pattern) and manifest["model_dir"] is None
+
+    step_dir = tmp_path / "run" / "checkpoints" / "step_20"
+    renamed = {k.replace("layers.0.", "layers.1."): v for k, v in checkpoint.items()}
+    save_file(renamed, step_dir / "indexers.safetensors")
+    with pytest.raises(ExportError, match="does not fit its own model config"):
+        export_checkpoint(step_dir, tmp_path / "other")
+
+
+def test_full_model_of_a_live_model_from_a_single_file(tmp_path, input_ids):
+    """export() of a loaded model with a path takes model/ from the directory (one bf16 model.safetensors, no
+    index): the dtype and the MTP tensor stay; hidden entries there (a download cache) are not copied."""
+    source = tmp_path / "source"
+    build_model(model_cfg("tiny_dsv32")).to(torch.bfloat16).save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    mtp = torch.randn(16, 64).to(torch.bfloat16)
+    save_file({**tensors, "model.layers.4.eh_proj.weight": mtp}, source / "model.safetensors", metadata={"format": "pt"})
+    (source / ".cache").mkdir()
+    (source / ".cache" / "download.lock").write_text("")
+    cfg = {**model_cfg("local"), "path": str(source), "type": "deepseek_v32", "name": "dsv32"}
+    trained = trained_model(cfg, "FSFS")  # fp32, as on the CPU
+    out = export(trained, "FSFS", tmp_path / "export", model_cfg=cfg, full_model=True)
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "generation_config.json",
+                                                                  "model.safetensors"]
+    written = load_file(out / "model" / "model.safetensors")
+    assert raw_bytes(written["model.layers.4.eh_proj.weight"]) == raw_bytes(mtp)
+    assert not [k for k in written if k.startswith(("model.layers.1.", "model.layers.3.")) and ".indexer." in k]
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert loaded.dtype == torch.bfloat16
+    reference = build_model({**cfg, "dtype": "bfloat16"})
+    load_indexers_into(reference, f_indexer_state(trained), "FSFS")
+    torch.testing.assert_close(logits(loaded, input_ids), logits(reference, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def rss_kib(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1])
+
+
+def test_full_model_peak_memory_is_about_one_shard(tmp_path):
+    """The export reads and writes shard by shard: its peak resident memory stays a few shards above where it
+    started, far below the whole model (measured with the kernel's high-water mark, which clear_refs resets)."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not os.access(clear_refs, os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    cfg = save_source_dir(tmp_path / "source", "tiny_glm_dense", torch.float32, "14MB", intermediate_size=16384,
+                          num_hidden_layers=10, first_k_dense_replace=10)
+    fabricate_run(tmp_path / "run", cfg, "FSSFSFSSFS")
+    shards = [p.stat().st_size for p in (tmp_path / "source").glob("*.safetensors")]
+    assert sum(shards) > 8 * max(shards)
+    gc.collect()
+    clear_refs.write_text("5")
+    start = rss_kib("VmRSS")
+    export_checkpoint(tmp_path / "run", tmp_path / "export", full_model=True)
+    peak = (rss_kib("VmHWM") - start) * 1024
+    assert peak < 4 * max(shards), f"peak {peak >> 20} MiB for shards of at most {max(shards) >> 20} MiB"
+    assert load_export(tmp_path / "export")[0]["model_dir"]["dtype"] == "float32"
+
+
+# ---- writing over an earlier export -------------------------------------------------------------------
+def test_reexport_replaces_only_its_own_files(tmp_path):
+    cfg = model_cfg("tiny_glm")
+    fabricate_run(tmp_path / "run", cfg, "FSSFSFSS")
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export", full_model=True)
+    for user_file, named in ((out / "notes.txt", "notes.txt"), (out / "model" / "README.md", "model/README.md"),
+                             (out / "mine" / "data.bin", "export/mine'")):
+        user_file.parent.mkdir(exist_ok=True)
+        user_file.write_text("keep me")
+        with pytest.raises(ExportError, match=f"{named}.* are not part of it.*move them out"):
+            export_checkpoint(tmp_path / "run", out, full_model=True)
+        assert user_file.read_text() == "keep me"
+        load_export(out)
+        user_file.unlink()
+        if user_file.parent != out and user_file.parent != out / "model":
+            user_file.parent.rmdir()
+
+    with pytest.raises(ExportError, match="full model directory .* --full-model"):
+        export_checkpoint(tmp_path / "run", out)
+    assert load_export(out)[0]["model_dir"] is not None
+    export_checkpoint(tmp_path / "run", out, full_model=True)  # the export's own files: replaced
+    shutil.rmtree(out / "model")  # dropped by hand: an export without model/ may replace it
+    export_checkpoint(tmp_path / "run", out)
+    assert load_export(out)[0]["model_dir"] is None and not (out / "model").exists()
+    assert sorted(os.listdir(tmp_path)) == ["export", "run"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_files_follow_the_umask(tmp_path, umask):
+    cfg = model_cfg("tiny_glm")
+    fabricate_run(tmp_path / "run", cfg, "FSSFSFSS")
+    previous = os.umask(umask)
+    try:
+        out = export_checkpoint(tmp_path / "run", tmp_path / "export", full_model=True)
+    finally:
+        os.umask(previous)
+    paths = [out, *out.rglob("*")]
+    assert any(p.name.endswith(".safetensors") for p in paths)
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(path.stat().st_mode)}"
