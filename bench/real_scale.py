@@ -21,7 +21,7 @@ import torch
 from bench.common import measure
 from distill.objective import Distiller
 from distill.pattern import Pattern
-from distill.source import random_model
+from train.model import build_model
 
 HIDDEN = 1024
 
@@ -46,7 +46,7 @@ def main() -> None:
                         help="keep the indexer projections' saved inputs in pinned CPU memory until backward")
     args = parser.parse_args()
     config = model_config(args.layers, args.seq_len)
-    model = random_model(dict(type="glm_moe_dsa", config=config, init_seed=0), torch.bfloat16).cuda().eval()
+    model = build_model(dict(type="glm_moe_dsa", dtype="bfloat16", config=config, init_seed=0), "cuda")
     pattern = Pattern.from_freq(args.layers, 4, "transformers", offset=3)
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
     distiller = Distiller(model, pattern, kernel="triton", offload_saved=offload)

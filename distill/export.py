@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, GlmMoeDsaConfig
 
+from distill.adapters import family_of
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
@@ -349,8 +350,8 @@ def _model_dir_entry(config, dtype: str) -> dict:
 
 
 def _rope_layout(config) -> str:
-    """The indexer's RoPE layout of a model config, as distill.model.rope_style gives it for a model."""
-    return "half" if config.model_type == "deepseek_v32" else "interleave"
+    """The indexer's RoPE layout of a model config: its family's ('half' | 'interleave')."""
+    return family_of(config).indexer_rope
 
 
 def _half_to_interleaved_rope(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import (AutoConfig, DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig,
-                          GlmMoeDsaForCausalLM, PreTrainedModel)
+from transformers import AutoConfig, PreTrainedModel
 
-MODEL_TYPES = {
-    "glm_moe_dsa": (GlmMoeDsaConfig, GlmMoeDsaForCausalLM),
-    "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
-}
+from distill.adapters import FAMILIES
+
+# model_type -> (config class, causal LM class) of every family distill.adapters knows
+MODEL_TYPES = {model_type: (family.config_class, family.causal_lm) for model_type, family in FAMILIES.items()}
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
 
