@@ -12,7 +12,10 @@ from bench.common import DSA, dsa_inputs, flash_lse
 from kernels.reference import allowed_keys
 from kernels import reference
 from kernels.centroid_kl import centroid_kl
+from kernels.dense_attention import causal_attention
 from kernels.indexer_topk import indexer_topk
+from kernels.sparse_attention import sparse_mqa_attention
+from kernels.sparse_centroid_kl import sparse_centroid_kl
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -61,9 +64,63 @@ def check_topk(T, k, *, B=1, docs=None):
     return ok
 
 
+def check_sparse(T, *, B=1, H=DSA["H"], docs=None, dtype=torch.bfloat16, tol=2e-2):
+    """sparse_mqa_attention (absorbed MLA: 576-wide kv, v 512) of two layers accumulating a sparse centroid, then
+    sparse_centroid_kl against it, each against its reference, with top-k lists from indexer_topk."""
+    index, _, _ = dsa_inputs(T, 1, B=B, H=1, dtype=dtype, seed=T + 2)
+    index[2] = index[2].detach().float().requires_grad_()  # the Distiller's head weights are fp32
+    cu = None if docs is None else torch.tensor(docs, dtype=torch.int32, device="cuda")
+    topk = indexer_topk(*[t.detach() for t in index], DSA["k"], cu_seqlens=cu)
+    g = torch.Generator(device="cuda")
+    layers = []
+    for layer in range(2):
+        g.manual_seed(T + layer)
+        layers.append((torch.randn(B, T, H, 576, generator=g, device="cuda", dtype=dtype),
+                       torch.randn(B, T, 576, generator=g, device="cuda", dtype=dtype)))
+    outputs, targets = [], []
+    for impl in (sparse_mqa_attention, reference.sparse_mqa_attention):
+        targets.append(torch.zeros(*topk.shape, device="cuda"))
+        with torch.no_grad():
+            outputs.append([impl(q, kv, topk, DSA["Dq"] ** -0.5, 512, prob_out=targets[-1], prob_weight=0.5,
+                                cu_seqlens=cu) for q, kv in layers])
+    errors = [relative_error(a, b) for got, want in zip(*outputs) for a, b in zip(got, want)]
+    errors.append(relative_error(*targets))
+    loss = sparse_centroid_kl(*index, targets[0], topk, cu_seqlens=cu)
+    grads = torch.autograd.grad(loss, index)
+    ref_index = [t.detach().float().requires_grad_() for t in index]
+    want = reference.sparse_centroid_kl(*ref_index, targets[0], topk, cu_seqlens=cu)
+    want_grads = torch.autograd.grad(want, ref_index)
+    errors += [abs(loss.item() - want.item()) / abs(want.item())] + [relative_error(a, b)
+                                                                     for a, b in zip(grads, want_grads)]
+    ok = all(e < tol for e in errors)
+    print(f"sparse T={T} B={B} H={H} k={DSA['k']} docs={docs is not None} {dtype}: rel.err out/lse x2, prob, "
+          "loss/dq/dk/dw " + " ".join(f"{e:.1e}" for e in errors) + ("  ok" if ok else "  FAIL"), flush=True)
+    return ok
+
+
+def check_dense_attention(T, *, B=1, H=DSA["H"], docs=None, dtype=torch.bfloat16, tol=2e-2):
+    """The backbone's fused causal attention (cuDNN, MLA shapes: q/k 192, v 128) and its LSE against the reference."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q, k = (torch.randn(B, T, H, DSA["Dq"], generator=g, device="cuda", dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, 128, generator=g, device="cuda", dtype=dtype)
+    cu = None if docs is None else torch.tensor(docs, dtype=torch.int32, device="cuda")
+    scale = DSA["Dq"] ** -0.5
+    out, lse = causal_attention(q, k, v, scale, cu_seqlens=cu)
+    want_out, want_lse = reference.causal_attention(q.float(), k.float(), v.float(), scale, cu_seqlens=cu)
+    torch.cuda.synchronize()  # surfaces the backend's asynchronous LSE check
+    errors = [relative_error(out, want_out), relative_error(lse, want_lse)]
+    ok = all(e < tol for e in errors)
+    print(f"dense attention {dtype} B={B} T={T} H={H}{' docs' if docs else ''}: out/lse "
+          + " ".join(f"{e:.1e}" for e in errors) + ("  ok" if ok else "  FAIL"), flush=True)
+    return ok
+
+
 def main() -> int:
     print(torch.cuda.get_device_name(), flush=True)
     results = [
+        check_dense_attention(4096),
+        check_dense_attention(2000, B=2, H=16, docs=[0, 700, 2000, 2500, 4000]),
+        check_dense_attention(777, H=8, dtype=torch.float32, tol=1e-4),
         check_topk(4096, DSA["k"]),
         check_topk(1500, 256, B=2, docs=[0, 700, 1900, 3000]),
         check_centroid_kl("dense bf16 T=1500 G=2 H=16", 1500, 2, 16, torch.bfloat16),
@@ -75,6 +132,9 @@ def main() -> int:
         check_centroid_kl("docs sparse fp16 B=2 T=777 G=1 H=8", 777, 1, 8, torch.float16, B=2, sparse_k=128,
                           docs=[0, 500, 1554]),
         check_centroid_kl("dense fp32 T=777 G=2 H=4", 777, 2, 4, torch.float32, tol=1e-4),
+        check_sparse(3000),
+        check_sparse(1500, B=2, H=20, docs=[0, 700, 1900, 3000]),
+        check_sparse(777, H=16, dtype=torch.float32, tol=1e-4),
     ]
     return 0 if all(results) else 1
 

@@ -43,14 +43,18 @@ def indexer_topk_fn(kind: str, device: torch.device | str):
 
 
 def sparse_attention_fn(kind: str, device: torch.device | str):
-    """INTERIM."""
-    from kernels.sparse_interim import sparse_mqa_attention
+    """The `sparse_mqa_attention` implementation for `kind` (auto | triton | reference) on `device`."""
+    if not _use_triton(kind, device):
+        return reference.sparse_mqa_attention
+    from kernels.sparse_attention import sparse_mqa_attention
     return sparse_mqa_attention
 
 
 def sparse_centroid_kl_fn(kind: str, device: torch.device | str):
-    """INTERIM."""
-    from kernels.sparse_interim import sparse_centroid_kl
+    """The `sparse_centroid_kl` implementation for `kind` (auto | triton | reference) on `device`."""
+    if not _use_triton(kind, device):
+        return reference.sparse_centroid_kl
+    from kernels.sparse_centroid_kl import sparse_centroid_kl
     return sparse_centroid_kl
 
 
@@ -63,7 +67,9 @@ def enable_cpu_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     _patch_interpreter_loop_bounds()
     _interpret_language_helpers()
-    for name in ("kernels.centroid_kl", "kernels.indexer_topk"):
+    # centroid_kl first: the others import its @jit helpers
+    for name in ("kernels.centroid_kl", "kernels.indexer_topk", "kernels.sparse_attention",
+                 "kernels.sparse_centroid_kl"):
         module = sys.modules.get(name)
         if module is not None and any(isinstance(v, JITFunction) for v in vars(module).values()):
             importlib.reload(module)

@@ -48,11 +48,16 @@ SCRATCH_BYTES = 1 << 30  # budget of the R x T dL/dI scratch
 # Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
 # block_*/warps/stages: the per-chunk kernels (target, dq, dk); lse_*: the LSE passes; group: row blocks per
 # launch group of the target kernel; min_dot: smallest dot dimension; topk_*: kernels.indexer_topk's key
-# sub-block, programs per SM and warps.
+# sub-block, programs per SM and warps; sparse_*: kernels.sparse_attention's heads and gathered keys per
+# block, warps and stages; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per block and warps.
 TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
-                      lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_programs=4, topk_warps=4),
+                      lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_programs=4, topk_warps=4,
+                      sparse_block_h=32, sparse_block_k=32, sparse_warps=8, sparse_stages=1,
+                      sparse_kl_block_k=32, sparse_kl_warps=4),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
-                     lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_programs=3, topk_warps=4)}
+                     lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_programs=3, topk_warps=4,
+                     sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1,
+                     sparse_kl_block_k=4, sparse_kl_warps=4)}
 
 
 @triton.jit
@@ -240,10 +245,11 @@ def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, gra
     kb = (pid % width) // size
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < T
+    row_end = tl.minimum(r0 + R, T)
+    row_ok = rows < row_end
     key_ok = keys < T
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
-    last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, T) - 1
+    last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
     if (kb * BLOCK_N <= last_row) & (kb * BLOCK_N + BLOCK_N > tl.min(doc, 0)):
         allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) & row_ok[:, None]
         if SPARSE:
@@ -291,7 +297,7 @@ def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
     j = tl.program_id(1)
     b = tl.program_id(2)
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
+    row_ok = rows < tl.minimum(r0 + R, T)
     qj = _load_rows(iq + b.to(tl.int64) * iq_b + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
     w_ptrs = iw + b.to(tl.int64) * iw_b + rows.to(tl.int64) * iw_t + j * iw_h
     wj = tl.load(w_ptrs, mask=row_ok, other=0.0).to(tl.float32)
@@ -338,7 +344,7 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
     for rb in range(rb_lo, tl.minimum(rb_lo + rb_per_split, n_rb)):
         if tl.load(flag_ptr + (b * n_rb + rb) * n_kb + kb) != 0:
             rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < T
+            row_ok = rows < tl.minimum(r0 + R, T)
             g_ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[None, :] * T + keys[:, None]
             grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
             for j in range(HI):
@@ -425,8 +431,9 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     if chunk_size is None:
-        chunk_size = SCRATCH_BYTES // (4 * B * T)
-    rows_per_chunk = max(bm, min(triton.cdiv(T, bm) * bm, chunk_size // bm * bm))
+        rows_per_chunk = max(bm, min(triton.cdiv(T, bm) * bm, SCRATCH_BYTES // (4 * B * T) // bm * bm))
+    else:
+        rows_per_chunk = max(1, min(T, chunk_size))
     loss_rows = torch.zeros(B, T, device=dev, dtype=torch.float32)
     if need_grad:
         scratch = torch.empty(B, rows_per_chunk, T, device=dev, dtype=torch.float32)
@@ -484,10 +491,14 @@ class CentroidKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        d_iq, d_ik, d_iw = ctx.saved_tensors
-        grads = tuple(grad_loss.to(g.dtype) * g if need else None
-                      for g, need in zip((d_iq, d_ik, d_iw), ctx.needs_input_grad[:3]))
-        return grads + (None,) * 7
+        return scale_saved_grads(ctx, grad_loss) + (None,) * 7
+
+
+def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
+    """Backward of a terminal loss whose forward saved its first inputs' gradients: each times grad_loss
+    (None where the input needs none)."""
+    return tuple(grad_loss.to(g.dtype) * g if need else None
+                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad))
 
 
 def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor,
@@ -498,8 +509,9 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
 
     index_q, index_k, main_q, main_k share one dtype (bf16, fp16 or fp32); index_w may be any of them
     (the Distiller passes fp32 head weights); each gradient comes back in its input's dtype.
-    chunk_size: query rows per dL/dI scratch chunk (default: a 1 GiB scratch). Rows must have at least one
-    allowed key (a row whose top-k list holds no causal in-document key contributes 0 here).
+    chunk_size: query rows per dL/dI scratch chunk, exactly (the scratch is [B, chunk_size, T] fp32; default:
+    a multiple of the row tile within 1 GiB). Rows must have at least one allowed key (a row whose top-k
+    list holds no causal in-document key contributes 0 here).
     """
     _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse)
     return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,

@@ -14,12 +14,17 @@ Shapes (B batch, T tokens, HI indexer heads, D indexer dim, G served layers, H h
 
 Everything is computed in query-row chunks, so memory is O(chunk * T) per (G, B, H), never
 B * H * T * T; the indexer side is recomputed per chunk in backward (activation checkpointing).
+
+Sparse stage at scale (DESIGN.md section 3): `sparse_mqa_attention` and `sparse_centroid_kl` work on the
+rows' top-k entries only (topk_indices [B, T, K]; entry j of row t is valid iff doc_start(t) <= idx_j <= t),
+gathering the K keys of each row of a chunk: memory O(chunk * K * width), never T x T.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+CHUNK_ELEMENTS = 64 << 20  # elements of a chunk's largest intermediates (256 MiB in fp32)
 
 
 def document_starts(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int,
@@ -105,8 +110,15 @@ def indexer_logits(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.
     return torch.einsum("bths,bth->bts", scores, index_w[:, rows].to(dtype))
 
 
-def _chunk_kl_sum(index_q, index_k, index_w, target, allowed, rows: slice) -> torch.Tensor:
-    """sum over the chunk's rows of KL(target || softmax(I) over allowed keys)."""
+def _chunk_kl_sum(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, rows: slice, cu_seqlens,
+                  main_lse) -> torch.Tensor:
+    """sum over the chunk's rows of KL(target || softmax(I) over allowed keys); the target is computed here
+    (no grad), so that checkpointing keeps only the inputs, not a [B, chunk, T] target per chunk."""
+    B, T = index_q.shape[:2]
+    with torch.no_grad():
+        allowed = allowed_keys(B, T, rows, topk_indices, index_q.device, cu_seqlens=cu_seqlens)
+        target = centroid_target(main_q, main_k, scale, topk_indices, rows, cu_seqlens=cu_seqlens,
+                                 main_lse=main_lse).to(torch.promote_types(index_q.dtype, torch.float32))
     logits = indexer_logits(index_q, index_k, index_w, rows).masked_fill(~allowed, float("-inf"))
     log_q = torch.log_softmax(logits, dim=-1).masked_fill(~allowed, 0.0)
     return (torch.xlogy(target, target) - target * log_q).sum()
@@ -129,18 +141,105 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
     B, T = index_q.shape[:2]
     G, H = main_q.shape[0], main_q.shape[3]
     if chunk_size is None:  # keep each chunk's [G, B, H, chunk, T] fp32 scores near 256 MiB
-        chunk_size = max(1, min(T, (64 << 20) // max(1, G * B * H * T)))
+        chunk_size = max(1, min(T, CHUNK_ELEMENTS // max(1, G * B * H * T)))
     total = index_q.new_zeros((), dtype=torch.promote_types(index_q.dtype, torch.float32))
     for start in range(0, T, chunk_size):
         rows = slice(start, min(T, start + chunk_size))
-        with torch.no_grad():
-            allowed = allowed_keys(B, T, rows, topk_indices, index_q.device, cu_seqlens=cu_seqlens)
-            target = centroid_target(main_q, main_k, scale, topk_indices, rows, cu_seqlens=cu_seqlens,
-                                     main_lse=main_lse).to(total.dtype)
+        args = (index_q, index_k, index_w, main_q, main_k, scale, topk_indices, rows, cu_seqlens, main_lse)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (index_q, index_k, index_w)):
-            part = checkpoint(_chunk_kl_sum, index_q, index_k, index_w, target, allowed, rows, use_reentrant=False)
+            part = checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
         else:
-            part = _chunk_kl_sum(index_q, index_k, index_w, target, allowed, rows)
+            part = _chunk_kl_sum(*args)
+        total = total + part
+    return total / (B * T)
+
+
+def sparse_entries(topk_indices: torch.Tensor, rows: slice, doc_start: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys int64 [B, rows, K] with -1 and other invalid entries clamped to 0, valid bool [B, rows, K]) of the
+    top-k entries of the query rows `rows`: valid iff doc_start <= key <= row (so -1 never is)."""
+    T = topk_indices.shape[1]
+    keys = topk_indices[:, rows].long()
+    t = torch.arange(T, device=keys.device)[rows]
+    valid = (keys >= doc_start[:, rows, None]) & (keys <= t[None, :, None])
+    return keys.clamp(min=0), valid
+
+
+def _gather(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] gathered at keys [B, R, K] -> [B, R, K, D] (differentiable)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None, None], keys]
+
+
+@torch.no_grad()
+def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.Tensor, scale: float, v_dim: int,
+                         *, prob_out: torch.Tensor | None = None, prob_weight: float = 1.0,
+                         cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MQA attention forward over each row's valid top-k keys: (out [B, T, H, v_dim] in q's dtype,
+    lse [B, H, T] fp32, natural log; -inf and out 0 for a row without valid keys).
+
+    q [B, T, H, Dk]; kv [B, T, Dk], one key per token shared by all heads (MLA's absorbed form), whose
+    first v_dim columns are its value; topk_indices [B, T, K] int, distinct entries, -1 = no key;
+    cu_seqlens: see the module docstring. prob_out [B, T, K] fp32: when given, gets
+    prob_weight * (1/H) sum_h softmax_j(scale q_h . kv_{idx_j}) added in place (0 at invalid entries).
+    """
+    check_sparse_attention(q, kv, topk_indices, v_dim, prob_out)
+    B, T, H, Dk = q.shape
+    K = topk_indices.shape[-1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    out = q.new_empty(B, T, H, v_dim)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    doc = document_starts(cu_seqlens, B, T, q.device)
+    chunk = max(1, min(T, CHUNK_ELEMENTS // (B * (K * (Dk + 2 * H) + H * v_dim))))
+    for start in range(0, T, chunk):
+        rows = slice(start, min(T, start + chunk))
+        keys, valid = sparse_entries(topk_indices, rows, doc)
+        kv_rows = _gather(kv, keys).to(dtype)  # [B, R, K, Dk]
+        scores = torch.einsum("brhd,brkd->brhk", q[:, rows].to(dtype), kv_rows) * scale
+        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+        row_lse = scores.logsumexp(-1)  # [B, R, H]
+        probs = torch.exp(scores - row_lse[..., None]).masked_fill(~valid[:, :, None], 0.0)
+        out[:, rows] = torch.einsum("brhk,brkv->brhv", probs, kv_rows[..., :v_dim]).to(q.dtype)
+        lse[:, :, rows] = row_lse.transpose(1, 2).float()
+        if prob_out is not None:
+            prob_out[:, rows] += prob_weight * probs.mean(dim=2)
+    return out, lse
+
+
+def _sparse_chunk_kl_sum(index_q, index_k, index_w, target, keys, valid, rows: slice) -> torch.Tensor:
+    """sum over the chunk's rows of KL(target || softmax(I) over the valid top-k entries); 0 for empty rows."""
+    dtype = torch.promote_types(index_q.dtype, torch.float32)
+    scores = torch.einsum("brhd,brkd->brhk", index_q[:, rows].to(dtype), _gather(index_k, keys).to(dtype)).relu()
+    logits = torch.einsum("brhk,brh->brk", scores, index_w[:, rows].to(dtype)).masked_fill(~valid, float("-inf"))
+    logits = logits.masked_fill(~valid.any(-1, keepdim=True), 0.0)  # empty rows: finite, masked out below
+    log_q = torch.log_softmax(logits, dim=-1).masked_fill(~valid, 0.0)
+    p = target[:, rows].to(dtype).masked_fill(~valid, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum()
+
+
+def sparse_centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, target: torch.Tensor,
+                       topk_indices: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the B*T rows of KL(target_t || softmax_j I_t(idx_j)) over each row's valid top-k entries j:
+    a scalar (fp32 or wider); rows without valid entries contribute 0.
+
+    index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI] (already scaled); target [B, T, K] fp32, the
+    group's sparse centroid aligned with topk_indices [B, T, K] (e.g. summed by `sparse_mqa_attention`'s
+    prob_out); cu_seqlens: see the module docstring. Gradients flow to index_q, index_k and index_w
+    (recomputed per row chunk in backward).
+    """
+    check_sparse_kl(index_q, index_k, index_w, target, topk_indices)
+    B, T, HI, D = index_q.shape
+    K = topk_indices.shape[-1]
+    doc = document_starts(cu_seqlens, B, T, index_q.device)
+    chunk = max(1, min(T, CHUNK_ELEMENTS // (B * K * (D + 2 * HI))))
+    total = index_q.new_zeros((), dtype=torch.promote_types(index_q.dtype, torch.float32))
+    for start in range(0, T, chunk):
+        rows = slice(start, min(T, start + chunk))
+        keys, valid = sparse_entries(topk_indices, rows, doc)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (index_q, index_k, index_w)):
+            part = checkpoint(_sparse_chunk_kl_sum, index_q, index_k, index_w, target, keys, valid, rows,
+                              use_reentrant=False)
+        else:
+            part = _sparse_chunk_kl_sum(index_q, index_k, index_w, target, keys, valid, rows)
         total = total + part
     return total / (B * T)
 
@@ -149,19 +248,20 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k causal keys per query row by indexer logits: int32 [B, T, k], -1 where a row has fewer than k keys.
 
-    Materialises the [B, T, T] scores: the baseline the fused top-k kernel is measured against.
+    Scores a chunk of query rows at a time ([B, chunk, HI, T] within CHUNK_ELEMENTS), then torch.topk.
     cu_seqlens (int [num_docs + 1], offsets over the flattened B*T tokens): keys stay in the query's document.
     """
-    B, T = index_q.shape[:2]
-    logits = indexer_logits(index_q, index_k, index_w)
-    causal = allowed_keys(B, T, slice(None), None, index_q.device, cu_seqlens=cu_seqlens)
-    logits = logits.masked_fill(~causal, float("-inf"))
+    B, T, HI = index_q.shape[:3]
     kk = min(k, T)
-    values, indices = logits.topk(kk, dim=-1)
-    indices = indices.to(torch.int32).masked_fill(values == float("-inf"), -1)
-    if kk < k:
-        indices = F.pad(indices, (0, k - kk), value=-1)
-    return indices
+    out = torch.full((B, T, k), -1, dtype=torch.int32, device=index_q.device)
+    chunk = max(1, min(T, CHUNK_ELEMENTS // max(1, B * HI * T)))
+    for start in range(0, T, chunk):
+        rows = slice(start, min(T, start + chunk))
+        causal = allowed_keys(B, T, rows, None, index_q.device, cu_seqlens=cu_seqlens)
+        logits = indexer_logits(index_q, index_k, index_w, rows).masked_fill(~causal, float("-inf"))
+        values, indices = logits.topk(kk, dim=-1)
+        out[:, rows, :kk] = indices.to(torch.int32).masked_fill(values == float("-inf"), -1)
+    return out
 
 
 def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None):
@@ -190,7 +290,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     O(B * H * chunk * T), never B * H * T * T.
     """
     B, T, H = q.shape[:3]
-    chunk = chunk_size or max(1, min(T, (64 << 20) // max(1, B * H * T)))
+    chunk = chunk_size or max(1, min(T, CHUNK_ELEMENTS // max(1, B * H * T)))
     dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -202,3 +302,27 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         lse[:, :, rows] = torch.logsumexp(scores, dim=-1).float()
         out[:, rows] = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v.to(dtype)).to(q.dtype)
     return out, lse
+
+
+def check_sparse_attention(q, kv, topk_indices, v_dim, prob_out=None):
+    if q.dim() != 4 or kv.dim() != 3 or kv.shape != (*q.shape[:2], q.shape[3]):
+        raise ValueError(f"expected q [B,T,H,Dk] and kv [B,T,Dk]; got {tuple(q.shape)}, {tuple(kv.shape)}")
+    B, T, _, Dk = q.shape
+    if topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T):
+        raise ValueError(f"expected topk_indices [B,T,K] with B={B}, T={T}; got {tuple(topk_indices.shape)}")
+    if not 1 <= v_dim <= Dk:
+        raise ValueError(f"v_dim must be in 1..Dk = {Dk}; got {v_dim}")
+    if prob_out is not None and (prob_out.shape != topk_indices.shape or prob_out.dtype != torch.float32):
+        raise ValueError(f"expected prob_out fp32 {tuple(topk_indices.shape)}; got {prob_out.dtype} "
+                         f"{tuple(prob_out.shape)}")
+
+
+def check_sparse_kl(index_q, index_k, index_w, target, topk_indices):
+    if index_q.dim() != 4 or index_k.shape != (*index_q.shape[:2], index_q.shape[3]) \
+            or index_w.shape != index_q.shape[:3]:
+        raise ValueError("expected index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]; got "
+                         f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
+    B, T = index_q.shape[:2]
+    if topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T) or target.shape != topk_indices.shape:
+        raise ValueError(f"expected topk_indices and target [B,T,K] with B={B}, T={T}; got "
+                         f"{tuple(topk_indices.shape)}, {tuple(target.shape)}")

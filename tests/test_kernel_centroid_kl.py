@@ -9,6 +9,7 @@ enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules ar
 from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
 from kernels.centroid_kl import centroid_kl  # noqa: E402
+from tests.allocations import OutputShapes  # noqa: E402
 
 # (B, T, HI, D, G, H, Dq, cu_seqlens, chunk_size): T not a multiple of the 16-row CPU tile, one head,
 # G = 1..4, B > 1, documents (one crossing the batch-row boundary), several scratch chunks.
@@ -68,6 +69,21 @@ def test_fused_matches_reference(shape, stage, dtype):
         assert a.dtype == x.dtype and a.shape == b.shape
         err = (a.float() - b).abs().max() / b.abs().max()
         assert err < tol, f"d {name}: relative error {err:.2e}"
+
+
+def test_chunk_size_is_honoured_exactly():
+    """chunk_size rows per dL/dI scratch chunk even when not a multiple of the row tile (9, 9, 5 rows of 23)."""
+    B, T, HI, D, G, H, Dq, cu, _ = SHAPES["docs"]
+    cu = torch.tensor(cu, dtype=torch.int32)
+    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.float32, seed=3)
+    topk = messy_topk(B, T, 7, seed=3)
+    with OutputShapes() as shapes:
+        got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, topk, 9, cu_seqlens=cu)
+    assert {s for s in shapes.seen if len(s) == 3 and s[0] == B and s[2] == T} == {(B, 9, T)}  # the scratch
+    want, want_grads = loss_and_grads(reference.centroid_kl, index, mq, mk, 0.4, topk, None, cu_seqlens=cu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
