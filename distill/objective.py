@@ -40,9 +40,10 @@ class Distiller(nn.Module):
     """Frozen backbone + trainable F-layer indexers; `forward(input_ids, sparse)` gives the distillation loss.
 
     target 'centroid' trains each F layer against the mean attention of its whole group (the method);
-    'own' against its own layer only (the single-layer baseline). offload_saved: keep what the indexer
-    projections' backward needs (their inputs) in pinned CPU memory until backward, so GPU memory does not
-    grow with the number of F layers ('auto': on CUDA).
+    'own' against its own layer only (the single-layer baseline). offload_saved: keep what backward needs of
+    each group (the indexer projections' inputs, the input gradients the fused losses computed in their
+    forward: [B, T, HI, D] per F layer) in pinned CPU memory until backward, so GPU memory does not grow with
+    the number of F layers ('auto': on CUDA).
     """
 
     def __init__(self, backbone: nn.Module, pattern: Pattern, *, kernel: str = "auto",
@@ -147,7 +148,7 @@ class GroupLosses(Capture):
 
     def group_done(self, f: int) -> None:
         projections = self.projections.pop(f)
-        with torch.enable_grad():
+        with torch.enable_grad(), self.projections_context():  # the kernels' saved input gradients too
             if self.sparse:
                 self.losses[f] = self.sparse_centroid_kl(*projections, self.targets.pop(f), self.topk[f],
                                                          cu_seqlens=self.cu_seqlens)

@@ -67,6 +67,6 @@ def _check_last_row_lse(qh, kh, scale, lse) -> None:
     """The last query row attends to every key: its LSE is a [B, H, T] dot product away."""
     scores = torch.einsum("bhd,bhsd->bhs", qh[:, :, -1], kh)  # [B, H, T] in the input dtype: no fp32 copy of k
     direct = torch.logsumexp(scores.float() * scale, dim=-1)
-    tol = 2e-2 * direct.abs().clamp(min=1.0) if qh.dtype != torch.float32 else 1e-4 * direct.abs().clamp(min=1.0)
+    tol = 2e-2 * direct.abs().clamp(min=1.0)  # catches another convention (base 2, padding), not rounding
     torch._assert_async(((lse[:, :, -1] - direct).abs() <= tol).all(),
                         "the attention backend's log-sum-exp is not the natural-log LSE over causal keys")
