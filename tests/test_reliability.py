@@ -102,8 +102,14 @@ def test_killing_the_launchers_process_group_ends_its_workers_and_frees_the_run(
         while _alive(worker):
             assert time.time() < deadline, "the worker outlived its launcher"
             time.sleep(0.1)
-        with open(lock) as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+        with open(lock) as f:  # free once the worker's last thread has exited
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.time() < deadline, "the run directory stayed locked after its worker died"
+                    time.sleep(0.1)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
