@@ -61,7 +61,8 @@ def hold_run_lock(run_dir: str):
             holder = f.read().strip() or "unknown"
             raise RunDirInUse(
                 f"run directory {run_dir} is in use by pid {holder} (it holds {path}): wait for that job to end or "
-                f"stop it (kill {holder}), or give this run another directory (name=... or hydra.run.dir=...)") from None
+                f"stop it (kill {holder}), or give this run another directory (name=... or hydra.run.dir=...)"
+            ) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
