@@ -146,3 +146,15 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intac
     assert "Resuming from" in out and "resumed at step 2" in out
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # replayed steps 3-6 once
     assert sorted(p.name for p in root.glob("step_*")) == ["step_1", "step_4", "step_6"]  # keep_checkpoints=2 of ours
+
+
+def test_prune_counts_and_deletes_only_this_runs_checkpoints(tmp_path):
+    from train.checkpoint import _prune
+    for step, run_id in ((1, "other"), (2, "ours"), (4, "ours"), (10, "ours"), (12, "other")):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "meta.json").write_text(json.dumps({"run_id": run_id, "step": step}))
+    (tmp_path / "step_4_universal").mkdir()  # DeepSpeed's re-shardable form of step_4
+    _prune(str(tmp_path), keep=2, current="step_10", run_id="ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_10", "step_12", "step_4", "step_4_universal"]
+    _prune(str(tmp_path), keep=1, current="step_10", run_id="ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_10", "step_12"]

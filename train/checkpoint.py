@@ -58,10 +58,9 @@ def step_of(path: str) -> int | None:
 
 def _steps_newest_first(root: str, below: int | None = None) -> list[str]:
     """The step_N dirs of `root`, newest first; only those with N < `below` when given."""
-    steps = [(step_of(d), d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] \
-        if os.path.isdir(root) else []
-    return [os.path.join(root, d) for n, d in sorted(steps, reverse=True)
-            if n is not None and (below is None or n < below)]
+    names = os.listdir(root) if os.path.isdir(root) else []
+    steps = [(step_of(d), d) for d in names if step_of(d) is not None and os.path.isdir(os.path.join(root, d))]
+    return [os.path.join(root, d) for n, d in sorted(steps, reverse=True) if below is None or n < below]
 
 
 def verify_checkpoint(path: str) -> dict:
