@@ -80,7 +80,8 @@ def _alive(pid: int) -> bool:
 
 def test_killing_the_launchers_process_group_ends_its_workers_and_frees_the_run(tmp_path):
     """kill -9 of launch/distill.sh's process group (no usable torchrun on PATH) ends the worker, which held the run
-    directory's lock: a second job on the directory was refused naming it, and the lock is free afterwards."""
+    directory's lock: a second job on the directory was refused naming it (and left the running job's config
+record alone), and the lock is free afterwards."""
     run_dir = tmp_path / "run"
     args = [*QUICK, f"hydra.run.dir={run_dir}", "distill.dense_steps=100000", "distill.sparse_steps=0",
             "distill.save_every=100000", "distill.eval_every=100000", "distill.log_every=1", "distill.lm_eval=false"]
@@ -96,6 +97,7 @@ def test_killing_the_launchers_process_group_ends_its_workers_and_frees_the_run(
         assert worker != launcher.pid and _alive(worker)
         out = job(tmp_path, run_dir, "distill.dense_steps=4", returncode=None)
         assert f"is in use by pid {worker}" in out
+        assert "dense_steps: 100000" in (run_dir / ".hydra" / "config.yaml").read_text()  # the refused job wrote none
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
         deadline = time.time() + 30
