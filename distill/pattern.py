@@ -52,7 +52,7 @@ class Pattern:
     def from_retention(cls, num_layers: int, ratio: float) -> "Pattern":
         """The evenly spread pattern with round(ratio * num_layers) F layers (layer 0 among them)."""
         _check_positive("num_layers", num_layers)
-        if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
             raise PatternError(f"retention ratio must be in (0, 1], got {ratio!r}")
         n_full = round(ratio * num_layers)
         if n_full < 1:
@@ -142,13 +142,25 @@ def _check_positive(name: str, value) -> None:
         raise PatternError(f"{name} must be a positive integer, got {value!r}")
 
 
+def pattern_source(pattern=None, freq=None, retention=None) -> tuple[str, object]:
+    """Which of the config's pattern keys defines the pattern, and its value: ("pattern" | "freq" | "retention",
+    value), or ("all_full", None) when all three are None. An explicit string wins, then a uniform freq, then
+    a retention; a value that is set (not None) is used even when it is falsy (0, ''), so that it gets refused."""
+    for key, value in (("pattern", pattern), ("freq", freq), ("retention", retention)):
+        if value is not None:
+            return key, value
+    return "all_full", None
+
+
 def resolve_pattern(num_layers: int, pattern: str | None = None, retention: float | None = None,
-                    freq: int | None = None) -> Pattern:
-    """The job's pattern from config: an explicit string wins, then a uniform freq, then a retention."""
-    if pattern:
-        return Pattern.parse(str(pattern), num_layers)
-    if freq:
-        return Pattern.uniform(num_layers, freq)
-    if retention is not None:
-        return Pattern.from_retention(num_layers, float(retention))
-    return Pattern.all_full(num_layers)
+                    freq: int | None = None, key_prefix: str = "") -> Pattern:
+    """The job's pattern from config (precedence of `pattern_source`); an error names the key, `key_prefix`
+    first (e.g. 'distill.')."""
+    key, value = pattern_source(pattern, freq, retention)
+    build = {"pattern": lambda: Pattern.parse(value, num_layers), "freq": lambda: Pattern.uniform(num_layers, value),
+             "retention": lambda: Pattern.from_retention(num_layers, value),
+             "all_full": lambda: Pattern.all_full(num_layers)}[key]
+    try:
+        return build()
+    except PatternError as e:
+        raise PatternError(f"{key_prefix}{key}={value!r}: {e}") from None

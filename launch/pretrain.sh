@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL_DIR=${MODEL_DIR:-models/reference}
 RUNS=${RUNS:-runs/reference}
-PYTHON=${PYTHON:-python}
+export PYTHON=${PYTHON:-python}  # launch/distill.sh uses it too
 read -r -a data_args <<< "${DATA_ARGS:-}"
 read -r -a pretrain_args <<< "${PRETRAIN_ARGS:-}"
 read -r -a warmup_args <<< "${WARMUP_ARGS:-}"

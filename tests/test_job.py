@@ -33,6 +33,19 @@ def env(tmp_path):
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def launcher_env(tmp_path, nproc):
+    """The environment of `bash launch/distill.sh` as with a virtualenv's python called by path, not activated:
+    PYTHON names this interpreter, and the `torchrun` and `python` first on PATH are not this interpreter's
+    (stand-ins that fail), so the launcher must run the interpreter's own torch.distributed.run."""
+    stand_ins = tmp_path.parent / "not_this_venv"
+    stand_ins.mkdir(exist_ok=True)
+    for exe in ("torchrun", "python"):
+        (stand_ins / exe).write_text(f"#!/bin/sh\necho '{exe} from PATH is not this virtualenv' >&2\nexit 97\n")
+        (stand_ins / exe).chmod(0o755)
+    return {**env(tmp_path), "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
+            "NPROC": str(nproc)}
+
+
 def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, returncode=0):
     """Run the job in a fresh process (DeepSpeed initialises torch.distributed once per process); its output.
 
@@ -40,10 +53,10 @@ def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, retur
     wait=False returns the running process instead.
     """
     args = [*QUICK, f"hydra.run.dir={run_dir}", *overrides]
-    environ = {**env(tmp_path), **({"INDEXCACHE_FAULTS": faults} if faults else {})}
+    environ = {**(launcher_env(tmp_path, nproc) if nproc else env(tmp_path)),
+               **({"INDEXCACHE_FAULTS": faults} if faults else {})}
     if nproc:
         cmd = ["bash", "launch/distill.sh", *args]
-        environ["NPROC"] = str(nproc)
     else:
         cmd = [sys.executable, "-m", "train.distill", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -132,7 +145,7 @@ def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
     proc = subprocess.run(
         ["bash", "launch/distill.sh", "-m", "distill.retention=0.5,0.25", *QUICK, "distill.dense_steps=2",
          "distill.sparse_steps=0", "distill.eval_every=2", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, env={**env(tmp_path), "NPROC": "1"}, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=launcher_env(tmp_path, 1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     patterns = sorted(json.loads(p.read_text())["pattern"] for p in sweep.glob("*/export/manifest.json"))
     assert patterns == ["FSFSFSFS", "FSSSFSSS"]
@@ -154,8 +167,31 @@ def cfg(*overrides):
     (["deepspeed.zero_optimization.stage=0"], ValueError, "needs ZeRO stage 1, 2 or 3"),
     (["deepspeed.bf16.enabled=true", "+deepspeed.bf16.check_grad_overflow=false"], ValueError,
      "bf16.check_grad_overflow left on"),
+    # a value that is set is used, and refused with its key named (no fall-through to distill.retention)
+    (["distill.freq=0"], PatternError, r"distill\.freq=0: freq must be a positive integer"),
+    (["distill.pattern=''"], PatternError, r"distill\.pattern='': pattern is empty"),
+    (["distill.retention=abc"], PatternError, r"distill\.retention='abc'"),
+    # every other key the job reads, checked before the weights, the data, training and the export
+    (["distill.kernel=fast"], ValueError, r"distill\.kernel 'fast' is not one of"),
+    (["distill.kernel=triton"], ValueError, "needs a CUDA device"),
+    (["export.keep_shared_indexers=true"], ValueError, "it needs export.full_model=true"),
+    (["export.full_model=yes"], ValueError, "export.full_model must be true or false"),
+    (["deepspeed=zero3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=abc"], ValueError,
+     "DeepSpeed refuses the config"),
+    (["+deepspeed.zero_optimization.overlap_com=true"], ValueError, "DeepSpeed refuses the config"),
+    (["distill.lr=-1"], ValueError, r"distill\.lr must be a number > 0"),
+    (["distill.betas=[0.9]"], ValueError, r"distill\.betas must be a list of two numbers"),
+    (["distill.seq_len=64.5"], ValueError, r"distill\.seq_len must be an integer"),
+    (["distill.target=both"], ValueError, r"distill\.target='both' is not one of"),
+    (["distill.loss_reduction=max"], ValueError, r"distill\.loss_reduction='max' is not one of"),
+    (["distill.eval_batches=0"], ValueError, "lm_eval=true evaluates on the validation batches"),
+    (["model.dtype=int8"], ModelConfigError, "model.dtype 'int8'"),
+    (["logger.mode=off"], ValueError, r"logger\.mode='off' is not one of"),
+    (["device=cuda"], ValueError, "no CUDA device is visible"),
+    (["resume=/nonexistent/step_4"], CheckpointError, "is no checkpoint directory"),
 ])
-def test_bad_config_is_refused_before_any_work(tmp_path, overrides, error, message):
+def test_bad_config_is_refused_before_any_work(tmp_path, monkeypatch, overrides, error, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests (the CPU interpreter)
     with pytest.raises(error, match=message):
         prepare(cfg(*overrides), str(tmp_path), world_size=2, device=torch.device("cpu"))
 

@@ -86,3 +86,15 @@ def test_wrong_length_and_bad_numbers():
         resolve_pattern(8, retention=0.01)
     assert str(resolve_pattern(4, pattern="FSFS", retention=0.25)) == "FSFS"
     assert str(resolve_pattern(4)) == "FFFF"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pattern": ""}, r"distill\.pattern='': pattern is empty"),
+    ({"freq": 0}, r"distill\.freq=0: freq must be a positive integer"),
+    ({"retention": "abc"}, r"distill\.retention='abc': retention ratio must be in \(0, 1\]"),
+    ({"retention": True}, r"distill\.retention=True"),
+])
+def test_a_value_that_is_set_is_never_skipped(kwargs, message):
+    """Falsy values (0, '') are refused with the key named, not replaced by the next key's value."""
+    with pytest.raises(PatternError, match=message):
+        resolve_pattern(8, **{"retention": 0.25, **kwargs}, key_prefix="distill.")

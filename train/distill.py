@@ -5,11 +5,15 @@ the attention of the layers it serves (dense stage, then sparse stage), evaluate
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import os
 import signal
 import socket
+import sys
 import time
+import uuid
 
 import datasets
 import hydra
@@ -19,20 +23,29 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from distill.evaluate import evaluate as evaluate_lm
-from distill.objective import Distiller
+from distill.objective import REDUCTIONS, TARGETS, Distiller
 from distill.pattern import resolve_pattern
-from train.checkpoint import (CheckpointError, check_compatible, checkpoint_root, latest_checkpoint, load_checkpoint,
-                              read_meta, save_checkpoint)
+from kernels import centroid_kl_fn
+from train.checkpoint import (CheckpointError, DamagedCheckpoint, check_compatible, checkpoint_root,
+                              latest_checkpoint, load_checkpoint, newest_intact_checkpoint, previous_good_hint,
+                              read_meta, save_checkpoint, verify_checkpoint)
 from train import faults
 from train.data import BatchLoader, eval_batches, packed_datasets
-from train.logger import Logger
-from train.model import ModelConfigError, build_model, model_config
+from train.logger import MODES as LOGGER_MODES, Logger
+from train.model import ModelConfigError, build_model, model_config, resolve_dtype
+from train.run_dir import hold_run_lock, record_config, run_tag, set_aside_outputs
 from train.tokenizer import load_tokenizer
 
 
 # `${gpu:A,B}` in conf/: A when a GPU is visible, else B (the embedded defaults run on either).
 OmegaConf.register_new_resolver("gpu", lambda on_gpu, on_cpu: on_gpu if torch.cuda.is_available() else on_cpu,
                                 replace=True)
+# `${run_tag:pattern,freq,retention,target}`: what defines a run, for its name (train.run_dir.run_tag).
+OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
+
+DEVICES = ("auto", "cpu", "cuda")
+LAUNCHER_PID = "INDEXCACHE_LAUNCHER_PID"  # exported by launch/distill.sh: the pid of torch.distributed.run
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def setup_distributed(device_cfg: str) -> tuple[torch.device, int, int]:
@@ -118,30 +131,96 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device):
-    """Check everything that can be checked before the weights load and any GPU work starts.
+    """Check every key the job reads, before the weights or the data load and any GPU work starts.
 
     Returns (transformers config, pattern, checkpoint to resume from or None, DeepSpeed config); a checkpoint
     of another world size is loaded through DeepSpeed's universal (re-shardable) form.
     """
+    _check_keys(cfg, device)
     d = cfg.distill
     config = model_config(cfg.model)
     if not hasattr(config, "index_topk"):
         raise ModelConfigError(f"model {config.model_type!r} has no DSA indexer (no index_topk)")
-    pattern = resolve_pattern(config.num_hidden_layers, d.pattern, d.retention, d.freq)
+    resolve_dtype(cfg.model.get("dtype"), device)
+    pattern = resolve_pattern(config.num_hidden_layers, d.pattern, d.retention, d.freq, key_prefix="distill.")
     if d.seq_len > config.max_position_embeddings:
         raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
-    for key in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
-        if int(d[key]) < 1:
-            raise ValueError(f"distill.{key} must be at least 1, got {d[key]}")
-    if d.dense_steps < 0 or d.sparse_steps < 0 or d.dense_steps + d.sparse_steps < 1:
-        raise ValueError(f"distill.dense_steps={d.dense_steps} and sparse_steps={d.sparse_steps}: "
-                         "both must be >= 0 and at least one step in all")
     resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
     ds_config = deepspeed_config(cfg, world_size, device)
     saved_world = read_meta(resume_from).get("world_size", world_size) if resume_from else world_size
     ds_config["checkpoint"] = {"load_universal": saved_world != world_size}  # re-shard through DeepSpeed's universal form
+    _check_deepspeed(ds_config)
     return config, pattern, resume_from, ds_config
+
+
+def _check_keys(cfg: DictConfig, device: torch.device) -> None:
+    """The job's plain config keys: types, ranges, choices and the combinations that cannot work."""
+    d = cfg.distill
+    for key in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every",
+                "max_bad_steps"):
+        _check_integer(f"distill.{key}", d[key], minimum=1)
+    for key in ("dense_steps", "sparse_steps", "warmup_steps", "eval_batches", "keep_checkpoints"):
+        _check_integer(f"distill.{key}", d[key], minimum=0)
+    _check_integer("seed", cfg.seed)
+    if d.dense_steps + d.sparse_steps < 1:
+        raise ValueError(f"distill.dense_steps={d.dense_steps} and sparse_steps={d.sparse_steps}: "
+                         "both must be >= 0 and at least one step in all")
+    _check_number("distill.lr", d.lr, lambda v: v > 0, "> 0")
+    _check_number("distill.weight_decay", d.weight_decay, lambda v: v >= 0, ">= 0")
+    _check_number("distill.grad_clip", d.grad_clip, lambda v: v >= 0, ">= 0 (0: no clipping)")
+    _check_number("distill.min_lr_ratio", d.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
+    if not OmegaConf.is_list(d.betas) or len(d.betas) != 2:
+        raise ValueError(f"distill.betas must be a list of two numbers in [0, 1), got {d.betas!r}")
+    for i, beta in enumerate(d.betas):
+        _check_number(f"distill.betas[{i}]", beta, lambda v: 0 <= v < 1, "in [0, 1)")
+    for key, choices in (("target", TARGETS), ("loss_reduction", REDUCTIONS)):
+        if d[key] not in choices:
+            raise ValueError(f"distill.{key}={d[key]!r} is not one of {choices}")
+    centroid_kl_fn(d.kernel, device)  # refuses an unknown kernel, or 'triton' without CUDA or TRITON_INTERPRET=1
+    for key, value in (("distill.lm_eval", d.lm_eval), *((f"export.{k}", v) for k, v in cfg.export.items())):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+    if d.lm_eval and d.eval_batches == 0:
+        raise ValueError("distill.lm_eval=true evaluates on the validation batches, but distill.eval_batches=0: "
+                         "set eval_batches >= 1 or lm_eval=false")
+    if cfg.export.keep_shared_indexers and not cfg.export.full_model:
+        raise ValueError("export.keep_shared_indexers=true keeps the S-layer indexers in the full model directory: "
+                         "it needs export.full_model=true")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device={cfg.device!r} is not one of {DEVICES}")
+    if cfg.device == "cuda" and device.type != "cuda":
+        raise ValueError("device=cuda, but no CUDA device is visible: use device=auto or device=cpu")
+    if cfg.logger.mode not in LOGGER_MODES:
+        raise ValueError(f"logger.mode={cfg.logger.mode!r} is not one of {LOGGER_MODES}")
+    if not isinstance(cfg.resume, str) or not cfg.resume:
+        raise ValueError(f"resume={cfg.resume!r}: use auto, never or a checkpoint directory")
+    if not isinstance(cfg.name, str) or not cfg.name:
+        raise ValueError(f"name={cfg.name!r}: the run's name must be a non-empty string")
+
+
+def _check_integer(key: str, value, minimum: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+
+
+def _check_number(key: str, value, ok, rule: str) -> None:
+    """`value` is a finite number with ok(value) true; else a ValueError naming `key` and `rule`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{key} must be a number {rule}, got {value!r}")
+
+
+def _check_deepspeed(ds_config: dict) -> None:
+    """Let DeepSpeed parse the whole config now (it would at deepspeed.initialize, after the weights load).
+    train_batch_size is left out: DeepSpeed checks it against the world size of torch.distributed, which may
+    not be up yet; deepspeed_config has checked it against the job's world size."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    try:
+        DeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"DeepSpeed refuses the config of deepspeed.* (completed from distill.*): {e}") from e
 
 
 def run(cfg: DictConfig, run_dir: str) -> dict:
@@ -152,6 +231,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     d = cfg.distill
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     config, pattern, resume_from, ds_config = prepare(cfg, run_dir, world_size, device)
+    if rank == 0:
+        _claim_run_dir(cfg, run_dir)
 
     tokenizer = load_tokenizer(cfg.model)
     data = _on_rank0_first(rank, lambda: packed_datasets(cfg.data, tokenizer, d.seq_len,
@@ -166,14 +247,16 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     engine, _, _, scheduler = deepspeed.initialize(model=distiller, model_parameters=trainable, config=ds_config)
 
     step = 0
+    run_id = uuid.uuid4().hex[:12]  # a fresh run's id; a resumed run keeps its checkpoint's
     if resume_from:
         meta = load_checkpoint(engine, resume_from, universal=ds_config["checkpoint"]["load_universal"])
         step = meta["step"]
+        run_id = meta.get("run_id", run_id)
         loader.load_state_dict(_loader_state(meta, d.micro_batch_size * world_size))
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = Logger(cfg.logger, run_dir, cfg.name, resolved, rank)
+    logger = Logger(cfg.logger, run_dir, cfg.name, resolved, rank, run_id=run_id, resume_step=step)
     if rank == 0:
         print(f"[distill] {cfg.name}: pattern {pattern} (retention {pattern.retention:.3f}), groups "
               f"{pattern.groups()}, {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable)} trainable parameters, world {world_size}, "
@@ -187,7 +270,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     stop = _StopOnSigterm()
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
     meta = {"pattern": str(pattern), "model": model_cfg, "config": resolved, "world_size": world_size,
-            "micro_batch_size": d.micro_batch_size}
+            "micro_batch_size": d.micro_batch_size, "run_id": run_id}
 
     def save(step: int) -> None:
         save_checkpoint(engine, distiller, run_dir, step, {**meta, "metrics": metrics, "loader": loader.state_dict(),
@@ -313,21 +396,71 @@ class _StopOnSigterm:
 
 
 def _resume_path(cfg: DictConfig, run_dir: str, pattern: str, model_cfg: dict) -> str | None:
+    """The checkpoint to resume from, checked to be whole and of this pattern, target and model.
+
+    resume=auto: the run's newest checkpoint that verifies (a damaged newer one is skipped, and said so);
+    a checkpoint directory: that one, refused when damaged (naming the previous good one); never: None.
+    """
     if cfg.resume == "never":
         return None
-    path = latest_checkpoint(checkpoint_root(run_dir)) if cfg.resume == "auto" else str(cfg.resume)
+    if cfg.resume == "auto":
+        root = checkpoint_root(run_dir)
+        path, skipped = newest_intact_checkpoint(root)
+        if path is None and skipped:
+            raise DamagedCheckpoint(f"no checkpoint under {root} verifies ({'; '.join(skipped)}): start over with "
+                                    f"resume=never (the earlier outputs are moved aside into {run_dir}/replaced/)")
+        if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"[distill] {'; '.join(skipped)}. Resuming from {path}, the newest checkpoint that verifies",
+                  flush=True)
+    else:
+        path = str(cfg.resume)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"resume={path!r} is no checkpoint directory: use auto, never or a checkpoint "
+                                  "directory (runs/<name>/checkpoints/step_N)")
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint as e:
+            raise DamagedCheckpoint(f"{e}; {previous_good_hint(path)}") from None
     if path is None:
         return None
-    check_compatible(read_meta(path), pattern, model_cfg, path)
+    check_compatible(read_meta(path), pattern, cfg.distill.target, model_cfg, path)
     return path
+
+
+def _claim_run_dir(cfg: DictConfig, run_dir: str) -> None:
+    """Rank 0, once the config checks out: resume=never moves an earlier run's outputs aside (nothing is
+    overwritten or mixed), then the launch's config is recorded in .hydra/."""
+    if cfg.resume == "never":
+        aside = set_aside_outputs(run_dir)
+        if aside:
+            print(f"[distill] resume=never: the earlier outputs of {run_dir} are moved to {aside}", flush=True)
+    record_config(run_dir, cfg)
+
+
+def die_with_launcher() -> None:
+    """Under launch/distill.sh: the kernel SIGKILLs this worker when its parent, the launcher's
+    torch.distributed.run (pid in $INDEXCACHE_LAUNCHER_PID), dies, kill -9 included. torch.distributed.run starts
+    its workers in sessions of their own, so a kill of the launcher's process group does not reach them."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed: the worker would outlive its launcher")
+    if os.getppid() != int(launcher):
+        sys.exit(f"[distill] the launcher (pid {launcher}) is gone before this worker started; exiting")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """One run (or one job of a sweep); rank 0 holds the run directory's lock throughout."""
     run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
-    metrics = run(cfg, run_dir)
+    holds_lock = int(os.environ.get("RANK", "0")) == 0
+    with hold_run_lock(run_dir) if holds_lock else contextlib.nullcontext():
+        metrics = run(cfg, run_dir)
     return metrics.get("eval/loss", float("nan"))
 
 
 if __name__ == "__main__":
+    die_with_launcher()
     main()
