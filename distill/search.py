@@ -111,7 +111,7 @@ class LayerwiseRunner:
                 self.layer_forwards += 1
                 hidden = self.family.layer(self.model, i, hidden, inputs.position_embeddings, run)
             cache.topk.update(run.kept)
-            nll += lm_nll_sum(self.model, self.model.model.norm(hidden), inputs.ids)
+            nll += lm_nll_sum(self.model, self.family.final_norm(self.model, hidden), inputs.ids)
             tokens += shifted_tokens(inputs.ids)
             caches.append(cache)
         return nll / tokens, caches if keep else None

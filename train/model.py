@@ -6,13 +6,12 @@ import os
 from collections.abc import Mapping
 
 import torch
-from transformers import (AutoConfig, DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig,
-                          GlmMoeDsaForCausalLM, PreTrainedModel)
+from transformers import AutoConfig, PreTrainedModel
 
-MODEL_TYPES = {
-    "glm_moe_dsa": (GlmMoeDsaConfig, GlmMoeDsaForCausalLM),
-    "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
-}
+from distill.adapters import FAMILIES
+
+# model_type -> (config class, causal LM class): every family distill.adapters knows
+MODEL_TYPES = {model_type: (family.config_class, family.causal_lm) for model_type, family in FAMILIES.items()}
 
 
 class ModelConfigError(ValueError):
