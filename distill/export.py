@@ -9,10 +9,12 @@ An export directory holds
   whose frequency rule gives exactly this pattern, source model, training config, metrics, the sha256 of
   every other file, format version.
 - with `full_model=True`, `model/`: the backbone with the new indexers and a config.json that
-  `AutoModelForCausalLM.from_pretrained` loads as `GlmMoeDsaForCausalLM` with `indexer_types` (and
-  `index_topk_pattern`) set; saved in the model's dtype. A DeepseekV32 source is converted: same
-  architecture but for the indexer RoPE, which is half-split there and interleaved in GlmMoeDsa, so the
-  rope rows of `wq_b` (per head), `wk` and `k_norm` are permuted; the scores are unchanged.
+  `AutoModelForCausalLM.from_pretrained` loads as the family's `export_as` class (GlmMoeDsa for GlmMoeDsa and
+  DeepseekV32, HYV4 for HY-V4: the transformers classes that share top-k by `indexer_types`) with
+  `indexer_types` (and `index_topk_pattern`) set; saved in the model's dtype. A DeepseekV32 source is
+  converted: same architecture but for the indexer RoPE, which is half-split there and interleaved in
+  GlmMoeDsa, so the rope rows of `wq_b` (per head), `wk` and `k_norm` are permuted; the scores are unchanged.
+  A family without such a class (A.X-K2) has no full-model export.
 
 Everything is written into a temporary directory beside the target, then renamed into place, so a crash
 mid-write leaves an earlier export at the same path intact.
@@ -38,8 +40,8 @@ import transformers
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GlmMoeDsaConfig
 
+from distill.adapters import FAMILIES, family_of
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions, rope_style
 from distill.pattern import Pattern, PatternError
 from train.model import ModelConfigError, build_model
@@ -99,6 +101,10 @@ def export(model: nn.Module, pattern: Pattern | str, out_dir: str | os.PathLike,
     if keep_shared_indexers and not full_model:
         raise ExportError("keep_shared_indexers keeps S-layer indexers in the full model directory: "
                           "it needs full_model=True")
+    if full_model and family_of(model).export_as is None:
+        raise ExportError(f"{model.config.model_type} has no transformers class that shares top-k across layers, "
+                          "so a full model directory would not run the pattern: export without full_model (the "
+                          "indexer weights, and the manifest's pattern for SGLang/vLLM)")
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     indexer_tensors = _patterned_indexer_tensors(model, pattern)
@@ -182,7 +188,10 @@ def _indexer_state(model: nn.Module, indexers: Mapping[int, nn.Module]) -> dict[
 
 def _write_model_dir(model: nn.Module, pattern: Pattern, model_dir: Path, model_cfg: dict,
                      keep_shared_indexers: bool, tokenizer) -> dict:
-    """Save the backbone as a GlmMoeDsa directory carrying `pattern`; returns its manifest entry."""
+    """Save the backbone as a directory of its family's `export_as` type carrying `pattern`; returns its
+    manifest entry."""
+    family = family_of(model)
+    target = FAMILIES[family.export_as]
     state = model.state_dict()
     if keep_shared_indexers:
         with torch.random.fork_rng(devices=[]):  # build_model seeds the global RNG
@@ -192,20 +201,20 @@ def _write_model_dir(model: nn.Module, pattern: Pattern, model_dir: Path, model_
         dtype = next(model.parameters()).dtype
         state.update({name: t.detach().to(dtype) for name, t in originals.items()})
     source_type = model.config.model_type
-    if rope_style(model) == "half":
+    if (family.indexer_rope, target.indexer_rope) == ("half", "interleave"):
         state = _half_to_interleaved_rope(state, model.config)
     model.save_pretrained(model_dir, state_dict=state)
     config = model.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "index_topk_freq",
                 "index_skip_topk_offset", "index_topk_pattern", "indexer_types"):
         config.pop(key, None)
-    config = GlmMoeDsaConfig(**config, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
-    config.architectures = ["GlmMoeDsaForCausalLM"]
+    config = target.config_class(**config, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
+    config.architectures = [target.causal_lm.__name__]
     config.save_pretrained(model_dir)
     if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):  # the byte fallback has no files
         tokenizer.save_pretrained(model_dir)
-    return {"path": MODEL_DIR, "model_type": "glm_moe_dsa", "architecture": "GlmMoeDsaForCausalLM",
-            "converted_from": source_type if source_type != "glm_moe_dsa" else None,
+    return {"path": MODEL_DIR, "model_type": target.model_type, "architecture": target.causal_lm.__name__,
+            "converted_from": source_type if source_type != target.model_type else None,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 

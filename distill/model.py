@@ -20,7 +20,7 @@ def dsa_attentions(model: nn.Module) -> list[nn.Module]:
 
 
 def rope_style(model: nn.Module) -> str:
-    """How the model's indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32)."""
+    """How the model's indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32, HY-V4, A.X-K2)."""
     return family_of(model).indexer_rope
 
 

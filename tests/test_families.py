@@ -183,3 +183,30 @@ def test_unknown_family_names_all_known_ones():
         family_of(LlamaConfig())
     assert all(name in str(error.value) for name in FAMILIES)
     assert family_of("hy_v4").sinks and not family_of("axk2").sinks
+
+
+def test_full_model_export(tmp_path):
+    """HY-V4 exports as itself (transformers shares top-k by its indexer_types) and loads with equal logits;
+    A.X-K2 has no such class: only its indexers export."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, HYV4ForCausalLM
+    from distill.export import ExportError, export
+    from tests.conftest import ROOT
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    for name in NAMES:
+        cfg = OmegaConf.to_container(OmegaConf.load(f"{ROOT}/conf/model/{name}.yaml"))
+        model = build(name)
+        apply_pattern(model, Pattern.parse("FSFS"))
+        for attn in dsa_attentions(model)[::2]:  # trained indexers: not the ones a fresh build has
+            attn.indexer.wk.weight.data.normal_(generator=torch.Generator().manual_seed(4))
+        if name == "tiny_axk2":
+            with pytest.raises(ExportError, match="axk2 has no transformers class that shares top-k"):
+                export(model, "FSFS", tmp_path / name, model_cfg=cfg, full_model=True)
+            export(model, "FSFS", tmp_path / name, model_cfg=cfg)
+            continue
+        out = export(model, "FSFS", tmp_path / name, model_cfg=cfg, full_model=True)
+        loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+        assert isinstance(loaded, HYV4ForCausalLM) and loaded.config.indexer_types == ["full", "shared"] * 2
+        assert [attn.indexer is None for attn in dsa_attentions(loaded)] == [False, True, False, True]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-6, atol=1e-6)

@@ -55,4 +55,5 @@ class HyV4Family(MlaDsaFamily):
 
 
 FAMILY = HyV4Family(model_type="hy_v4", indexer_rope="half", causal_lm=HYV4ForCausalLM, config_class=HYV4Config,
-                    indexer_rope_at="back", attention_rope="half", output_gate="gate_proj", sinks=True)
+                    indexer_rope_at="back", attention_rope="half", output_gate="gate_proj", sinks=True,
+                    export_as="hy_v4")

@@ -118,6 +118,8 @@ class MlaDsaFamily:
     output_gate: None; 'gate_proj' (the heads' output times sigmoid(attn.gate_proj(x)), HY-V4); 'q_gate_proj'
       (query and gate from one fused projection of [q_resid, q_a_proj(x)], the gate's sigmoid in fp32, A.X-K2).
     sinks: each head has a learned sink logit `attn.sinks` [H] in its softmax denominator.
+    export_as: the model_type of the transformers class a full-model export loads as (one that shares top-k by
+      `config.indexer_types`); None: the family has none.
     """
 
     model_type: str
@@ -128,6 +130,7 @@ class MlaDsaFamily:
     attention_rope: str = "interleave"
     output_gate: str | None = None
     sinks: bool = False
+    export_as: str | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("indexer_rope", self.indexer_rope, tuple(ROPE)),
