@@ -253,8 +253,16 @@ class MlaDsaFamily:
         return q_resid, q, None
 
     def _sinks(self, attn: nn.Module, i: int) -> torch.Tensor:
+        """attn.sinks [H]. Under ZeRO-3 a direct read inside the engine's forward is gathered by DeepSpeed; outside
+        it (evaluation, search) the parameter is still partitioned, so gather a copy (H values)."""
         sinks = getattr(attn, "sinks", None)
         if sinks is None:
             raise NotDSAModelError(f"layer {i}'s attention has no `sinks` but family {self.model_type!r} has "
                                    "attention sinks: the model does not match its model_type")
+        if hasattr(sinks, "ds_status"):
+            import deepspeed
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+            if sinks.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                with deepspeed.zero.GatheredParameters([sinks]):
+                    return sinks.detach().clone()
         return sinks
