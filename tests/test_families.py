@@ -159,6 +159,20 @@ def test_distillation_loss_falls_and_only_f_indexers_change(name):
     assert {int(n.split(".")[2]) for n in changed} == {0, 2}
 
 
+def test_streamed_forward_builds_no_mask_and_runs_no_transformers_indexer(model):
+    from transformers.models.axk2.modeling_axk2 import AXK2Indexer
+    from transformers.models.hy_v4.modeling_hy_v4 import HYV4Indexer
+    x = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(4))
+    distiller = Distiller(copy.deepcopy(model), Pattern.from_retention(model.config.num_hidden_layers, 0.5))
+    boom = AssertionError("transformers' mask or indexer forward ran")
+    with mock.patch("transformers.masking_utils.sdpa_mask", side_effect=boom), \
+            mock.patch("transformers.masking_utils.eager_mask", side_effect=boom), \
+            mock.patch.object(HYV4Indexer, "forward", side_effect=boom), \
+            mock.patch.object(AXK2Indexer, "forward", side_effect=boom):
+        for sparse in (False, True):
+            distiller(x, sparse=sparse, with_recall=True).loss.backward()
+
+
 def test_natively_shared_hy_v4_layer_cannot_be_full():
     """transformers' HY-V4 drops the indexer of a layer `indexer_types` marks shared: it can only be S."""
     from omegaconf import OmegaConf
