@@ -224,3 +224,21 @@ def test_full_model_export(tmp_path):
         assert [attn.indexer is None for attn in dsa_attentions(loaded)] == [False, True, False, True]
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_a_packed_row_gives_each_document_alone(model, sparse):
+    """Two documents in one row (cu_seqlens, positions restarting): each document's final hidden states are
+    those it has alone (sinks, gate and hyper-connections included)."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 256, (1, 13), generator=g), torch.randint(0, 256, (1, 20), generator=g)
+    cu = torch.tensor([0, 13, 33], dtype=torch.int32)
+    positions = torch.cat([torch.arange(13), torch.arange(20)])[None]
+    family = family_of(model)
+    pattern = Pattern.parse("FSFS")
+    with torch.no_grad():
+        alone = [family.forward(model, ids, Capture(family, pattern, sparse=sparse, device=ids.device))
+                 for ids in (a, b)]
+        packed = family.forward(model, torch.cat([a, b], dim=1),
+                                Capture(family, pattern, sparse=sparse, device=a.device, cu_seqlens=cu), positions)
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
