@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
-from distill.adapters import IndexerInputs, MlaDsaFamily, MlaForms
+from distill.adapters import IndexerInputs, MlaDsaFamily, MlaForms, NotDSAModelError
 from distill.pattern import Pattern
 from kernels import indexer_topk_fn, sparse_attention_fn
 from kernels.dense_attention import causal_attention
@@ -58,6 +58,10 @@ class Capture:
             return self.topk.get(owner)
         if not (self.sparse or self.select_dense or self.wants_projections(layer)):
             return None
+        if indexer is None:
+            raise NotDSAModelError(f"layer {layer} is F in {self.pattern} but the model has no indexer there (its "
+                                   "config.indexer_types marks it shared); choose a pattern that makes it S, or "
+                                   "load the model with indexer_types all 'full'")
         with torch.set_grad_enabled(self.grad), self.projections_context():
             q, k, w = self.family.indexer_projections(indexer, inputs)
             projections = (q, k, self.family.kernel_weights(indexer, w))
@@ -70,7 +74,8 @@ class Capture:
         return topk
 
     def attend(self, layer: int, forms: MlaForms, topk: torch.Tensor | None) -> torch.Tensor:
-        """Layer `layer`'s attention output [B, T, H, Dv]."""
+        """Layer `layer`'s attention output [B, T, H, Dv] (with the family's sinks, if any). The LSE handed to the
+        hooks below is over the keys only, without a sink (the distillation target normalises over keys)."""
         if self.sparse:
             q, kv = forms.absorbed()
             target = self.sparse_target(layer)
@@ -78,11 +83,11 @@ class Capture:
             latent, lse = self.sparse_attention(q, kv, topk, forms.scale, forms.latent_dim, prob_out=buffer,
                                                 prob_weight=weight, cu_seqlens=self.cu_seqlens)
             self.sparse_attended(layer, forms, topk, lse)
-            return forms.output(latent)
+            return forms.with_sinks(forms.output(latent), lse)
         q, k, v = forms.expanded()
         out, lse = causal_attention(q, k, v, forms.scale, cu_seqlens=self.cu_seqlens)
         self.dense_attended(layer, forms, q, k, lse, topk)
-        return out
+        return forms.with_sinks(out, lse)
 
     def layer_done(self, layer: int) -> None:
         f = self._last.get(layer)

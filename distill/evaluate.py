@@ -129,7 +129,7 @@ def lm_nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk_
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
     for start in range(0, T - 1, chunk):
         rows = slice(start, min(T - 1, start + chunk))
-        logits = model.lm_head(hidden[:, rows]).float()
+        logits = model.lm_head(hidden[:, rows].to(model.lm_head.weight.dtype)).float()  # HY-V4 keeps it fp32
         labels = ids[:, rows.start + 1: rows.stop + 1]
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").double()
     return float(total)

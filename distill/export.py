@@ -9,8 +9,10 @@ An export directory holds
   whose frequency rule gives exactly this pattern, source model, training config, metrics, the sha256 of
   every other file, format version.
 - with `full_model=True`, `model/`: the backbone with the new indexers and a config.json that
-  `AutoModelForCausalLM.from_pretrained` loads as `GlmMoeDsaForCausalLM` with `indexer_types` (and
-  `index_topk_pattern`) set. From a model directory (`model.path`) it is made shard by shard from the
+  `AutoModelForCausalLM.from_pretrained` loads as the family's `export_as` class (GlmMoeDsa for GlmMoeDsa and
+  DeepseekV32, HYV4 for HY-V4: the transformers classes that share top-k by `indexer_types`) with
+  `indexer_types` (and `index_topk_pattern`) set; a family without such a class (A.X-K2) has no full-model
+  export. From a model directory (`model.path`) it is made shard by shard from the
   source's safetensors files (never more than one shard in memory): shards without indexer tensors of the
   pattern's layers are hard-linked (copied across filesystems), the others rewritten with the new F-layer
   indexers in the shard's dtype and without the S-layer ones; every other tensor (an MTP layer's, for one)
@@ -51,9 +53,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, GlmMoeDsaConfig
+from transformers import AutoTokenizer
 
-from distill.adapters import family_of
+from distill.adapters import FAMILIES, family_of
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
@@ -131,6 +133,8 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
     if keep_shared_indexers and not full_model:
         raise ExportError("keep_shared_indexers keeps S-layer indexers in the full model directory: "
                           "it needs full_model=True")
+    if full_model:
+        _export_target(config)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, full_model)
     manifest = {
@@ -234,7 +238,7 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
         shards = weight_map(source)
     except ModelConfigError as e:
         raise ExportError(f"cannot write the full model directory: {e}") from None
-    letters, half = str(pattern), _rope_layout(config) == "half"
+    letters, half = str(pattern), _converts_rope(config)
     indexer_layers = {name: layer for name in shards
                       if (layer := _pattern_indexer_layer(name, pattern.num_layers)) is not None}
     wanted = {name for name, layer in indexer_layers.items() if letters[layer] == "F"}
@@ -323,7 +327,7 @@ def _model_dir_from_random(backbone: nn.Module | None, model_dir: Path, pattern:
     dtype = next(backbone.parameters()).dtype
     state = backbone.state_dict()
     state.update({name: t.detach().to(dtype) for name, t in originals.items()})
-    if _rope_layout(backbone.config) == "half":
+    if _converts_rope(backbone.config):
         state = _half_to_interleaved_rope(state, backbone.config)
     backbone.save_pretrained(model_dir, state_dict=state)
     mode = _new_file_mode(model_dir)
@@ -333,20 +337,37 @@ def _model_dir_from_random(backbone: nn.Module | None, model_dir: Path, pattern:
     return _model_dir_entry(backbone.config, str(dtype).removeprefix("torch."))
 
 
+def _export_target(config):
+    """The family whose transformers class `model/` loads as (it shares top-k by `indexer_types`)."""
+    family = family_of(config)
+    if family.export_as is None:
+        raise ExportError(f"{config.model_type} has no transformers class that shares top-k across layers, so a full "
+                          "model directory would not run the pattern: export without full_model (the indexer "
+                          "weights, and the manifest's pattern for SGLang/vLLM)")
+    return FAMILIES[family.export_as]
+
+
+def _converts_rope(config) -> bool:
+    """Whether the indexer RoPE rows change layout on export (a half-split source loading as interleaved)."""
+    return (family_of(config).indexer_rope, _export_target(config).indexer_rope) == ("half", "interleave")
+
+
 def _write_config(config, pattern: Pattern, model_dir: Path) -> None:
-    """config.json of `model/`: the source's config as a GlmMoeDsaConfig carrying `pattern`."""
+    """config.json of `model/`: the source's config as its export class's config, carrying `pattern`."""
+    target = _export_target(config)
     values = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "index_topk_freq",
                 "index_skip_topk_offset", "index_topk_pattern", "indexer_types"):
         values.pop(key, None)
-    patched = GlmMoeDsaConfig(**values, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
-    patched.architectures = ["GlmMoeDsaForCausalLM"]
+    patched = target.config_class(**values, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
+    patched.architectures = [target.causal_lm.__name__]
     patched.save_pretrained(model_dir)
 
 
 def _model_dir_entry(config, dtype: str) -> dict:
-    return {"path": MODEL_DIR, "model_type": "glm_moe_dsa", "architecture": "GlmMoeDsaForCausalLM",
-            "converted_from": config.model_type if config.model_type != "glm_moe_dsa" else None, "dtype": dtype}
+    target = _export_target(config)
+    return {"path": MODEL_DIR, "model_type": target.model_type, "architecture": target.causal_lm.__name__,
+            "converted_from": config.model_type if config.model_type != target.model_type else None, "dtype": dtype}
 
 
 def _rope_layout(config) -> str:
@@ -687,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint step dir, or a run dir (its checkpoints/latest is used)")
     parser.add_argument("--out", required=True, help="the export directory to write (replaced atomically)")
     parser.add_argument("--full-model", action="store_true",
-                        help="also write model/: a GlmMoeDsa directory that transformers loads")
+                        help="also write model/: a directory that transformers loads (as GlmMoeDsa, or the "
+                             "family's own class)")
     parser.add_argument("--keep-shared-indexers", action="store_true",
                         help="keep the original S-layer indexers in model/ (marked unused) for consumers that need them")
     args = parser.parse_args(argv)

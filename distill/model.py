@@ -20,7 +20,7 @@ def dsa_attentions(model: nn.Module) -> list[nn.Module]:
 
 
 def rope_style(model: nn.Module) -> str:
-    """How the model's indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32)."""
+    """How the model's indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32, HY-V4, A.X-K2)."""
     return family_of(model).indexer_rope
 
 
@@ -58,7 +58,9 @@ def apply_pattern(model: nn.Module, pattern: Pattern) -> dict[int, nn.Module]:
         owner = pattern.owner(layer)
         if owner == layer:
             if attn.indexer is None or isinstance(attn.indexer, SharedIndexer):
-                raise NotDSAModelError(f"layer {layer} is F in {pattern} but the model has no indexer there")
+                raise NotDSAModelError(f"layer {layer} is F in {pattern} but the model has no indexer there (a "
+                                       "shared layer of the loaded model); choose a pattern that makes it S, or "
+                                       "load the model with config indexer_types all 'full'")
             indexers[layer] = attn.indexer
             if not any(h is _remember_topk for h in attn.indexer._forward_hooks.values()):
                 attn.indexer.register_forward_hook(_remember_topk)

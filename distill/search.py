@@ -66,9 +66,9 @@ class _KeepTopk(Capture):
 class LayerwiseRunner:
     """Runs the frozen backbone one decoder layer at a time over fixed batches, counting layer forwards.
 
-    The family forward of `distill.adapters` (embeddings, rotary embeddings, decoder layers, norm), then the
-    LM head and transformers' shifted-label loss in chunks of positions; a pattern's S layers reuse their
-    owner's top-k through the capture, for GlmMoeDsa and DeepseekV32 alike. No causal mask is built.
+    The family forward of `distill.adapters` (embeddings, rotary embeddings, decoder layers, final norm), then
+    the LM head and transformers' shifted-label loss in chunks of positions; a pattern's S layers reuse their
+    owner's top-k through the capture, for every family of distill.adapters alike. No causal mask is built.
     """
 
     def __init__(self, model: nn.Module, batches):
@@ -111,7 +111,7 @@ class LayerwiseRunner:
                 self.layer_forwards += 1
                 hidden = self.family.layer(self.model, i, hidden, inputs.position_embeddings, run)
             cache.topk.update(run.kept)
-            nll += lm_nll_sum(self.model, self.model.model.norm(hidden), inputs.ids)
+            nll += lm_nll_sum(self.model, self.family.final_norm(self.model, hidden), inputs.ids)
             tokens += shifted_tokens(inputs.ids)
             caches.append(cache)
         return nll / tokens, caches if keep else None

@@ -110,7 +110,7 @@ def test_unknown_family_names_the_known_ones():
     from transformers import LlamaConfig
     with pytest.raises(NotDSAModelError, match="glm_moe_dsa"):
         family_of(LlamaConfig())
-    assert sorted(FAMILIES) == ["deepseek_v32", "glm_moe_dsa"]
+    assert sorted(FAMILIES) == ["axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4"]
     assert rope_style(tiny("tiny_dsv32")) == "half"
 
 

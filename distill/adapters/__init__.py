@@ -5,10 +5,11 @@ type no module covers gets an error naming the ones that are.
 """
 from __future__ import annotations
 
-from distill.adapters import deepseek_v32, glm_moe_dsa
+from distill.adapters import axk2, deepseek_v32, glm_moe_dsa, hy_v4
 from distill.adapters.mla import IndexerInputs, MlaDsaFamily, MlaForms, NotDSAModelError
 
-FAMILIES = {family.model_type: family for family in (glm_moe_dsa.FAMILY, deepseek_v32.FAMILY)}
+FAMILIES = {family.model_type: family
+            for family in (glm_moe_dsa.FAMILY, deepseek_v32.FAMILY, hy_v4.FAMILY, axk2.FAMILY)}
 
 __all__ = ["FAMILIES", "IndexerInputs", "MlaDsaFamily", "MlaForms", "NotDSAModelError", "family_of"]
 

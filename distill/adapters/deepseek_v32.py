@@ -5,4 +5,4 @@ from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 from distill.adapters.mla import MlaDsaFamily
 
 FAMILY = MlaDsaFamily(model_type="deepseek_v32", indexer_rope="half", causal_lm=DeepseekV32ForCausalLM,
-                      config_class=DeepseekV32Config)
+                      config_class=DeepseekV32Config, export_as="glm_moe_dsa")

@@ -5,4 +5,4 @@ from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 from distill.adapters.mla import MlaDsaFamily
 
 FAMILY = MlaDsaFamily(model_type="glm_moe_dsa", indexer_rope="interleave", causal_lm=GlmMoeDsaForCausalLM,
-                      config_class=GlmMoeDsaConfig)
+                      config_class=GlmMoeDsaConfig, export_as="glm_moe_dsa")

@@ -1,7 +1,10 @@
-"""Token-level MLA DSA families (DeepSeek-V3.2, GLM-5): where the DSA layers and indexers are, how they compute.
+"""Token-level MLA DSA families (DeepSeek-V3.2, GLM-5, HY-V4, A.X-K2): where the DSA layers and indexers are,
+how they compute.
 
 Every decoder layer is a DSA layer: MLA main attention (q through a LoRA, one compressed kv latent per
 token expanded per head by kv_b_proj; nope + rope parts) and a lightning indexer that picks the top-k keys.
+The families differ in fields of `MlaDsaFamily`: the RoPE style of the main attention and of the indexer,
+where the rope dims sit in an indexer head, an output gate, per-head attention sinks.
 The family forward below runs the backbone's own modules (each called as a module, so ZeRO-3 gathers its
 partitioned parameters) and hands every layer to a `Capture`, which decides how the layer attends:
 
@@ -13,6 +16,12 @@ partitioned parameters) and hands every layer to a `Capture`, which decides how 
   half. A row gathers k latent keys, not k x H x (nope + rope) values.
 
 No [B, 1, T, T] mask, no [B, T, HI, T] indexer scores: transformers' module forwards build both.
+
+Sinks (a learned per-head logit s_h in the softmax denominator, HY-V4): the kernels attend over keys only
+and return each head's LSE over those keys; `MlaForms.with_sinks` turns that output into the sink-softmax
+output, out * exp(lse) / (exp(lse) + exp(s_h)) = out * sigmoid(lse - s_h). The LSE handed to the capture's
+hooks (and so the distillation target) stays the LSE over keys: each head's attention is normalised over the
+keys only, without the sink's mass, then averaged over heads (docs/FAMILIES.md says why).
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ if TYPE_CHECKING:
     from distill.capture import Capture
 
 ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos_emb}
+ROPE_AT = ("front", "back")              # where the rope dims sit in an indexer head
+OUTPUT_GATES = (None, "gate_proj", "q_gate_proj")
 
 
 class NotDSAModelError(ValueError):
@@ -49,10 +60,12 @@ class MlaForms:
     expanded(): (q, k [B, T, H, nope + rope], v [B, T, H, Dv]), as transformers computes them.
     absorbed(): (q [B, T, H, kv_lora_rank + rope], kv [B, T, kv_lora_rank + rope]); the value of a key is
     kv[..., :kv_lora_rank], and `output(latent [B, T, H, kv_lora_rank])` gives the heads' [B, T, H, Dv].
+    sinks: the per-head sink logits [H] (None: the family has none); `with_sinks` applies them.
     """
 
-    def __init__(self, attn: nn.Module, q_nope, q_rot, latent, k_rot):
+    def __init__(self, attn: nn.Module, q_nope, q_rot, latent, k_rot, sinks: torch.Tensor | None = None):
         self.attn, self.q_nope, self.q_rot, self.latent, self.k_rot = attn, q_nope, q_rot, latent, k_rot
+        self.sinks = sinks
         self.scale = float(attn.scaling)
         self.v_dim = attn.v_head_dim
         self.latent_dim = latent.shape[-1]
@@ -85,15 +98,47 @@ class MlaForms:
         w_uv = self._kv_b_weight()[:, self.q_nope.shape[-1]:]  # [H, Dv, C]
         return torch.einsum("bthc,hvc->bthv", latent_out, w_uv)
 
+    def with_sinks(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """The heads' output [B, T, H, Dv] of a softmax over keys only, with lse [B, H, T] its LSE over those keys
+        -> the output with each head's sink logit s_h in the softmax denominator: out * sigmoid(lse - s_h).
+        Unchanged without sinks."""
+        if self.sinks is None:
+            return out
+        keep = torch.sigmoid(lse - self.sinks.float()[:, None]).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
+        return (out * keep).to(out.dtype)
+
 
 @dataclass(frozen=True)
 class MlaDsaFamily:
-    """A token-level MLA DSA family. `indexer_rope`: how the indexer applies RoPE ('interleave' | 'half')."""
+    """A token-level MLA DSA family.
+
+    indexer_rope, attention_rope: how the indexer / the main attention apply RoPE ('interleave' | 'half').
+    indexer_rope_at: where the rope dims sit in an indexer head: 'front' (the first qk_rope_head_dim dims) or
+      'back' (the last ones).
+    output_gate: None; 'gate_proj' (the heads' output times sigmoid(attn.gate_proj(x)), HY-V4); 'q_gate_proj'
+      (query and gate from one fused projection of [q_resid, q_a_proj(x)], the gate's sigmoid in fp32, A.X-K2).
+    sinks: each head has a learned sink logit `attn.sinks` [H] in its softmax denominator.
+    export_as: the model_type of the transformers class a full-model export loads as (one that shares top-k by
+      `config.indexer_types`); None: the family has none.
+    """
 
     model_type: str
     indexer_rope: str
     causal_lm: type       # the transformers class that loads the family's directories
     config_class: type
+    indexer_rope_at: str = "front"
+    attention_rope: str = "interleave"
+    output_gate: str | None = None
+    sinks: bool = False
+    export_as: str | None = None
+
+    def __post_init__(self):
+        for name, value, allowed in (("indexer_rope", self.indexer_rope, tuple(ROPE)),
+                                     ("attention_rope", self.attention_rope, tuple(ROPE)),
+                                     ("indexer_rope_at", self.indexer_rope_at, ROPE_AT),
+                                     ("output_gate", self.output_gate, OUTPUT_GATES)):
+            if value not in allowed:
+                raise ValueError(f"family {self.model_type!r}: {name}={value!r} is not one of {allowed}")
 
     # ---- where things are --------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -124,12 +169,17 @@ class MlaDsaFamily:
         B, T, _ = x.shape
         rope_dim = indexer.qk_rope_head_dim
         q = indexer.wq_b(q_resid).view(B, T, indexer.n_heads, indexer.head_dim)
-        q_rot, q_pass = torch.split(q, [rope_dim, indexer.head_dim - rope_dim], dim=-1)
-        k = indexer.k_norm(indexer.wk(x)).unsqueeze(2)
-        k_rot, k_pass = torch.split(k, [rope_dim, indexer.head_dim - rope_dim], dim=-1)
-        q_rot, k_rot = ROPE[self.indexer_rope](q_rot, k_rot, inputs.cos, inputs.sin, unsqueeze_dim=2)
-        q = torch.cat([q_rot, q_pass], dim=-1)
-        k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
+        # k_norm in its own dtype (HY-V4 keeps it in fp32; a no-op cast for the others)
+        k = indexer.k_norm(indexer.wk(x).to(indexer.k_norm.weight.dtype)).to(x.dtype).unsqueeze(2)
+        front = self.indexer_rope_at == "front"
+        sizes = [rope_dim, indexer.head_dim - rope_dim] if front else [indexer.head_dim - rope_dim, rope_dim]
+        (q_a, q_b), (k_a, k_b) = torch.split(q, sizes, dim=-1), torch.split(k, sizes, dim=-1)
+        if front:
+            q_a, k_a = ROPE[self.indexer_rope](q_a, k_a, inputs.cos, inputs.sin, unsqueeze_dim=2)
+        else:
+            q_b, k_b = ROPE[self.indexer_rope](q_b, k_b, inputs.cos, inputs.sin, unsqueeze_dim=2)
+        q = torch.cat([q_a, q_b], dim=-1)
+        k = torch.cat([k_a, k_b], dim=-1).squeeze(2)
         weights = indexer.weights_proj(x.to(indexer.weights_proj.weight.dtype)).float() * indexer.n_heads ** -0.5
         return q, k, weights
 
@@ -163,19 +213,56 @@ class MlaDsaFamily:
         hidden, position_embeddings = self.embed(model, input_ids, position_ids)
         for i in range(len(model.model.layers)):
             hidden = self.layer(model, i, hidden, position_embeddings, capture)
+        return self.final_norm(model, hidden)
+
+    def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states [B, T, hidden] from the last decoder layer's output."""
         return model.model.norm(hidden)
 
     def attention(self, attn: nn.Module, i: int, x: torch.Tensor, position_embeddings, capture: "Capture"):
         """MLA + DSA of layer i on the normed input x [B, T, hidden] -> [B, T, hidden]."""
         B, T, _ = x.shape
         H, nope, rope = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
-        q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
-        q = attn.q_b_proj(q_resid).view(B, T, H, nope + rope)
+        q_resid, q, gate = self.query(attn, x)
         q_nope, q_rot = torch.split(q, [nope, rope], dim=-1)
         latent, k_rot = torch.split(attn.kv_a_proj_with_mqa(x), [attn.kv_lora_rank, rope], dim=-1)
         latent = attn.kv_a_layernorm(latent)
         cos, sin = position_embeddings
-        q_rot, k_rot = apply_rotary_pos_emb_interleave(q_rot, k_rot.view(B, T, 1, rope), cos, sin, unsqueeze_dim=2)
+        q_rot, k_rot = ROPE[self.attention_rope](q_rot, k_rot.view(B, T, 1, rope), cos, sin, unsqueeze_dim=2)
         topk = capture.select(i, attn.indexer, IndexerInputs(x, q_resid, cos, sin))
-        out = capture.attend(i, MlaForms(attn, q_nope, q_rot, latent, k_rot), topk)
+        sinks = self._sinks(attn, i) if self.sinks else None
+        out = capture.attend(i, MlaForms(attn, q_nope, q_rot, latent, k_rot, sinks), topk)
+        if gate is not None:
+            out = (out * gate).to(out.dtype)
         return attn.o_proj(out.reshape(B, T, H * attn.v_head_dim))
+
+    def query(self, attn: nn.Module, x: torch.Tensor):
+        """(q_resid [B, T, q_lora_rank], q [B, T, H, nope + rope], gate [B, T, H, Dv] (the sigmoid, or None))
+        of the attention's normed input x [B, T, hidden], as the backbone computes them."""
+        B, T, _ = x.shape
+        H = attn.num_heads
+        q_compressed = attn.q_a_proj(x)
+        q_resid = attn.q_a_layernorm(q_compressed)
+        if self.output_gate == "q_gate_proj":
+            fused = attn.q_gate_proj(torch.cat([q_resid, q_compressed], dim=-1)).view(B, T, H, -1)
+            q, gate = torch.split(fused, [attn.qk_head_dim, attn.v_head_dim], dim=-1)
+            return q_resid, q, torch.sigmoid(gate.float())
+        q = attn.q_b_proj(q_resid).view(B, T, H, attn.qk_nope_head_dim + attn.qk_rope_head_dim)
+        if self.output_gate == "gate_proj":
+            return q_resid, q, torch.sigmoid(attn.gate_proj(x).view(B, T, H, attn.v_head_dim))
+        return q_resid, q, None
+
+    def _sinks(self, attn: nn.Module, i: int) -> torch.Tensor:
+        """attn.sinks [H]. Under ZeRO-3 a direct read inside the engine's forward is gathered by DeepSpeed; outside
+        it (evaluation, search) the parameter is still partitioned, so gather a copy (H values)."""
+        sinks = getattr(attn, "sinks", None)
+        if sinks is None:
+            raise NotDSAModelError(f"layer {i}'s attention has no `sinks` but family {self.model_type!r} has "
+                                   "attention sinks: the model does not match its model_type")
+        if hasattr(sinks, "ds_status"):
+            import deepspeed
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+            if sinks.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                with deepspeed.zero.GatheredParameters([sinks]):
+                    return sinks.detach().clone()
+        return sinks
