@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from distill.adapters import family_of
 from distill.evaluate import evaluate as evaluate_lm
 from distill.objective import REDUCTIONS, TARGETS, Distiller
 from distill.pattern import resolve_pattern
@@ -30,7 +31,7 @@ from train.checkpoint import (CheckpointError, DamagedCheckpoint, check_compatib
                               latest_checkpoint, load_checkpoint, newest_intact_checkpoint, previous_good_hint,
                               read_meta, save_checkpoint, verify_checkpoint)
 from train import faults
-from train.data import BatchLoader, eval_batches, packed_datasets
+from train.data import Batch, BatchLoader, eval_batches, packed_datasets
 from train.logger import MODES as LOGGER_MODES, Logger
 from train.model import ModelConfigError, build_model, model_config, resolve_dtype
 from train.run_dir import hold_run_lock, record_config, run_tag, set_aside_outputs
@@ -106,12 +107,19 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
     return ds
 
 
+def distill_forward(engine, batch: Batch, sparse: bool, device: torch.device, with_recall: bool = False):
+    """The Distiller's streamed forward on one batch of packed rows (documents kept apart when it has them)."""
+    batch = batch.to(device)
+    return engine(batch.input_ids, sparse=sparse, with_recall=with_recall, cu_seqlens=batch.cu_seqlens,
+                  position_ids=batch.position_ids)
+
+
 @torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor], sparse: bool, device: torch.device) -> dict[str, float]:
+def evaluate(engine, batches: list[Batch], sparse: bool, device: torch.device) -> dict[str, float]:
     """Per-group distillation loss and top-k recall on the validation batches (every rank, same batches)."""
     sums: dict[str, float] = {}
     for batch in batches:
-        out = engine(batch.to(device), sparse=sparse, with_recall=True)
+        out = distill_forward(engine, batch, sparse, device, with_recall=True)
         for f, value in out.group_losses.items():
             sums[f"eval/loss/layer_{f}"] = sums.get(f"eval/loss/layer_{f}", 0.0) + value.item()
         for f, value in out.recall.items():
@@ -143,6 +151,10 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
         raise ModelConfigError(f"model {config.model_type!r} has no DSA indexer (no index_topk)")
     resolve_dtype(cfg.model.get("dtype"), device)
     pattern = resolve_pattern(config.num_hidden_layers, d.pattern, d.retention, d.freq, key_prefix="distill.")
+    if cfg.export.full_model and family_of(config).export_as is None:
+        raise ValueError(f"export.full_model=true: {config.model_type} has no transformers class that shares top-k "
+                         "across layers, so its full model directory would not run the pattern; use "
+                         "export.full_model=false (indexer weights and manifest)")
     if d.seq_len > config.max_position_embeddings:
         raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
@@ -184,6 +196,11 @@ def _check_keys(cfg: DictConfig, device: torch.device) -> None:
     if d.lm_eval and d.eval_batches == 0:
         raise ValueError("distill.lm_eval=true evaluates on the validation batches, but distill.eval_batches=0: "
                          "set eval_batches >= 1 or lm_eval=false")
+    if d.offload_saved not in ("auto", True, False):
+        raise ValueError(f"distill.offload_saved={d.offload_saved!r}: use auto (on with a GPU), true or false")
+    for key in ("document_mask", "restart_positions"):
+        if not isinstance(cfg.data.get(key, False), bool):
+            raise ValueError(f"data.{key} must be true or false, got {cfg.data.get(key)!r}")
     if cfg.export.keep_shared_indexers and not cfg.export.full_model:
         raise ValueError("export.keep_shared_indexers=true keeps the S-layer indexers in the full model directory: "
                          "it needs export.full_model=true")
@@ -237,12 +254,14 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     data = _on_rank0_first(rank, lambda: packed_datasets(cfg.data, tokenizer, d.seq_len,
                                                          os.path.join(cfg.cache_dir, "data")))
-    loader = BatchLoader(data["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
-    val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches)
+    loader = BatchLoader(data["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                         documents=cfg.data)
+    val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches, documents=cfg.data)
 
     backbone = build_model(cfg.model, device, config, ds_config)
     partitioned = any(hasattr(p, "ds_id") for p in backbone.parameters())  # ZeRO-3 loaded it in shards
-    distiller = Distiller(backbone, pattern, kernel=d.kernel, target=d.target, reduction=d.loss_reduction)
+    distiller = Distiller(backbone, pattern, kernel=d.kernel, target=d.target, reduction=d.loss_reduction,
+                          offload_saved=d.offload_saved)
     trainable = [p for p in distiller.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=distiller, model_parameters=trainable, config=ds_config)
 
@@ -283,7 +302,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         step += 1
         micro_losses = []
         for _ in range(d.grad_accum):  # forward then backward per micro-batch (ZeRO-3 loses grads otherwise)
-            out = engine(next(loader).to(device), sparse=sparse)
+            out = distill_forward(engine, next(loader), sparse, device)
             loss = faults.nonfinite_if(step, rank, out.loss)
             # a non-finite loss gets NaN gradients, so DeepSpeed's overflow check skips the step (no host sync)
             finite = torch.isfinite(loss.detach())
