@@ -26,36 +26,31 @@ def _use_triton(kind: str, device: torch.device | str) -> bool:
     return kind == "triton" or (kind == "auto" and on_cuda)
 
 
+def _implementation(kind: str, device: torch.device | str, module: str, name: str):
+    """kernels.<module>.<name> (Triton) or kernels.reference.<name> for `kind` on `device`."""
+    if not _use_triton(kind, device):
+        return getattr(reference, name)
+    return getattr(importlib.import_module(f"kernels.{module}"), name)
+
+
 def centroid_kl_fn(kind: str, device: torch.device | str):
     """The `centroid_kl` implementation for `kind` (auto | triton | reference) on `device`."""
-    if not _use_triton(kind, device):
-        return reference.centroid_kl
-    from kernels.centroid_kl import centroid_kl
-    return centroid_kl
+    return _implementation(kind, device, "centroid_kl", "centroid_kl")
 
 
 def indexer_topk_fn(kind: str, device: torch.device | str):
     """The `indexer_topk` implementation for `kind` (auto | triton | reference) on `device`."""
-    if not _use_triton(kind, device):
-        return reference.indexer_topk
-    from kernels.indexer_topk import indexer_topk
-    return indexer_topk
+    return _implementation(kind, device, "indexer_topk", "indexer_topk")
 
 
 def sparse_attention_fn(kind: str, device: torch.device | str):
     """The `sparse_mqa_attention` implementation for `kind` (auto | triton | reference) on `device`."""
-    if not _use_triton(kind, device):
-        return reference.sparse_mqa_attention
-    from kernels.sparse_attention import sparse_mqa_attention
-    return sparse_mqa_attention
+    return _implementation(kind, device, "sparse_attention", "sparse_mqa_attention")
 
 
 def sparse_centroid_kl_fn(kind: str, device: torch.device | str):
     """The `sparse_centroid_kl` implementation for `kind` (auto | triton | reference) on `device`."""
-    if not _use_triton(kind, device):
-        return reference.sparse_centroid_kl
-    from kernels.sparse_centroid_kl import sparse_centroid_kl
-    return sparse_centroid_kl
+    return _implementation(kind, device, "sparse_centroid_kl", "sparse_centroid_kl")
 
 
 def enable_cpu_interpreter() -> None:

@@ -136,12 +136,13 @@ def test_model_without_dsa_is_refused():
         Distiller(llama, Pattern.parse("F"))
 
 
-@pytest.mark.parametrize("name", ["tiny_glm", "tiny_dsv32", "tiny_glm_dense"])
+@pytest.mark.parametrize("name", ["tiny_glm", "tiny_dsv32", "tiny_glm_dense", "tiny_hy_v4", "tiny_axk2"])
 def test_distillation_loss_falls_and_only_f_indexers_change(name):
     model = tiny(name)
     before = {n: p.clone() for n, p in model.named_parameters()}
     n = model.config.num_hidden_layers
-    distiller = Distiller(model, Pattern.from_retention(n, 0.5))
+    pattern = Pattern.from_retention(n, 0.5)
+    distiller = Distiller(model, pattern)
     opt = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=3e-3)
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
     losses = []
@@ -154,6 +155,8 @@ def test_distillation_loss_falls_and_only_f_indexers_change(name):
     assert losses[7] < 0.7 * losses[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and all(".self_attn.indexer." in n for n in changed)
+    assert {int(n.split(".")[2]) for n in changed} == set(pattern.full_layers)
 
 
 def test_own_target_uses_only_the_f_layer():
