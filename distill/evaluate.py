@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Mapping
 
 import hydra
@@ -292,7 +293,7 @@ def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str],
     from train.logger import Logger  # imports wandb
 
     logger = Logger(cfg.logger, run_dir, cfg.logger.get("name") or os.path.basename(run_dir),
-                    OmegaConf.to_container(cfg, resolve=True), rank=0)
+                    OmegaConf.to_container(cfg, resolve=True), rank=0, run_id=uuid.uuid4().hex)
     logger.log(dict(metrics), step=0)
     logger.summary(dict(metrics))
     if logger.run is not None:

@@ -1,14 +1,17 @@
 """No T x T tensor on any path a user runs (DESIGN.md section 3), and memory that holds one group.
 
-Every op's outputs are watched through a TorchDispatchMode on a tiny model at a T where T^2 dwarfs
-everything else (T = 1024: T^2 = 1M elements against T * hidden = 64K, T * vocab = 266K): training in both
-stages (forward and backward), evaluation with recall, the top-k overlap, the greedy search and the end-of-run
-LM loss. The chunked paths' element budgets are constants independent of T (64M elements by default, sized
-for 128K contexts); here they are set to 32K elements so that at this T they are far below T^2, as the
-defaults are at real T. The largest tensor any op creates must stay below T^2 / 8.
+Every op's outputs are watched through a TorchDispatchMode on a narrow model at a T where T^2 dwarfs every
+per-token width (T = 2048: T^2 = 4M elements, against 128 per token for a group's q/k and 260 for the
+logits): training in both stages (forward and backward), evaluation with recall, the top-k overlap, the greedy
+search and the end-of-run LM loss. The chunked paths' element budgets are constants independent of T (64M
+elements by default, sized for 128K contexts); here they are set to 64K elements so that at this T they are
+far below T^2, as the defaults are at real T. The largest tensor any op creates must stay below T^2 / 8.
 """
+import os
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -18,10 +21,21 @@ from distill.evaluate import evaluate, topk_overlap
 from distill.objective import Distiller
 from distill.pattern import Pattern
 from distill.search import greedy_search
-from tests.conftest import tiny
+from tests.conftest import ROOT
+from train.model import build_model
 
-T = 1024
-BUDGET = 32 << 10
+T = 2048
+BUDGET = 64 << 10
+NARROW = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=2,
+              num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+              v_head_dim=8, index_n_heads=2, index_head_dim=16, max_position_embeddings=T)
+
+
+def narrow_model():
+    """tiny_glm (8 layers, index_topk 16) with every per-token width far below T / 8."""
+    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "model", "tiny_glm.yaml"))
+    cfg.config.update(NARROW)
+    return build_model(cfg)
 
 
 class LargestTensor(TorchDispatchMode):
@@ -62,7 +76,7 @@ def assert_no_t_by_t(watch: LargestTensor):
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_training_step_creates_no_t_by_t_tensor(small_budgets, ids, sparse):
-    distiller = Distiller(tiny("tiny_glm"), Pattern.parse("FSSSFSSS"))
+    distiller = Distiller(narrow_model(), Pattern.parse("FSSSFSSS"))
 
     def step():
         out = distiller(ids, sparse=sparse, with_recall=True)
@@ -73,7 +87,7 @@ def test_training_step_creates_no_t_by_t_tensor(small_budgets, ids, sparse):
 
 
 def test_evaluation_overlap_search_and_lm_loss_create_no_t_by_t_tensor(small_budgets, ids):
-    model = tiny("tiny_glm")
+    model = narrow_model()
     assert_no_t_by_t(largest(lambda: evaluate(model, "FSSSFSSS", [ids])))
     assert_no_t_by_t(largest(lambda: evaluate(model, None, [ids])))
     assert_no_t_by_t(largest(lambda: topk_overlap(model, [ids])))
