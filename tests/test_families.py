@@ -1,5 +1,5 @@
-"""HY-V4 and A.X-K2 on tiny random models: the family forward against transformers' own forward, the indexer
-projections against the backbone indexer, sinks, and the Distiller."""
+"""Every family on tiny random models (GlmMoeDsa, DeepseekV32, HY-V4, A.X-K2): the family forward against
+transformers' own forward, the indexer projections against the backbone indexer, sinks, documents, export."""
 import copy
 from unittest import mock
 
@@ -13,10 +13,11 @@ from distill.objective import Distiller
 from distill.pattern import Pattern
 from tests.conftest import tiny
 
-NAMES = ["tiny_hy_v4", "tiny_axk2"]
+NEW = ["tiny_hy_v4", "tiny_axk2"]
+NAMES = ["tiny_glm", "tiny_dsv32", *NEW]  # every family the adapters know
 # where the backbone indexer applies its softmax scale: on the q.k scores before the ReLU (as DeepSeek-V3.2), or
 # folded into the head weights (HY-V4); the logits agree bit for bit only in the backbone's own order
-SCALE_ON = {"hy_v4": "weights", "axk2": "scores"}
+SCALE_ON = {"glm_moe_dsa": "scores", "deepseek_v32": "scores", "hy_v4": "weights", "axk2": "scores"}
 
 
 def build(name):
@@ -185,7 +186,7 @@ def test_full_model_export(tmp_path):
     from distill.export import ExportError, export
     from tests.conftest import ROOT
     x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
-    for name in NAMES:
+    for name in NEW:
         cfg = OmegaConf.to_container(OmegaConf.load(f"{ROOT}/conf/model/{name}.yaml"))
         model = build(name)
         apply_pattern(model, Pattern.parse("FSFS"))
@@ -213,7 +214,7 @@ def test_a_packed_row_gives_each_document_alone(model, sparse):
     cu = torch.tensor([0, 13, 33], dtype=torch.int32)
     positions = torch.cat([torch.arange(13), torch.arange(20)])[None]
     family = family_of(model)
-    pattern = Pattern.parse("FSFS")
+    pattern = Pattern.from_retention(model.config.num_hidden_layers, 0.5)
     with torch.no_grad():
         alone = [family.forward(model, ids, Capture(family, pattern, sparse=sparse, device=ids.device))
                  for ids in (a, b)]
