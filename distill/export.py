@@ -148,7 +148,7 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
         "index_topk_freq": freq_forms(pattern),
         "consumer_lines": consumer_lines(pattern),
         "source_model": _source_model(config, model_cfg),
-        "indexer_weights": {"file": INDEXERS, "dtype": "float32", "rope_layout": _rope_layout(config),
+        "indexer_weights": {"file": INDEXERS, "dtype": "float32", "rope_layout": family_of(config).indexer_rope,
                             "tensors": sorted(indexer_tensors)},
         "model_dir": None,
         "unused_shared_indexers": None,
@@ -368,11 +368,6 @@ def _model_dir_entry(config, dtype: str) -> dict:
     target = _export_target(config)
     return {"path": MODEL_DIR, "model_type": target.model_type, "architecture": target.causal_lm.__name__,
             "converted_from": config.model_type if config.model_type != target.model_type else None, "dtype": dtype}
-
-
-def _rope_layout(config) -> str:
-    """The indexer's RoPE layout of a model config: its family's ('half' | 'interleave')."""
-    return family_of(config).indexer_rope
 
 
 def _half_to_interleaved_rope(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

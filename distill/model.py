@@ -7,21 +7,12 @@ from torch import nn
 from distill.adapters import NotDSAModelError, family_of
 from distill.pattern import Pattern
 
-__all__ = ["NotDSAModelError", "SharedIndexer", "apply_pattern", "decoder_layers", "dsa_attentions", "rope_style"]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return family_of(model).decoder_layers(model)
+__all__ = ["NotDSAModelError", "SharedIndexer", "apply_pattern", "dsa_attentions"]
 
 
 def dsa_attentions(model: nn.Module) -> list[nn.Module]:
     """The attention module of every decoder layer, each checked to be a DSA attention."""
     return family_of(model).dsa_attentions(model)
-
-
-def rope_style(model: nn.Module) -> str:
-    """How the model's indexer applies RoPE: 'interleave' (GlmMoeDsa) or 'half' (DeepseekV32, HY-V4, A.X-K2)."""
-    return family_of(model).indexer_rope
 
 
 class SharedIndexer(nn.Module):
