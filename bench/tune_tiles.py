@@ -2,6 +2,11 @@
 DeepSeek-V3.2 shape, each against the current defaults measured in the same run.
 
     python -m bench.tune_tiles --seq-len 16384 --groups 1 4
+    python -m bench.tune_tiles --ops sparse --sparse-seq-lens 32768 131072
+
+The sparse attention (MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its
+achieved TFLOP/s: per valid (row, head, entry) 2 * 576 + 2 * 512 FLOPs for the output, and 2 * 576 more for the
+probability pass, and checks that every configuration gives the defaults' output.
 """
 from __future__ import annotations
 
@@ -12,21 +17,63 @@ import torch
 from bench.common import DSA, dsa_inputs, fwd_bwd, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
+from kernels.sparse_attention import sparse_mqa_attention
 
 CANDIDATES = [dict(), dict(warps=8), dict(block_m=128, block_n=64, warps=8), dict(stages=3), dict(lse_warps=4),
               dict(group=16)]
 TOPK_CANDIDATES = [dict(), dict(topk_warps=8), dict(topk_block_s=128), dict(topk_programs=8)]
+SPARSE_CANDIDATES = [dict()] + [dict(sparse_block_h=h, sparse_block_k=k, sparse_warps=w, sparse_stages=s)
+                                for h, k, w, s in ((32, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3),
+                                                   (64, 128, 8, 1), (64, 64, 4, 2))]
 
 
-def time_candidates(label: str, candidates: list[dict], defaults: dict, run) -> None:
-    """Times run() under each TILES['cuda'] override, against the first (the defaults) in the same run."""
-    base = None
+def time_candidates(label: str, candidates: list[dict], defaults: dict, run, flops: float | None = None,
+                    check=None) -> None:
+    """Times run() under each TILES['cuda'] override, against the first (the defaults) in the same run;
+    check(first result, this result) -> a string saying how far this configuration's output is from the first."""
+    base = first = None
     for override in candidates:
         TILES["cuda"] = dict(defaults, **override)
-        seconds, _ = measure(run, reps=3, warmup=1)
+        try:
+            seconds, _ = measure(run, reps=3, warmup=1)
+        except Exception as error:  # noqa: BLE001 (a configuration that does not compile or fit is reported)
+            print(f"{label} {override}: failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            continue
         base = base or seconds
-        print(f"{label} {override or 'defaults'}: {seconds:.4f} s ({base / seconds:.2f}x the defaults)", flush=True)
+        rate = "" if flops is None else f", {flops / seconds / 1e12:.0f} TFLOP/s"
+        agreement = ""
+        if check is not None:
+            result = run()
+            first = first if first is not None else result
+            agreement = ", " + check(first, result)
+        print(f"{label} {override or 'defaults'}: {seconds:.4f} s ({base / seconds:.2f}x the defaults{rate}"
+              f"{agreement})", flush=True)
     TILES["cuda"] = defaults
+
+
+def sparse_rows(T: int, defaults: dict) -> None:
+    """The sparse attention of one layer at T (indices from the fused top-k on random indexer projections: sets
+    without locality), with and without the probability pass."""
+    iq, ik, iw = [t.detach() for t in dsa_inputs(T, 1, H=1)[0]]
+    topk = indexer_topk(iq, ik, iw, DSA["k"])
+    del iq, ik, iw
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q = torch.randn(1, T, DSA["H"], 576, generator=g, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, T, 576, generator=g, device="cuda", dtype=torch.bfloat16)
+    entries = (topk >= 0).sum().item() * DSA["H"]
+    prob = torch.zeros(topk.shape, device="cuda")
+
+    def agree(first, result):
+        return f"max |out - defaults'| {(first[0].float() - result[0].float()).abs().max().item():.1e}"
+
+    for with_prob in (False, True):
+        def run(with_prob=with_prob):
+            with torch.no_grad():
+                return sparse_mqa_attention(q, kv, topk, DSA["Dq"] ** -0.5, 512,
+                                            prob_out=prob if with_prob else None)
+        flops = entries * (2 * 576 + 2 * 512 + (2 * 576 if with_prob else 0))
+        time_candidates(f"sparse_mqa_attention T={T} prob={with_prob}", SPARSE_CANDIDATES, defaults, run, flops,
+                        agree)
 
 
 def main() -> None:
@@ -34,8 +81,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--topk-seq-len", type=int, default=32768)
+    parser.add_argument("--ops", nargs="+", default=["centroid", "topk"], choices=["centroid", "topk", "sparse"])
+    parser.add_argument("--sparse-seq-lens", type=int, nargs="+", default=[32768])
     args = parser.parse_args()
     defaults = dict(TILES["cuda"])
+    if "sparse" in args.ops:
+        for T in args.sparse_seq_lens:
+            sparse_rows(T, defaults)
+    if "centroid" not in args.ops and "topk" not in args.ops:
+        return
     index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
     for G in args.groups:
         run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], DSA["Dq"] ** -0.5), index)

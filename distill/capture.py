@@ -20,7 +20,7 @@ from torch import nn
 from distill.adapters import IndexerInputs, MlaDsaFamily, MlaForms, NotDSAModelError
 from distill.pattern import Pattern
 from kernels import indexer_topk_fn, sparse_attention_fn
-from kernels.dense_attention import causal_attention
+from kernels.dense_attention import causal_attention, document_runs
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]
 
@@ -46,6 +46,7 @@ class Capture:
         self.topk_fn = indexer_topk_fn(kernel, device)
         self.sparse_attention = sparse_attention_fn(kernel, device)
         self.topk: dict[int, torch.Tensor] = {}   # F layer -> [B, T, K] int32 (-1 = no key), while its group runs
+        self._runs: list[tuple[int, int, int]] | None = None  # the documents' runs of tokens, once per forward
         self._last = {} if pattern is None else {members[-1]: f for f, members in pattern.groups().items()}
 
     # ---- called by the family forward ---------------------------------------------------------------
@@ -85,7 +86,7 @@ class Capture:
             self.sparse_attended(layer, forms, topk, lse)
             return forms.with_sinks(forms.output(latent), lse)
         q, k, v = forms.expanded()
-        out, lse = causal_attention(q, k, v, forms.scale, cu_seqlens=self.cu_seqlens)
+        out, lse = self.causal_attention(q, k, v, forms.scale)
         self.dense_attended(layer, forms, q, k, lse, topk)
         return forms.with_sinks(out, lse)
 
@@ -123,13 +124,20 @@ class Capture:
         """Every layer of F layer f's group has run."""
 
     # ---- helpers for subclasses ---------------------------------------------------------------------
+    def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """kernels.dense_attention.causal_attention over this forward's documents (their runs found once)."""
+        if self.cu_seqlens is not None and self._runs is None:
+            self._runs = document_runs(self.cu_seqlens, q.shape[0], q.shape[1])
+        return causal_attention(q, k, v, scale, cu_seqlens=self.cu_seqlens, runs=self._runs)
+
     def topk_mass(self, forms: MlaForms, topk: torch.Tensor, *, dense_lse: torch.Tensor | None = None,
                   topk_lse: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] fp32: the share of the layer's dense head-averaged attention that falls on `topk`:
         mean_h exp(lse_h over the top-k keys - lse_h over all causal keys); computes the LSE not given."""
         if dense_lse is None:
             q, k, v = forms.expanded()
-            dense_lse = causal_attention(q, k, v, forms.scale, cu_seqlens=self.cu_seqlens)[1]
+            dense_lse = self.causal_attention(q, k, v, forms.scale)[1]
         if topk_lse is None:
             q, kv = forms.absorbed()
             topk_lse = self.sparse_attention(q, kv, topk, forms.scale, forms.latent_dim,

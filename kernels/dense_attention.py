@@ -12,8 +12,9 @@ T x T tensor:
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
 - Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
   each run in turn (exact, and as fast as the backend is for that length).
-Every LSE a backend returns is checked on the last query row of each head against a direct computation,
-without a host sync (`torch._assert_async`): a backend that changed its LSE convention fails loudly.
+The LSE a backend returns is checked, once per call, on the last query row of each head (of the longest run)
+against a direct computation, without a host sync (`torch._assert_async`): a backend that changed its LSE
+convention fails loudly.
 """
 from __future__ import annotations
 
@@ -23,16 +24,29 @@ import torch.nn.functional as F
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
-                     cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, T, H, Dv], lse [B, H, T] fp32) of causal attention; see the module docstring."""
-    if cu_seqlens is not None:
-        out = q.new_empty(*q.shape[:3], v.shape[-1])
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
-        for b, start, end in document_runs(cu_seqlens, q.shape[0], q.shape[1]):
-            rows = slice(start, end)
-            out[b:b + 1, rows], lse[b:b + 1, :, rows] = causal_attention(q[b:b + 1, rows], k[b:b + 1, rows],
-                                                                        v[b:b + 1, rows], scale)
+                     cu_seqlens: torch.Tensor | None = None,
+                     runs: list[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, T, H, Dv], lse [B, H, T] fp32) of causal attention; see the module docstring. runs: the
+    `document_runs` of cu_seqlens when the caller has them (a forward computes them once: one host sync, not
+    one per layer)."""
+    if cu_seqlens is None:
+        out, lse = _attention(q, k, v, scale)
+        _check_last_row_lse(q, k, scale, lse)
         return out, lse
+    runs = document_runs(cu_seqlens, q.shape[0], q.shape[1]) if runs is None else runs
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    for b, start, end in runs:
+        rows = slice(start, end)
+        out[b:b + 1, rows], lse[b:b + 1, :, rows] = _attention(q[b:b + 1, rows], k[b:b + 1, rows],
+                                                              v[b:b + 1, rows], scale)
+    b, start, end = max(runs, key=lambda run: run[2] - run[1])  # one backend LSE check per call
+    _check_last_row_lse(q[b:b + 1, start:end], k[b:b + 1, start:end], scale, lse[b:b + 1, :, start:end])
+    return out, lse
+
+
+def _attention(q, k, v, scale):
+    """(out [B, T, H, Dv], lse [B, H, T] fp32) of one causal run, from the device's fused backend."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D] views
     if q.device.type == "cuda":
         out, lse = _cuda_attention(qh, kh, vh, scale)
@@ -43,7 +57,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             qh, kh, padded, 0.0, True, scale=scale)[:2]
         out = out[..., :dv]
     lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., : q.shape[1]].float()
-    _check_last_row_lse(qh, kh, scale, lse)
     return out.transpose(1, 2), lse
 
 
@@ -63,9 +76,10 @@ def _cuda_attention(qh, kh, vh, scale):
     return out, lse
 
 
-def _check_last_row_lse(qh, kh, scale, lse) -> None:
-    """The last query row attends to every key: its LSE is a [B, H, T] dot product away."""
-    scores = torch.einsum("bhd,bhsd->bhs", qh[:, :, -1], kh)  # [B, H, T] in the input dtype: no fp32 copy of k
+def _check_last_row_lse(q, k, scale, lse) -> None:
+    """The last query row of q, k [B, T, H, D] attends to every key: its LSE (lse [B, H, T]) is a dot product
+    away."""
+    scores = torch.einsum("bhd,bshd->bhs", q[:, -1], k)  # [B, H, T] in the input dtype: no fp32 copy of k
     direct = torch.logsumexp(scores.float() * scale, dim=-1)
     tol = 2e-2 * direct.abs().clamp(min=1.0)  # catches another convention (base 2, padding), not rounding
     torch._assert_async(((lse[:, :, -1] - direct).abs() <= tol).all(),
