@@ -37,7 +37,7 @@ SCORE_FLOPS_PER_PAIR = 2 * DSA["HI"] * DSA["D"] + 2 * DSA["HI"]
 # shared memory allow two 4-warp programs per SM with two rows per block, one 8-warp program with more.
 SWEEP = [dict(topk_block_t=2, topk_block_s=64, topk_select=1024, topk_warps=4, topk_programs=2),
          dict(topk_block_t=1, topk_block_s=64, topk_select=1024, topk_warps=4, topk_programs=2),
-         dict(topk_block_t=2, topk_block_s=64, topk_select=4096, topk_warps=4, topk_programs=2),
+         dict(topk_block_t=2, topk_block_s=64, topk_select=2048, topk_warps=4, topk_programs=2),
          dict(topk_block_t=4, topk_block_s=64, topk_select=1024, topk_warps=8, topk_programs=1),
          dict(topk_block_t=2, topk_block_s=128, topk_select=1024, topk_warps=8, topk_programs=1),
          dict(topk_block_t=4, topk_block_s=128, topk_select=2048, topk_warps=8, topk_programs=1)]
