@@ -81,10 +81,13 @@ def sdpa_default_forward(T: int, reps: int) -> dict:
     q, k = (torch.randn(1, DSA["H"], T, DSA["Dq"], device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(1, DSA["H"], T, DV, device="cuda", dtype=torch.bfloat16)
     run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    with torch.no_grad():
-        run()
-        backend = sdpa_backend(run)
-        seconds, peak = measure(run, reps=reps, warmup=1)
+    try:
+        with torch.no_grad():
+            run()
+            backend = sdpa_backend(run)
+            seconds, peak = measure(run, reps=reps, warmup=1)
+    except torch.OutOfMemoryError:
+        backend, seconds, peak = {}, "OOM", None
     row = dict(op="sdpa_default_fwd", T=T, G=None, seconds=seconds, peak_gib=peak, **backend)
     return with_rate(row, bench_topk.causal_pairs(T) * SDPA_FLOPS_PER_PAIR)
 

@@ -9,13 +9,14 @@ import argparse
 
 import torch
 
+from bench.bench_topk import SWEEP
 from bench.common import DSA, dsa_inputs, fwd_bwd, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
 
 CANDIDATES = [dict(), dict(warps=8), dict(block_m=128, block_n=64, warps=8), dict(stages=3), dict(lse_warps=4),
               dict(group=16)]
-TOPK_CANDIDATES = [dict(), dict(topk_warps=8), dict(topk_block_s=128), dict(topk_programs=8)]
+TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
 
 
 def time_candidates(label: str, candidates: list[dict], defaults: dict, run) -> None:
