@@ -217,6 +217,13 @@ def main() -> None:
         previous = (T, sum(timed), sum(groups))
         torch.cuda.empty_cache()
         save()
+    for r in result["rows"]:
+        if r["op"] in ("fused_topk", "sdpa_default_fwd"):
+            print(f"summary {r['op']} T={r['T']}: {r['seconds']} s, {r.get('tflops', 0):.0f} TFLOP/s"
+                  + (f", materialised / fused {r['ratio_vs_materialised']:.2f}" if "ratio_vs_materialised" in r else "")
+                  + (f", backend {r['backend']}" if "backend" in r else ""), flush=True)
+    checks = result.get("topk_checks", [])
+    print("top-k checks:", "ok" if checks and all(c["ok"] for c in checks) else "FAILED or not run", flush=True)
     print(f"done in {time.time() - t_start:.0f} s; {path}", flush=True)
 
 
