@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from bench.bench_topk import SWEEP
 from bench.common import DSA, dsa_inputs, fwd_bwd, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
@@ -21,7 +22,7 @@ from kernels.sparse_attention import sparse_mqa_attention
 
 CANDIDATES = [dict(), dict(warps=8), dict(block_m=128, block_n=64, warps=8), dict(stages=3), dict(lse_warps=4),
               dict(group=16)]
-TOPK_CANDIDATES = [dict(), dict(topk_warps=8), dict(topk_block_s=128), dict(topk_programs=8)]
+TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
 SPARSE_CANDIDATES = [dict()] + [dict(sparse_block_h=h, sparse_block_k=k, sparse_warps=w, sparse_stages=s)
                                 for h, k, w, s in ((32, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3),
                                                    (64, 128, 8, 1), (64, 64, 4, 2))]

@@ -48,14 +48,17 @@ SCRATCH_BYTES = 1 << 30  # budget of the R x T dL/dI scratch
 # Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
 # block_*/warps/stages: the per-chunk kernels (target, dq, dk); lse_*: the LSE passes; group: row blocks per
 # launch group of the target kernel; min_dot: smallest dot dimension; topk_*: kernels.indexer_topk's key
-# sub-block, programs per SM and warps; sparse_*: kernels.sparse_attention's heads and gathered keys per
-# block, warps and stages; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per block and warps.
+# tile, query rows per block, selection chunk, programs per SM, warps; sparse_*: kernels.sparse_attention's heads
+# and gathered keys per block, warps and stages; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
+# block and warps.
 TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
-                      lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_programs=4, topk_warps=4,
+                      lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_block_t=2, topk_select=1024,
+                      topk_programs=2, topk_warps=4,
                       sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2,
                       sparse_kl_block_k=32, sparse_kl_warps=4),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
-                     lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_programs=3, topk_warps=4,
+                     lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
+                     topk_programs=3, topk_warps=4,
                      sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1,
                      sparse_kl_block_k=4, sparse_kl_warps=4)}
 

@@ -1,16 +1,27 @@
 """Fused indexer scores + top-k (the DSA key selection) without a T x T score matrix.
 
-    I_t(s) = sum_j w_{t,j} relu(qI_{t,j} . kI_s),   top-k over the causal keys s of row t's document.
+    I_t(s) = sum_j w_{t,j} relu(qI_{t,j} . kI_s),   top-k over the visible keys s of row t
+    (causal, in row t's document: start(t) <= s <= t).
 
 Shapes: index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI] -> int32 [B, T, k] (-1 = no key).
 
-One persistent program walks query rows; per row it keeps the best KP = next_pow2(k) keys as packed
-int64 (order-preserving score bits << 32 | key index) sorted descending in registers. Scores come
-KP keys at a time (dots of the row's [HI, D] query heads against [BLOCK_S, D] key tiles, reduced over
-heads in fp32) into a per-program KP slot, then are sorted and merged: the elementwise max of the
-descending best list and the ascending new list is bitonic and holds the top KP of both, and one
-bitonic merge sorts it. A chunk whose best score cannot enter is skipped. Rows with at most k keys
-need no scores (all their keys, then -1).
+A radix select, as inference top-k kernels do it (a threshold, not a sort). Persistent programs walk
+blocks of BLOCK_T consecutive query rows, longest rows first. Per block:
+
+1. Scores: each [BLOCK_S, D] key tile is multiplied with the block's [BLOCK_T * HI, D] query heads (one
+   dot; key tiles are shared by the block's rows), relu, weighted sum over heads in fp32. Each row's
+   scores go to the program's scratch row in global memory as order keys: int32 whose signed order is
+   the fp32 order (sign-folded bits).
+2. Threshold: per row, the k-th largest order key is found one byte at a time from the top: a
+   256-bin histogram of the next byte over the keys that match the bytes fixed so far, then the bucket
+   where the count from the top reaches k. It stops early once the boundary bucket is taken whole, at
+   most four passes over the row's scratch.
+3. Output: one more pass writes the keys above the threshold (at cumsum positions), then the first
+   of the keys equal to it until k are written (ties broken by key index). The order within a row is
+   ascending key index, ties last.
+
+Rows with at most k visible keys need no scores: all their keys, then -1. The visible keys of a row are
+`_visible(start, t)`: one place to change for a per-row visible-key rule.
 """
 from __future__ import annotations
 
@@ -21,76 +32,155 @@ import triton.language as tl
 from kernels.reference import document_starts
 from kernels.centroid_kl import TL_DTYPES, dot_dtype, tile_config
 
-EMPTY = tl.constexpr(-(2**63))  # packed sentinel: below every score
+
+@triton.jit
+def _visible(start, t):
+    """(first, last) visible key of rows t whose document starts at `start`: causal, in-document."""
+    return start, t
 
 
 @triton.jit
-def _pack(score, keys):
-    """Order-preserving int64: fp32 score bits (sign-folded) in the high word, key index in the low word."""
+def _order_key(score):
+    """Int32 whose signed order is the fp32 order of `score` (negative floats' magnitude bits flipped)."""
     bits = score.to(tl.int32, bitcast=True)
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return (bits.to(tl.int64) << 32) | keys.to(tl.int64)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
-def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, slot_ptr,
+def _score_block(iq, ik, iw, scr, b, t0, first, last, lo, hi, T,
+                 iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h, HI, D: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_S: tl.constexpr,
+                 PREC: tl.constexpr, DOT: tl.constexpr):
+    """scr[r, s] = order key of I_{t0+r}(s) for every visible key s of the block's rows r (keys lo .. hi)."""
+    m = tl.arange(0, BLOCK_T * BLOCK_H)  # query head m % BLOCK_H of row t0 + m // BLOCK_H
+    head, row = m % BLOCK_H, t0 + m // BLOCK_H
+    cols = tl.arange(0, DI)
+    m_ok = (head < HI) & (row < T)
+    q_ptrs = (iq + tl.cast(b, tl.int64) * iq_b + row.to(tl.int64)[:, None] * iq_t + head[:, None] * iq_h
+              + cols[None, :] * iq_d)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & (cols < D)[None, :], other=0.0).to(DOT)
+    w = tl.load(iw + tl.cast(b, tl.int64) * iw_b + row.to(tl.int64) * iw_t + head * iw_h, mask=m_ok,
+                other=0.0).to(tl.float32)
+    k_base = ik + tl.cast(b, tl.int64) * ik_b
+    rows = tl.arange(0, BLOCK_T)
+    sub = tl.arange(0, BLOCK_S)
+    for s0 in range(lo, hi + 1, BLOCK_S):
+        keys = s0 + sub
+        k_ptrs = k_base + keys.to(tl.int64)[:, None] * ik_t + cols[None, :] * ik_d
+        kt = tl.load(k_ptrs, mask=(keys <= hi)[:, None] & (cols < D)[None, :], other=0.0).to(DOT)
+        heads = tl.maximum(tl.dot(kt, tl.trans(q), input_precision=PREC), 0.0) * w[None, :]  # [S, T * H]
+        if BLOCK_T == 1:
+            score = tl.sum(heads, 1)[:, None]
+        else:
+            score = tl.sum(tl.reshape(heads, (BLOCK_S, BLOCK_T, BLOCK_H)), 2)  # [S, T]
+        ok = (keys[:, None] >= first[None, :]) & (keys[:, None] <= last[None, :])
+        tl.store(scr + rows[None, :] * T + keys[:, None], _order_key(score), mask=ok)
+
+
+@triton.jit
+def _threshold(scr_row, lo, hi, K, SEL: tl.constexpr):
+    """(thr, known, need): the k-th largest order key of scr_row[lo .. hi] agrees with thr on the bits of
+    `known`; `need` keys of that bucket (thr on known) belong to the top k, all keys above it do."""
+    sel = tl.arange(0, SEL)
+    bins = tl.arange(0, 256)
+    thr = tl.full([], 0, tl.int32)
+    known = tl.full([], 0, tl.int32)
+    shift = tl.full([], 24, tl.int32)
+    need = K + 0 * lo
+    go = hi >= lo
+    while go:
+        flip = tl.where(shift == 24, 128, 0)  # the top byte holds the sign: signed order -> unsigned bins
+        hist = tl.zeros((256,), tl.int32)
+        for s0 in range(lo, hi + 1, SEL):
+            keys = s0 + sel
+            v = tl.load(scr_row + keys, mask=keys <= hi, other=0)
+            match = (keys <= hi) & ((v & known) == thr)
+            hist += tl.histogram(((v >> shift) & 0xFF) ^ flip, 256, mask=match)
+        at_or_above = tl.cumsum(hist, 0, reverse=True)
+        bucket = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1  # the bucket holding the k-th key
+        in_bucket = tl.sum(tl.where(bins == bucket, hist, 0), 0)
+        need -= tl.sum(tl.where(bins == bucket, at_or_above, 0), 0) - in_bucket
+        thr = thr | ((bucket ^ flip) << shift)
+        known = known | (0xFF << shift)
+        go = (in_bucket > need) & (shift > 0)
+        shift -= 8
+    return thr, known, need
+
+
+@triton.jit
+def _write_selected(scr_row, out, lo, hi, K, thr, known, need, SEL: tl.constexpr):
+    """out[0 : K - need] = the keys above thr (ascending), out[K - need : K] = the first `need` keys at thr."""
+    sel = tl.arange(0, SEL)
+    n_above = 0 * lo
+    n_at = 0 * lo
+    for s0 in range(lo, hi + 1, SEL):
+        keys = s0 + sel
+        v = tl.load(scr_row + keys, mask=keys <= hi, other=0) & known
+        above = (keys <= hi) & (v > thr)
+        at = (keys <= hi) & (v == thr)
+        pos_above = n_above + tl.cumsum(above.to(tl.int32), 0) - 1
+        pos_at = n_at + tl.cumsum(at.to(tl.int32), 0) - 1
+        tl.store(out + pos_above, keys, mask=above)
+        tl.store(out + (K - need) + pos_at, keys, mask=at & (pos_at < need))
+        n_above += tl.sum(above.to(tl.int32), 0)
+        n_at += tl.sum(at.to(tl.int32), 0)
+
+
+@triton.jit
+def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, scr_ptr,
                  iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                  B, T, HI, D: tl.constexpr, K, n_prog,
-                 BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_S: tl.constexpr, KP: tl.constexpr,
-                 PREC: tl.constexpr, DOT: tl.constexpr):
-    """Rows pid, pid + n_prog, ... of the flattened B*T: out [B*T, K] int32."""
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_S: tl.constexpr,
+                 SEL: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """Row blocks pid, pid + n_prog, ... (longest first) of B x cdiv(T, BLOCK_T): out [B*T, K] int32."""
     pid = tl.program_id(0)
-    heads = tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, DI)
-    sub = tl.arange(0, BLOCK_S)
-    slots = tl.arange(0, KP)
-    slot = slot_ptr + pid.to(tl.int64) * KP
-    for r in range(pid, B * T, n_prog):
-        b = r // T
-        t = r % T
-        start = tl.load(doc_ptr + r)
-        out = out_ptr + tl.cast(r, tl.int64) * K
-        if t - start + 1 <= K:
-            tl.store(out + slots, tl.where(slots <= t - start, start + slots, -1), mask=slots < K)
-        else:
-            q_ptrs = (iq + tl.cast(b, tl.int64) * iq_b + tl.cast(t, tl.int64) * iq_t + heads[:, None] * iq_h
-                      + cols[None, :] * iq_d)
-            q = tl.load(q_ptrs, mask=(heads < HI)[:, None] & (cols < D)[None, :], other=0.0).to(DOT)
-            w_ptrs = iw + tl.cast(b, tl.int64) * iw_b + tl.cast(t, tl.int64) * iw_t + heads * iw_h
-            w = tl.load(w_ptrs, mask=heads < HI, other=0.0).to(tl.float32)
-            k_base = ik + tl.cast(b, tl.int64) * ik_b
-            best = tl.full((KP,), EMPTY, tl.int64)
-            for c0 in range(start, t + 1, KP):
-                for s0 in range(0, KP, BLOCK_S):
-                    keys = c0 + s0 + sub
-                    ok = keys <= t
-                    k_ptrs = k_base + keys.to(tl.int64)[:, None] * ik_t + cols[None, :] * ik_d
-                    kt = tl.load(k_ptrs, mask=ok[:, None] & (cols < D)[None, :], other=0.0).to(DOT)
-                    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
-                    score = tl.sum(w[:, None] * tl.maximum(s, 0.0), 0)
-                    tl.store(slot + s0 + sub, tl.where(ok, _pack(score, keys), EMPTY))
-                tl.debug_barrier()
-                new = tl.load(slot + slots)
-                tl.debug_barrier()
-                if tl.max(new, 0) > tl.min(best, 0):
-                    best = tl.bitonic_merge(tl.maximum(best, tl.sort(new)), descending=True)
-            idx = (best & 0xFFFFFFFF).to(tl.int32)
-            tl.store(out + slots, idx, mask=slots < K)
+    scr = scr_ptr + pid.to(tl.int64) * BLOCK_T * T  # this program's [BLOCK_T, T] scores
+    sel = tl.arange(0, SEL)
+    rows = tl.arange(0, BLOCK_T)
+    n_blocks = tl.cdiv(T, BLOCK_T)
+    for i in range(pid, B * n_blocks, n_prog):
+        b = i % B
+        t0 = (n_blocks - 1 - i // B) * BLOCK_T
+        live = t0 + rows < T
+        first, last = _visible(tl.load(doc_ptr + b * T + t0 + rows, mask=live, other=0), t0 + rows)
+        scored = live & (last - first + 1 > K)
+        if tl.max(scored.to(tl.int32), 0) > 0:
+            lo = tl.min(tl.where(scored, first, T), 0)
+            hi = tl.max(tl.where(scored, last, -1), 0)
+            _score_block(iq, ik, iw, scr, b, t0, first, last, lo, hi, T,
+                         iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h, HI, D,
+                         BLOCK_T, BLOCK_H, DI, BLOCK_S, PREC, DOT)
+            tl.debug_barrier()  # the scores are read back by other threads of the program
+        for r in range(0, BLOCK_T):
+            t = t0 + r
+            if t < T:
+                lo, hi = _visible(tl.load(doc_ptr + b * T + t), t)
+                out = out_ptr + (tl.cast(b, tl.int64) * T + t) * K
+                if hi - lo + 1 <= K:
+                    for j0 in range(0, K, SEL):
+                        j = j0 + sel
+                        tl.store(out + j, tl.where(j <= hi - lo, lo + j, -1), mask=j < K)
+                else:
+                    thr, known, need = _threshold(scr + r * T, lo, hi, K, SEL)
+                    _write_selected(scr + r * T, out, lo, hi, K, thr, known, need, SEL)
+        tl.debug_barrier()  # the next block overwrites the scratch
 
 
 def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, k: int, *,
                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Fused `kernels.reference.indexer_topk`: int32 [B, T, k], the same key sets up to ties, -1 padded.
 
-    k up to 2048 (the per-row list lives in registers); cu_seqlens: offsets over the flattened B*T tokens;
-    index_w may be fp32 with bf16/fp16 index_q and index_k (scores accumulate in fp32 either way).
+    Each row's keys come in ascending index order (ties at the threshold last), not by score.
+    cu_seqlens: offsets over the flattened B*T tokens; index_w may be fp32 with bf16/fp16 index_q and
+    index_k (scores accumulate in fp32 either way). Memory: the output and an int32 [programs, BLOCK_T, T]
+    scratch.
     """
     if index_q.dim() != 4 or index_k.shape != (*index_q.shape[:2], index_q.shape[3]) \
             or index_w.shape != index_q.shape[:3]:
         raise ValueError("expected index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]; got "
                          f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
-    if not 1 <= k <= 2048:
-        raise ValueError(f"the fused indexer_topk takes 1 <= k <= 2048, got k={k}")
+    if k < 1:
+        raise ValueError(f"the fused indexer_topk takes k >= 1, got k={k}")
     if index_q.dtype not in TL_DTYPES or index_k.dtype != index_q.dtype or index_w.dtype not in TL_DTYPES:
         raise ValueError("index_q and index_k must share one dtype of bf16, fp16, fp32 (index_w any of them); got "
                          f"{index_q.dtype}, {index_k.dtype}, {index_w.dtype}")
@@ -99,15 +189,19 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
     dev = index_q.device
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
     out = torch.empty(B, T, k, device=dev, dtype=torch.int32)
-    kp = triton.next_power_of_2(k)
-    block_s = min(kp, cfg["topk_block_s"])
-    n_prog = min(B * T, cfg["topk_programs"] * (torch.cuda.get_device_properties(dev).multi_processor_count
-                                                 if dev.type == "cuda" else 1))
-    slots = torch.empty(n_prog, kp, device=dev, dtype=torch.int64)
+    block_t = cfg["topk_block_t"]
+    n_prog = min(B * triton.cdiv(T, block_t),
+                 cfg["topk_programs"] * (torch.cuda.get_device_properties(dev).multi_processor_count
+                                         if dev.type == "cuda" else 1))
+    scratch = torch.empty(n_prog, block_t, T, device=dev, dtype=torch.int32)
     _topk_kernel[(n_prog,)](
-        index_q, index_k, index_w, doc, out, slots, *index_q.stride(), *index_k.stride(), *index_w.stride(),
-        B, T, HI, D, k, n_prog,
-        BLOCK_H=max(cfg["min_dot"], triton.next_power_of_2(HI)), DI=max(cfg["min_dot"], triton.next_power_of_2(D)),
-        BLOCK_S=block_s, KP=kp, PREC="ieee" if index_q.dtype == torch.float32 else "tf32", DOT=dot_dtype(index_q),
+        iq=index_q, ik=index_k, iw=index_w, doc_ptr=doc, out_ptr=out, scr_ptr=scratch,
+        iq_b=index_q.stride(0), iq_t=index_q.stride(1), iq_h=index_q.stride(2), iq_d=index_q.stride(3),
+        ik_b=index_k.stride(0), ik_t=index_k.stride(1), ik_d=index_k.stride(2),
+        iw_b=index_w.stride(0), iw_t=index_w.stride(1), iw_h=index_w.stride(2),
+        B=B, T=T, HI=HI, D=D, K=k, n_prog=n_prog,
+        BLOCK_T=block_t, BLOCK_H=max(cfg["min_dot"], triton.next_power_of_2(HI)),
+        DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_S=cfg["topk_block_s"], SEL=cfg["topk_select"],
+        PREC="ieee" if index_q.dtype == torch.float32 else "tf32", DOT=dot_dtype(index_q),
         num_warps=cfg["topk_warps"])
     return out
