@@ -24,16 +24,45 @@ from distill.pattern import Pattern
 from train.model import build_model
 
 HIDDEN = 1024
+# DeepSeek-V3.2's attention and indexer (transformers' DeepseekV32Config defaults, deepseek-ai/DeepSeek-V3.2-Exp)
+V32_ATTENTION = dict(num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64, index_head_dim=128,
+                     index_topk=2048)
+# everything but the attention: narrow hidden, MLPs, experts and vocabulary
+NARROW = dict(vocab_size=4096, hidden_size=HIDDEN, intermediate_size=1024, moe_intermediate_size=256,
+              n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+              bos_token_id=0, eos_token_id=1, pad_token_id=2,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def model_config(layers: int, seq_len: int) -> dict:
-    """DeepSeek-V3.2 attention shapes, narrow elsewhere."""
-    return dict(vocab_size=4096, hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=layers,
-                first_k_dense_replace=layers, moe_intermediate_size=256, n_routed_experts=4, num_experts_per_tok=2,
-                num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64, index_head_dim=128,
-                index_topk=2048, max_position_embeddings=seq_len, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+def model_config(layers: int, seq_len: int, attention: dict = V32_ATTENTION, moe_from: int | None = None) -> dict:
+    """A transformers config mapping: `attention` (a family's real attention and indexer shapes, and any keys of
+    its own) over NARROW, `layers` decoder layers, positions up to `seq_len`; dense MLPs, or NARROW's 4 experts
+    from layer `moe_from` on."""
+    mlp = ["dense" if moe_from is None or i < moe_from else "sparse" for i in range(layers)]
+    return dict(NARROW, **attention, num_hidden_layers=layers, mlp_layer_types=mlp, max_position_embeddings=seq_len)
+
+
+def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "sparse"), warm_tokens: int | None = None):
+    """Yield one row per stage: one optimizer step (streamed forward + backward + AdamW on the F indexers) on
+    ids [B, T], timed after a warm-up forward + backward of every stage on ids[:, :warm_tokens] (all of T by
+    default) that compiles every kernel. A row: stage, seconds (or 'OOM'), tokens/s, peak GiB above the
+    allocation before the step (the model, the optimizer state) and peak GiB in all."""
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    for sparse in (False, True):
+        distiller(ids[:, :warm_tokens], sparse=sparse).loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    for stage in stages:
+        def step(sparse=stage == "sparse"):
+            distiller(ids, sparse=sparse).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds, peak = measure(step, reps=1)
+        tokens_per_s = None if isinstance(seconds, str) else ids.numel() / seconds
+        yield dict(stage=stage, seconds=seconds, tokens_per_s=tokens_per_s, peak_gib=peak,
+                   peak_total_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
 def main() -> None:
@@ -51,26 +80,13 @@ def main() -> None:
     pattern = Pattern.from_freq(args.layers, 4, "transformers", offset=3)
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
     distiller = Distiller(model, pattern, kernel="triton", offload_saved=offload)
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(3, config["vocab_size"], (1, args.seq_len), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
-    warm = ids[:, :4096]  # compiles every kernel (the same specialisations as at T) before anything is timed
-    for sparse in (False, True):
-        distiller(warm, sparse=sparse).loss.backward()
-    optimizer.zero_grad(set_to_none=True)
     rows = []
-    for stage in args.stages.split(","):
-        def step(sparse=stage == "sparse"):
-            distiller(ids, sparse=sparse).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds, peak = measure(step, reps=1)
-        rows.append(dict(stage=stage, seconds=seconds, tokens_per_s=None if isinstance(seconds, str)
-                         else args.seq_len / seconds, peak_gib=peak,
-                         peak_total_gib=torch.cuda.max_memory_allocated() / 2**30))
-        print(rows[-1], flush=True)
+    # the warm-up at 4K compiles every kernel (the same specialisations as at T) at a fraction of a step at T
+    for row in timed_steps(distiller, ids, args.stages.split(","), warm_tokens=4096):
+        rows.append(row)
+        print(row, flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"real_scale-{args.layers}x{args.seq_len}.json")
     with open(path, "w") as f:
