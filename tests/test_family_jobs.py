@@ -25,10 +25,11 @@ from train.model import build_model
 
 # the tiny config (conf/model/) of every family
 TINY = {"glm_moe_dsa": "tiny_glm", "deepseek_v32": "tiny_dsv32", "hy_v4": "tiny_hy_v4", "axk2": "tiny_axk2"}
-# one dense and one sparse step of one 32-token row, one validation batch at the end, two groups
+# one dense and one sparse step of one 32-token row, one validation batch at the end, two groups; no warm-up
+# (the other job tests warm up), so both steps train at the full rate
 STEPS = ["data=stdlib_small", "distill.seq_len=32", "distill.micro_batch_size=1", "distill.dense_steps=1",
-         "distill.sparse_steps=1", "distill.eval_batches=1", "distill.lm_eval=false", "distill.retention=0.5",
-         "logger=disabled", "resume=never"]
+         "distill.sparse_steps=1", "distill.warmup_steps=0", "distill.eval_batches=1", "distill.lm_eval=false",
+         "distill.retention=0.5", "logger=disabled", "resume=never"]
 
 
 def test_every_family_has_a_tiny_config_and_a_bench_model():
@@ -80,6 +81,9 @@ def test_two_step_job_ends_in_an_export_of_the_trained_indexers(in_process, tmp_
     assert manifest["pattern"] == str(Pattern.from_retention(backbone.config.num_hidden_layers, 0.5))
     assert {int(k.split(".")[2]) for k in exported} == set(manifest["full_layers"])
     assert set(exported) <= set(backbone.state_dict())  # names exactly as in the backbone's state dict
+    initial = backbone.state_dict()
+    head_weights = [k for k in exported if k.endswith("weights_proj.weight")]
+    assert head_weights and all(not torch.equal(exported[k], initial[k]) for k in head_weights)  # both steps trained
 
     if not full_model:  # no transformers class shares top-k: indexers and manifest only, full_model refused
         assert manifest["model_dir"] is None and not (run_dir / "export" / "model").exists()

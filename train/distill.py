@@ -92,6 +92,7 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
                          "with compute_grad_norm and bf16.check_grad_overflow left on, so that DeepSpeed skips a step "
                          "whose gradients are not finite")
     total = d.dense_steps + d.sparse_steps
+    warmup = min(d.warmup_steps, max(total - 1, 0))
     ds.update({
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
         "gradient_accumulation_steps": d.grad_accum,
@@ -100,8 +101,11 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
         # torch_adam: torch's AdamW, not DeepSpeed's JIT-built FusedAdam (whose build fails on some GPU images)
         "optimizer": {"type": "AdamW", "params": {"lr": d.lr, "weight_decay": d.weight_decay,
                                                   "betas": list(d.betas), "torch_adam": True}},
+        # DeepSpeed's linear warm-up gives step i (from 0) the ratio min + (1 - min) i / W: starting at 1 / W, the
+        # first step already trains; W = 0 (no warm-up) is W = 1 from the full rate (DeepSpeed refuses 0)
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total, 1), "warmup_num_steps": min(d.warmup_steps, max(total - 1, 0)),
+            "total_num_steps": max(total, 1), "warmup_num_steps": max(warmup, 1),
+            "warmup_min_ratio": 1.0 / max(warmup, 2) if warmup else 1.0,
             "warmup_type": "linear", "cos_min_ratio": d.min_lr_ratio}},
     })
     return ds
@@ -264,6 +268,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
                           offload_saved=d.offload_saved)
     trainable = [p for p in distiller.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=distiller, model_parameters=trainable, config=ds_config)
+    scheduler.step()  # from DeepSpeed's "not started" (rate 0) to the first step's rate; a resume loads its own
 
     step = 0
     run_id = uuid.uuid4().hex[:12]  # a fresh run's id; a resumed run keeps its checkpoint's
