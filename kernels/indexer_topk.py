@@ -2,7 +2,8 @@
 
     I_t(s) = sum_j w_{t,j} relu(qI_{t,j} . kI_s),   top-k over the causal keys s of row t's document.
 
-Shapes: index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI] -> int32 [B, T, k] (-1 = no key).
+Shapes: index_q [B, T, HI, D], index_k [B, S, D], index_w [B, T, HI] -> int32 [B, T, k] (-1 = no key), with
+S = T // ratio keys (ratio > 1: compressed entries; row t sees keys w < (t + 1) // ratio).
 
 One persistent program walks query rows; per row it keeps the best KP = next_pow2(k) keys as packed
 int64 (order-preserving score bits << 32 | key index) sorted descending in registers. Scores come
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import document_starts
+from kernels.reference import check_indexer_inputs, check_ratio, document_starts
 from kernels.centroid_kl import TL_DTYPES, dot_dtype, tile_config
 
 EMPTY = tl.constexpr(-(2**63))  # packed sentinel: below every score
@@ -35,7 +36,7 @@ def _pack(score, keys):
 @triton.jit
 def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, slot_ptr,
                  iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
-                 B, T, HI, D: tl.constexpr, K, n_prog,
+                 B, T, HI, D: tl.constexpr, K, n_prog, RATIO: tl.constexpr,
                  BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_S: tl.constexpr, KP: tl.constexpr,
                  PREC: tl.constexpr, DOT: tl.constexpr):
     """Rows pid, pid + n_prog, ... of the flattened B*T: out [B*T, K] int32."""
@@ -49,9 +50,10 @@ def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, slot_ptr,
         b = r // T
         t = r % T
         start = tl.load(doc_ptr + r)
+        end = start + (t - start + 1) // RATIO  # row t sees keys start .. end - 1
         out = out_ptr + tl.cast(r, tl.int64) * K
-        if t - start + 1 <= K:
-            tl.store(out + slots, tl.where(slots <= t - start, start + slots, -1), mask=slots < K)
+        if end - start <= K:
+            tl.store(out + slots, tl.where(slots < end - start, start + slots, -1), mask=slots < K)
         else:
             q_ptrs = (iq + tl.cast(b, tl.int64) * iq_b + tl.cast(t, tl.int64) * iq_t + heads[:, None] * iq_h
                       + cols[None, :] * iq_d)
@@ -60,10 +62,10 @@ def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, slot_ptr,
             w = tl.load(w_ptrs, mask=heads < HI, other=0.0).to(tl.float32)
             k_base = ik + tl.cast(b, tl.int64) * ik_b
             best = tl.full((KP,), EMPTY, tl.int64)
-            for c0 in range(start, t + 1, KP):
+            for c0 in range(start, end, KP):
                 for s0 in range(0, KP, BLOCK_S):
                     keys = c0 + s0 + sub
-                    ok = keys <= t
+                    ok = keys < end
                     k_ptrs = k_base + keys.to(tl.int64)[:, None] * ik_t + cols[None, :] * ik_d
                     kt = tl.load(k_ptrs, mask=ok[:, None] & (cols < D)[None, :], other=0.0).to(DOT)
                     s = tl.dot(q, tl.trans(kt), input_precision=PREC)
@@ -79,16 +81,15 @@ def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, slot_ptr,
 
 
 def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, k: int, *,
-                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                 cu_seqlens: torch.Tensor | None = None, ratio: int = 1) -> torch.Tensor:
     """Fused `kernels.reference.indexer_topk`: int32 [B, T, k], the same key sets up to ties, -1 padded.
 
     k up to 2048 (the per-row list lives in registers); cu_seqlens: offsets over the flattened B*T tokens;
-    index_w may be fp32 with bf16/fp16 index_q and index_k (scores accumulate in fp32 either way).
+    index_w may be fp32 with bf16/fp16 index_q and index_k (scores accumulate in fp32 either way);
+    ratio: index_k holds T // ratio compressed keys, row t sees the first (t + 1) // ratio.
     """
-    if index_q.dim() != 4 or index_k.shape != (*index_q.shape[:2], index_q.shape[3]) \
-            or index_w.shape != index_q.shape[:3]:
-        raise ValueError("expected index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]; got "
-                         f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
+    check_indexer_inputs(index_q, index_k, index_w, ratio)
+    check_ratio(ratio, cu_seqlens)
     if not 1 <= k <= 2048:
         raise ValueError(f"the fused indexer_topk takes 1 <= k <= 2048, got k={k}")
     if index_q.dtype not in TL_DTYPES or index_k.dtype != index_q.dtype or index_w.dtype not in TL_DTYPES:
@@ -106,7 +107,7 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
     slots = torch.empty(n_prog, kp, device=dev, dtype=torch.int64)
     _topk_kernel[(n_prog,)](
         index_q, index_k, index_w, doc, out, slots, *index_q.stride(), *index_k.stride(), *index_w.stride(),
-        B, T, HI, D, k, n_prog,
+        B, T, HI, D, k, n_prog, RATIO=ratio,
         BLOCK_H=max(cfg["min_dot"], triton.next_power_of_2(HI)), DI=max(cfg["min_dot"], triton.next_power_of_2(D)),
         BLOCK_S=block_s, KP=kp, PREC="ieee" if index_q.dtype == torch.float32 else "tf32", DOT=dot_dtype(index_q),
         num_warps=cfg["topk_warps"])
