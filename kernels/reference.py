@@ -296,6 +296,7 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
 
 def check_indexer_inputs(index_q, index_k, index_w, ratio: int = 1):
     """index_q [B, T, HI, D], index_k [B, T // ratio, D], index_w [B, T, HI], else a ValueError naming the shapes."""
+    check_ratio(ratio, None)
     if index_q.dim() != 4 or index_k.dim() != 3 or index_w.dim() != 3:
         raise ValueError("expected index_q [B,T,HI,D], index_k [B,S,D], index_w [B,T,HI]; got "
                          f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
