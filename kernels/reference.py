@@ -302,8 +302,9 @@ def check_indexer_inputs(index_q, index_k, index_w, ratio: int = 1):
                          f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
     B, T, HI, D = index_q.shape
     if index_k.shape != (B, T // ratio, D) or index_w.shape != (B, T, HI):
-        raise ValueError(f"index_k {tuple(index_k.shape)} / index_w {tuple(index_w.shape)} do not match "
-                         f"index_q {tuple(index_q.shape)} with {T // ratio} keys (ratio {ratio})")
+        raise ValueError(f"expected index_q [B,T,HI,D], index_k [B,T//ratio,D], index_w [B,T,HI]: index_k "
+                         f"{tuple(index_k.shape)} / index_w {tuple(index_w.shape)} do not match index_q "
+                         f"{tuple(index_q.shape)} with {T // ratio} keys (ratio {ratio})")
 
 
 def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None, ratio: int = 1):
