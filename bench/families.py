@@ -19,7 +19,7 @@ import gc
 import json
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,9 +35,13 @@ MOE_FROM = 1                          # layer 0 has a dense MLP, the others the 
 
 @dataclass(frozen=True)
 class RealShapes:
-    """A family's real attention and indexer config values (and keys of its own), and where they come from."""
+    """A family's real attention and indexer config values (and keys of its own), and where they come from.
+    layer_keys: config keys that replace the bench's own (per-layer lists; None: the family's default);
+    kernel: the Distiller's kernel for this family."""
     source: str
     attention: dict
+    layer_keys: dict = field(default_factory=dict)
+    kernel: str = "triton"
 
 
 def _mla(heads: int, q_lora: int, kv_lora: int, nope: int, rope: int, v: int, index_heads: int, index_dim: int,
@@ -58,6 +62,18 @@ REAL_SHAPES = {
     "hy_v4": RealShapes("HY-V4 (tencent/Hy4-preview): transformers 5.17 HYV4Config defaults; per-head sinks and "
                         "output gate", _mla(32, 1536, 512, 192, 64, 256, 16, 128, 2048, hc_mult=4,
                                             indexer_types=["full"] * LAYERS)),
+    # DeepSeek-V4's fused dense centroid KL over compressed entries is not built: its rows run the references
+    "deepseek_v4": RealShapes("DeepSeek-V4-Flash (deepseek-ai/DeepSeek-V4-Flash-Base): transformers 5.17 "
+                              "DeepseekV4Config defaults; every bench layer a CSA layer (4:1 entries, top-512)",
+                              dict(num_attention_heads=64, num_key_value_heads=1, head_dim=512, q_lora_rank=1024,
+                                   partial_rotary_factor=0.125, index_n_heads=64, index_head_dim=128, index_topk=512,
+                                   sliding_window=128, o_groups=8, o_lora_rank=1024, hc_mult=4,
+                                   compress_rates={"compressed_sparse_attention": 4,
+                                                   "heavily_compressed_attention": 128}),
+                              layer_keys=dict(layer_types=["compressed_sparse_attention"] * LAYERS,
+                                              mlp_layer_types=["hash_moe"] + ["moe"] * (LAYERS - 1),
+                                              rope_parameters=None),
+                              kernel="reference"),
     "axk2": RealShapes("A.X-K2 (skt/A.X-K2): transformers 5.17 AXK2Config defaults (its docstring calls the "
                        "ungrouped routing the A.X-K2-Light default); fused query + output gate",
                        _mla(32, 384, 128, 64, 32, 64, 16, 128, 2048, gated_norm_rank=16)),
@@ -67,7 +83,9 @@ REAL_SHAPES = {
 def model_cfg(model_type: str, seq_len: int) -> dict:
     """The conf/model mapping of a family's bench model: REAL_SHAPES' attention, narrow elsewhere, LAYERS layers,
     positions up to seq_len, bf16."""
-    config = model_config(LAYERS, seq_len, REAL_SHAPES[model_type].attention, moe_from=MOE_FROM)
+    shapes = REAL_SHAPES[model_type]
+    config = {key: value for key, value in {**model_config(LAYERS, seq_len, shapes.attention, moe_from=MOE_FROM),
+                                            **shapes.layer_keys}.items() if value is not None}
     return dict(type=model_type, dtype="bfloat16", init_seed=0, config=config)
 
 
@@ -77,7 +95,7 @@ def family_rows(model_type: str, seq_len: int):
     cfg = model_cfg(model_type, seq_len)
     with torch.device("cuda"):  # initialised on the GPU: 128 heads of 8 layers take long on the CPU
         model = build_model(cfg, "cuda")
-    distiller = Distiller(model, PATTERN, kernel="triton")
+    distiller = Distiller(model, PATTERN, kernel=REAL_SHAPES[model_type].kernel)
     ids = torch.randint(3, cfg["config"]["vocab_size"], (1, seq_len), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     yield from timed_steps(distiller, ids)
@@ -93,10 +111,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--families: {unknown} not among {sorted(REAL_SHAPES)}")
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, seq_len=args.seq_len, batch=1,
-                  pattern=str(PATTERN), kernel="triton", families={})
+                  pattern=str(PATTERN), families={})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for model_type in args.families.split(","):
         entry = result["families"][model_type] = dict(source=REAL_SHAPES[model_type].source,
+                                                      kernel=REAL_SHAPES[model_type].kernel,
                                                       model=model_cfg(model_type, args.seq_len)["config"], rows=[])
         try:
             for row in family_rows(model_type, args.seq_len):

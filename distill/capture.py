@@ -2,8 +2,10 @@
 
 The family forward (`distill.adapters`) hands every DSA layer to the capture twice: `select` (the layer's
 keys: an F layer runs its indexer's projections and the fused top-k, an S layer takes its owner's top-k)
-and `attend` (the layer's attention: dense over every causal key with each head's LSE, or sparse over the
-row's top-k keys in MLA's absorbed form). `layer_done` follows each layer; once the last layer of a group
+and `attend` (the layer's attention through its forms object: dense over every causal key with each head's
+LSE, or sparse over the row's top-k keys, e.g. in MLA's absorbed form). A layer index here is the DSA layer's
+pattern position (`DsaFamily.dsa_layer_ids` maps it to its decoder layer); keys are tokens, or compressed
+entries (DeepSeek-V4: `forms.key_ratio` tokens per key). `layer_done` follows each layer; once the last layer of a group
 has run, `group_done(f)` lets a subclass consume the group (the objective computes its loss there and
 frees what the group recorded) and the group's top-k is dropped. Memory therefore holds one group.
 
@@ -17,12 +19,12 @@ import contextlib
 import torch
 from torch import nn
 
-from distill.adapters import IndexerInputs, MlaDsaFamily, MlaForms, NotDSAModelError
+from distill.adapters import DsaFamily, MlaForms, NotDSAModelError
 from distill.pattern import Pattern
 from kernels import indexer_topk_fn, sparse_attention_fn
-from kernels.dense_attention import causal_attention, document_runs
+from kernels.dense_attention import document_runs
 
-Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]
+Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index_q [B,T,HI,D], index_k [B,S,D], index_w [B,T,HI]
 
 
 class Capture:
@@ -36,7 +38,7 @@ class Capture:
     cu_seqlens: document offsets over the flattened B*T tokens (packed documents), or None.
     """
 
-    def __init__(self, family: MlaDsaFamily, pattern: Pattern | None, *, sparse: bool, device: torch.device,
+    def __init__(self, family: DsaFamily, pattern: Pattern | None, *, sparse: bool, device: torch.device,
                  kernel: str = "auto", index_topk: int | None = None, grad: bool = False,
                  select_dense: bool = False, cu_seqlens: torch.Tensor | None = None):
         if sparse and pattern is None:
@@ -50,7 +52,7 @@ class Capture:
         self._last = {} if pattern is None else {members[-1]: f for f, members in pattern.groups().items()}
 
     # ---- called by the family forward ---------------------------------------------------------------
-    def select(self, layer: int, indexer: nn.Module | None, inputs: IndexerInputs) -> torch.Tensor | None:
+    def select(self, layer: int, indexer: nn.Module | None, inputs) -> torch.Tensor | None:
         """The top-k [B, T, K] layer `layer` attends to (None: dense, no selection needed)."""
         if self.pattern is None:
             return None
@@ -69,7 +71,7 @@ class Capture:
         topk = None
         if self.sparse or self.select_dense:
             topk = self.topk_fn(*(t.detach() for t in projections), self.index_topk or indexer.index_topk,
-                                cu_seqlens=self.cu_seqlens)
+                                cu_seqlens=self.cu_seqlens, ratio=self.family.key_ratio(indexer))
             self.topk[layer] = topk
         self.indexed(layer, projections, topk)
         return topk
@@ -78,17 +80,15 @@ class Capture:
         """Layer `layer`'s attention output [B, T, H, Dv] (with the family's sinks, if any). The LSE handed to the
         hooks below is over the keys only, without a sink (the distillation target normalises over keys)."""
         if self.sparse:
-            q, kv = forms.absorbed()
             target = self.sparse_target(layer)
             buffer, weight = target if target is not None else (None, 1.0)
-            latent, lse = self.sparse_attention(q, kv, topk, forms.scale, forms.latent_dim, prob_out=buffer,
-                                                prob_weight=weight, cu_seqlens=self.cu_seqlens)
+            out, lse = forms.sparse(self.sparse_attention, topk, prob_out=buffer, prob_weight=weight,
+                                    cu_seqlens=self.cu_seqlens)
             self.sparse_attended(layer, forms, topk, lse)
-            return forms.with_sinks(forms.output(latent), lse)
-        q, k, v = forms.expanded()
-        out, lse = self.causal_attention(q, k, v, forms.scale)
+            return out
+        out, q, k, lse = forms.dense(cu_seqlens=self.cu_seqlens, runs=self.document_runs(forms))
         self.dense_attended(layer, forms, q, k, lse, topk)
-        return forms.with_sinks(out, lse)
+        return out
 
     def layer_done(self, layer: int) -> None:
         f = self._last.get(layer)
@@ -115,7 +115,8 @@ class Capture:
 
     def dense_attended(self, layer: int, forms: MlaForms, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                        topk: torch.Tensor | None) -> None:
-        """Layer `layer` attended densely: q, k [B, T, H, Dq] (post-RoPE), lse [B, H, T] fp32."""
+        """Layer `layer` attended densely: q [B, T, H, Dq], k [B, S, H or 1, Dq] (post-RoPE), lse [B, H, T] fp32
+        over the keys the indexer chooses among (S = T // forms.key_ratio)."""
 
     def sparse_attended(self, layer: int, forms: MlaForms, topk: torch.Tensor, lse: torch.Tensor) -> None:
         """Layer `layer` attended to `topk` [B, T, K]: lse [B, H, T] fp32 over those keys."""
@@ -124,22 +125,19 @@ class Capture:
         """Every layer of F layer f's group has run."""
 
     # ---- helpers for subclasses ---------------------------------------------------------------------
-    def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """kernels.dense_attention.causal_attention over this forward's documents (their runs found once)."""
+    def document_runs(self, forms) -> list[tuple[int, int, int]] | None:
+        """The (row, start, end) runs of this forward's documents (kernels.dense_attention.document_runs), found
+        at the first layer that needs them: one host sync per forward, not one per layer."""
         if self.cu_seqlens is not None and self._runs is None:
-            self._runs = document_runs(self.cu_seqlens, q.shape[0], q.shape[1])
-        return causal_attention(q, k, v, scale, cu_seqlens=self.cu_seqlens, runs=self._runs)
+            self._runs = document_runs(self.cu_seqlens, *forms.tokens)
+        return self._runs
 
     def topk_mass(self, forms: MlaForms, topk: torch.Tensor, *, dense_lse: torch.Tensor | None = None,
                   topk_lse: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] fp32: the share of the layer's dense head-averaged attention that falls on `topk`:
         mean_h exp(lse_h over the top-k keys - lse_h over all causal keys); computes the LSE not given."""
         if dense_lse is None:
-            q, k, v = forms.expanded()
-            dense_lse = self.causal_attention(q, k, v, forms.scale)[1]
+            dense_lse = forms.dense(cu_seqlens=self.cu_seqlens, runs=self.document_runs(forms))[3]
         if topk_lse is None:
-            q, kv = forms.absorbed()
-            topk_lse = self.sparse_attention(q, kv, topk, forms.scale, forms.latent_dim,
-                                             cu_seqlens=self.cu_seqlens)[1]
+            topk_lse = forms.sparse(self.sparse_attention, topk, cu_seqlens=self.cu_seqlens)[1]
         return torch.exp(topk_lse - dense_lse).nan_to_num(0.0).mean(dim=1)

@@ -80,9 +80,10 @@ def pattern_applied(model: nn.Module, pattern: Pattern, topk: int | None = None)
     """
     if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
         raise ValueError(f"topk must be a positive number of keys, got {topk!r}")
-    attentions = dsa_attentions(model)
+    family = family_of(model)
+    attentions = family.dsa_attentions(model)
     pattern.check_layers(len(attentions))
-    indexers = [attn.indexer for attn in attentions]
+    indexers = [family.indexer(attn) for attn in attentions]
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     sentinel = object()
     indexer_types = getattr(model.config, "indexer_types", sentinel)
@@ -96,7 +97,7 @@ def pattern_applied(model: nn.Module, pattern: Pattern, topk: int | None = None)
         yield full
     finally:
         for attn, indexer in zip(attentions, indexers):
-            attn.indexer = indexer
+            family.set_indexer(attn, indexer)
             if id(indexer) in before:
                 hooks, had_last, index_topk = before[id(indexer)]
                 for key in set(indexer._forward_hooks) - hooks:
@@ -198,7 +199,7 @@ def evaluate(model: nn.Module, pattern: Pattern | str | None, batches, *, topk: 
                "perplexity": math.exp(nll / tokens), "tokens": tokens}
     if pattern is not None:
         metrics.update(pattern=str(pattern), retention=pattern.retention,
-                       index_topk=topk or family.dsa_attentions(model)[0].indexer.index_topk)
+                       index_topk=topk or family.indexer(family.dsa_attentions(model)[0]).index_topk)
         if recall:
             values = (mass / rows).tolist()
             metrics.update(topk_recall=values, mean_topk_recall=sum(values) / len(values))

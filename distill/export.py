@@ -137,6 +137,9 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
         _export_target(config)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, full_model)
+    family = family_of(config)
+    dsa_layers = family.dsa_layer_ids(config)
+    every_layer = dsa_layers == list(range(config.num_hidden_layers))
     manifest = {
         "format_version": FORMAT_VERSION,
         "pattern": str(pattern),
@@ -145,10 +148,14 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
         "retention": pattern.retention,
         "full_layers": pattern.full_layers,
         "groups": {str(f): layers for f, layers in pattern.groups().items()},
-        "index_topk_freq": freq_forms(pattern),
+        # the decoder layer of each pattern letter; a family whose DSA layers are not all decoder layers
+        # (DeepSeek-V4: the CSA layers) gets the explicit pattern only (the freq rules count decoder layers)
+        "pattern_over": "decoder_layers" if every_layer else family.pattern_over,
+        "dsa_layers": dsa_layers,
+        "index_topk_freq": freq_forms(pattern) if every_layer else {},
         "consumer_lines": consumer_lines(pattern),
         "source_model": _source_model(config, model_cfg),
-        "indexer_weights": {"file": INDEXERS, "dtype": "float32", "rope_layout": family_of(config).indexer_rope,
+        "indexer_weights": {"file": INDEXERS, "dtype": "float32", "rope_layout": family.indexer_rope,
                             "tensors": sorted(indexer_tensors)},
         "model_dir": None,
         "unused_shared_indexers": None,
@@ -200,15 +207,17 @@ def _patterned_indexer_tensors(model: nn.Module, pattern: Pattern) -> dict[str, 
         raise ExportError(f"pattern {pattern} has {pattern.num_layers} letters but the model has "
                           f"{len(attentions)} DSA layers")
     indexers = {}
+    family = family_of(model)
     for layer, (letter, attn) in enumerate(zip(str(pattern), attentions)):
-        shared = attn.indexer is None or isinstance(attn.indexer, SharedIndexer)
+        indexer = family.indexer(attn)
+        shared = indexer is None or isinstance(indexer, SharedIndexer)
         if letter == "F" and shared:
             raise ExportError(f"layer {layer} is F in pattern {pattern} but the model has no indexer there")
         if letter == "S" and not shared:
             raise ExportError(f"layer {layer} is S in pattern {pattern} but still has its own indexer: "
                               "call distill.model.apply_pattern(model, pattern) before exporting")
         if letter == "F":
-            indexers[layer] = attn.indexer
+            indexers[layer] = indexer
     tensors = _indexer_state(model, indexers)
     for name, tensor in tensors.items():
         if tensor.numel() == 0 and hasattr(tensor, "ds_shape"):
@@ -224,11 +233,12 @@ def _indexer_state(model: nn.Module, indexers: Mapping[int, nn.Module]) -> dict[
             for indexer in indexers.values() for key, tensor in indexer.state_dict(keep_vars=True).items()}
 
 
-def _pattern_indexer_layer(name: str, num_layers: int) -> int | None:
-    """The layer of an indexer tensor of one of the pattern's `num_layers` layers; None for any other tensor
-    (an MTP / next-n layer's indexer beyond them included: it keeps its own weights, never Shared)."""
+def _pattern_position(name: str, dsa_layers: list[int]) -> int | None:
+    """The pattern position of an indexer tensor of one of the pattern's DSA layers (`dsa_layers`: their decoder
+    layers, in pattern order); None for any other tensor (an MTP / next-n layer's indexer beyond them included:
+    it keeps its own weights, never Shared)."""
     layer = _layer_of(name) if ".indexer." in name else None
-    return layer if layer is not None and layer < num_layers else None
+    return dsa_layers.index(layer) if layer in dsa_layers else None
 
 
 def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
@@ -239,8 +249,8 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
     except ModelConfigError as e:
         raise ExportError(f"cannot write the full model directory: {e}") from None
     letters, half = str(pattern), _converts_rope(config)
-    indexer_layers = {name: layer for name in shards
-                      if (layer := _pattern_indexer_layer(name, pattern.num_layers)) is not None}
+    dsa_layers = family_of(config).dsa_layer_ids(config)
+    indexer_layers = {name: layer for name in shards if (layer := _pattern_position(name, dsa_layers)) is not None}
     wanted = {name for name, layer in indexer_layers.items() if letters[layer] == "F"}
     if wanted != set(indexer_tensors):
         raise ExportError(f"the F-layer indexers {_few(sorted(set(indexer_tensors) - wanted))} are not in {source}, "
@@ -319,7 +329,9 @@ def _model_dir_from_random(backbone: nn.Module | None, model_dir: Path, pattern:
     fresh = random_model(model_cfg) if backbone is None or keep_shared_indexers else None
     originals = {}
     if keep_shared_indexers:
-        shared = {layer: attn.indexer for layer, attn in enumerate(dsa_attentions(fresh)) if str(pattern)[layer] == "S"}
+        family = family_of(fresh)
+        shared = {layer: family.indexer(attn) for layer, attn in enumerate(dsa_attentions(fresh))
+                  if str(pattern)[layer] == "S"}
         originals = _indexer_state(fresh, shared)
     if backbone is None:
         backbone = fresh
@@ -551,7 +563,8 @@ def load_export(out_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         pattern = Pattern.parse(manifest["pattern"])
     except (KeyError, PatternError) as e:
         raise ExportError(f"{manifest_file} has no valid pattern: {e}") from None
-    layers = {_layer_of(name) for name in state}
+    dsa_layers = manifest.get("dsa_layers", list(range(pattern.num_layers)))
+    layers = {_pattern_position(name, dsa_layers) for name in state}
     if layers != set(pattern.full_layers):
         raise ExportError(f"{out_dir / INDEXERS} holds indexers of layers {sorted(layers, key=str)} but pattern "
                           f"{pattern} has F layers {pattern.full_layers}")
@@ -673,14 +686,16 @@ def _check_checkpoint_indexers(state: Mapping[str, torch.Tensor], pattern: Patte
                                step_dir: Path) -> None:
     """Refuse a checkpoint whose indexer tensors are not exactly the F-layer indexers of its model under
     `pattern` (names and shapes), without loading the model's weights."""
-    if pattern.num_layers != config.num_hidden_layers:
+    family = family_of(config)
+    if pattern.num_layers != family.num_dsa_layers(config):
         raise ExportError(f"checkpoint {step_dir} is for a {pattern.num_layers}-layer pattern ({pattern}) but its "
-                          f"model has {config.num_hidden_layers} DSA layers")
+                          f"model has {family.num_dsa_layers(config)} DSA layers")
     full = set(pattern.full_layers)
     path = model_cfg.get("path")
     if path:
         try:
-            names = [name for name in weight_map(path) if _pattern_indexer_layer(name, pattern.num_layers) in full]
+            dsa_layers = family.dsa_layer_ids(config)
+            names = [name for name in weight_map(path) if _pattern_position(name, dsa_layers) in full]
             expected = {name: shape for name, (_, shape) in tensor_headers(path, names).items()}
         except ModelConfigError as e:
             raise ExportError(f"checkpoint {step_dir}: {e}") from None
@@ -688,8 +703,8 @@ def _check_checkpoint_indexers(state: Mapping[str, torch.Tensor], pattern: Patte
         with torch.device("meta"):  # shapes without weights
             model = MODEL_TYPES[config.model_type][1](config)
         attentions = dsa_attentions(model)
-        expected = {name: tuple(t.shape)
-                    for name, t in _indexer_state(model, {layer: attentions[layer].indexer for layer in full}).items()}
+        full_indexers = {layer: family.indexer(attentions[layer]) for layer in full}
+        expected = {name: tuple(t.shape) for name, t in _indexer_state(model, full_indexers).items()}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [f"{name}: {tuple(state[name].shape)} vs model {shape}"
              for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]

@@ -11,7 +11,7 @@ __all__ = ["NotDSAModelError", "SharedIndexer", "apply_pattern", "dsa_attentions
 
 
 def dsa_attentions(model: nn.Module) -> list[nn.Module]:
-    """The attention module of every decoder layer, each checked to be a DSA attention."""
+    """The attention module of every DSA layer (by pattern position), each checked to be a DSA attention."""
     return family_of(model).dsa_attentions(model)
 
 
@@ -37,26 +37,29 @@ def _remember_topk(module: nn.Module, args, output) -> None:
 def apply_pattern(model: nn.Module, pattern: Pattern) -> dict[int, nn.Module]:
     """Freeze the backbone and put `pattern` in place; returns {F layer: its indexer} (the trainable part).
 
-    S layers lose their indexer: a `SharedIndexer` reuses the owner's top-k, and `config.indexer_types`
-    records the pattern (transformers' GlmMoeDsa reads it when an export is loaded).
+    Layers are pattern positions (the family's DSA layers). S layers lose their indexer: a `SharedIndexer`
+    reuses the owner's top-k in transformers' own forward too, and `config.indexer_types` records the pattern
+    (transformers' GlmMoeDsa reads it when an export is loaded).
     """
-    attentions = dsa_attentions(model)
+    family = family_of(model)
+    attentions = family.dsa_attentions(model)
     pattern.check_layers(len(attentions))
     for p in model.parameters():
         p.requires_grad_(False)
     indexers: dict[int, nn.Module] = {}
     for layer, attn in enumerate(attentions):
         owner = pattern.owner(layer)
+        indexer = family.indexer(attn)
         if owner == layer:
-            if attn.indexer is None or isinstance(attn.indexer, SharedIndexer):
+            if indexer is None or isinstance(indexer, SharedIndexer):
                 raise NotDSAModelError(f"layer {layer} is F in {pattern} but the model has no indexer there (a "
                                        "shared layer of the loaded model); choose a pattern that makes it S, or "
                                        "load the model with config indexer_types all 'full'")
-            indexers[layer] = attn.indexer
-            if not any(h is _remember_topk for h in attn.indexer._forward_hooks.values()):
-                attn.indexer.register_forward_hook(_remember_topk)
+            indexers[layer] = indexer
+            if not any(h is _remember_topk for h in indexer._forward_hooks.values()):
+                indexer.register_forward_hook(_remember_topk)
         else:
-            attn.indexer = SharedIndexer(indexers[owner])
+            family.set_indexer(attn, SharedIndexer(indexers[owner]))
     for indexer in indexers.values():
         for p in indexer.parameters():
             p.requires_grad_(True)

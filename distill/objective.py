@@ -2,7 +2,8 @@
 
 One no-grad forward of the frozen backbone streams group by group (DESIGN.md section 3): a group's loss is
 computed as soon as its last layer has run, and what the group recorded is freed, so memory holds one group.
-- Dense stage: the served layers' q and k ([G, B, T, H, Dq]) and each head's LSE, which the backbone's
+- Dense stage: the served layers' q ([G, B, T, H, Dq]) and k ([G, B, S, H or 1, Dq]: S keys, tokens or
+  compressed entries) and each head's LSE, which the backbone's
   fused attention returns, go to the fused centroid KL (no per-head LSE pass).
 - Sparse stage: every served layer's sparse attention adds its head-averaged probabilities over the row's
   top-k keys into the group's [B, T, K] fp32 target (the cross-entropy is linear in the target); no q or k
@@ -127,7 +128,8 @@ class GroupLosses(Capture):
         if g == 0:
             G = len(members)
             self.dense[f] = {"main_q": q.new_empty(G, *q.shape), "main_k": k.new_empty(G, *k.shape),
-                             "main_lse": lse.new_empty(G, *lse.shape), "scale": forms.scale}
+                             "main_lse": lse.new_empty(G, *lse.shape), "scale": forms.scale,
+                             "ratio": forms.key_ratio}
         group = self.dense[f]
         if forms.scale != group["scale"]:
             raise ValueError(f"layers {members} use different attention scales ({group['scale']}, {forms.scale})")
@@ -155,4 +157,5 @@ class GroupLosses(Capture):
             else:
                 group = self.dense.pop(f)
                 self.losses[f] = self.centroid_kl(*projections, group["main_q"], group["main_k"], group["scale"],
-                                                  None, cu_seqlens=self.cu_seqlens, main_lse=group["main_lse"])
+                                                  None, cu_seqlens=self.cu_seqlens, main_lse=group["main_lse"],
+                                                  ratio=group["ratio"])

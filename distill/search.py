@@ -75,6 +75,10 @@ class LayerwiseRunner:
         self.model = model
         self.family = family_of(model)
         self.num_layers = len(self.family.dsa_attentions(model))
+        if self.num_layers != len(self.family.decoder_layers(model)):
+            raise SearchError(f"the greedy search caches hidden states per DSA layer, which needs every decoder layer "
+                              f"to be one; {model.config.model_type} has {self.num_layers} DSA layers of "
+                              f"{len(self.family.decoder_layers(model))}: distil a pattern given explicitly instead")
         self.layer_forwards = 0
         self.device = next(model.parameters()).device
         self.inputs = [self._prepare(batch) for batch in check_batches(batches)]

@@ -507,8 +507,10 @@ def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
 def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor,
                 main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
                 topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused `kernels.reference.centroid_kl` (same arguments and semantics): an fp32 scalar.
+                cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None,
+                ratio: int = 1) -> torch.Tensor:
+    """Fused `kernels.reference.centroid_kl` (same arguments and semantics): an fp32 scalar; token keys only
+    (ratio 1: compressed keys are the reference's for now).
 
     index_q, index_k, main_q, main_k share one dtype (bf16, fp16 or fp32); index_w may be any of them
     (the Distiller passes fp32 head weights); each gradient comes back in its input's dtype.
@@ -516,6 +518,9 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
     a multiple of the row tile within 1 GiB). Rows must have at least one allowed key (a row whose top-k
     list holds no causal in-document key contributes 0 here).
     """
+    if ratio != 1:
+        raise ValueError(f"the fused centroid_kl takes token keys only (ratio 1), not compressed keys (ratio "
+                         f"{ratio}); run DeepSeek-V4 with distill.kernel=reference")
     _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse)
     return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
                             cu_seqlens, main_lse)

@@ -1,9 +1,9 @@
 """Fused indexer scores + top-k (the DSA key selection) without a T x T score matrix.
 
     I_t(s) = sum_j w_{t,j} relu(qI_{t,j} . kI_s),   top-k over the visible keys s of row t
-    (causal, in row t's document: start(t) <= s <= t).
+    (causal, in row t's document: start(t) <= s <= t; compressed keys, ratio > 1: s < (t + 1) // ratio).
 
-Shapes: index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI] -> int32 [B, T, k] (-1 = no key).
+Shapes: index_q [B, T, HI, D], index_k [B, T // ratio, D], index_w [B, T, HI] -> int32 [B, T, k] (-1 = no key).
 
 A radix select, as inference top-k kernels do it (a threshold, not a sort). Persistent programs walk
 blocks of BLOCK_T consecutive query rows, longest rows first. Per block:
@@ -21,7 +21,7 @@ blocks of BLOCK_T consecutive query rows, longest rows first. Per block:
    ascending key index, ties last.
 
 Rows with at most k visible keys need no scores: all their keys, then -1. The visible keys of a row are
-`_visible(start, t)`: one place to change for a per-row visible-key rule.
+`_visible(start, t, RATIO)`: the one place that says which keys a row sees.
 """
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import document_starts
+from kernels.reference import check_indexer_inputs, check_ratio, document_starts
 from kernels.centroid_kl import TL_DTYPES, dot_dtype, tile_config
 
 
 @triton.jit
-def _visible(start, t):
-    """(first, last) visible key of rows t whose document starts at `start`: causal, in-document."""
-    return start, t
+def _visible(start, t, RATIO: tl.constexpr):
+    """(first, last) visible key of rows t whose document starts at `start`: causal, in-document; with RATIO
+    tokens per key (compressed entries, no documents) the entries complete by token t."""
+    return start, start + (t - start + 1) // RATIO - 1
 
 
 @triton.jit
@@ -129,7 +130,7 @@ def _write_selected(scr_row, out, lo, hi, K, thr, known, need, SEL: tl.constexpr
 @triton.jit
 def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, scr_ptr,
                  iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
-                 B, T, HI, D: tl.constexpr, K, n_prog,
+                 B, T, HI, D: tl.constexpr, K, n_prog, RATIO: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, DI: tl.constexpr, BLOCK_S: tl.constexpr,
                  SEL: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """Row blocks pid, pid + n_prog, ... (longest first) of B x cdiv(T, BLOCK_T): out [B*T, K] int32."""
@@ -142,7 +143,7 @@ def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, scr_ptr,
         b = i % B
         t0 = (n_blocks - 1 - i // B) * BLOCK_T
         live = t0 + rows < T
-        first, last = _visible(tl.load(doc_ptr + b * T + t0 + rows, mask=live, other=0), t0 + rows)
+        first, last = _visible(tl.load(doc_ptr + b * T + t0 + rows, mask=live, other=0), t0 + rows, RATIO)
         scored = live & (last - first + 1 > K)
         if tl.max(scored.to(tl.int32), 0) > 0:
             lo = tl.min(tl.where(scored, first, T), 0)
@@ -154,7 +155,7 @@ def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, scr_ptr,
         for r in range(0, BLOCK_T):
             t = t0 + r
             if t < T:
-                lo, hi = _visible(tl.load(doc_ptr + b * T + t), t)
+                lo, hi = _visible(tl.load(doc_ptr + b * T + t), t, RATIO)
                 out = out_ptr + (tl.cast(b, tl.int64) * T + t) * K
                 if hi - lo + 1 <= K:
                     for j0 in range(0, K, SEL):
@@ -167,18 +168,16 @@ def _topk_kernel(iq, ik, iw, doc_ptr, out_ptr, scr_ptr,
 
 
 def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, k: int, *,
-                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                 cu_seqlens: torch.Tensor | None = None, ratio: int = 1) -> torch.Tensor:
     """Fused `kernels.reference.indexer_topk`: int32 [B, T, k], the same key sets up to ties, -1 padded.
 
     Each row's keys come in ascending index order (ties at the threshold last), not by score.
     cu_seqlens: offsets over the flattened B*T tokens; index_w may be fp32 with bf16/fp16 index_q and
-    index_k (scores accumulate in fp32 either way). Memory: the output and an int32 [programs, BLOCK_T, T]
-    scratch.
+    index_k (scores accumulate in fp32 either way); ratio: index_k holds T // ratio compressed keys, row t
+    sees the first (t + 1) // ratio. Memory: the output and an int32 [programs, BLOCK_T, T] scratch.
     """
-    if index_q.dim() != 4 or index_k.shape != (*index_q.shape[:2], index_q.shape[3]) \
-            or index_w.shape != index_q.shape[:3]:
-        raise ValueError("expected index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]; got "
-                         f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
+    check_indexer_inputs(index_q, index_k, index_w, ratio)
+    check_ratio(ratio, cu_seqlens)
     if k < 1:
         raise ValueError(f"the fused indexer_topk takes k >= 1, got k={k}")
     if index_q.dtype not in TL_DTYPES or index_k.dtype != index_q.dtype or index_w.dtype not in TL_DTYPES:
@@ -199,7 +198,7 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
         iq_b=index_q.stride(0), iq_t=index_q.stride(1), iq_h=index_q.stride(2), iq_d=index_q.stride(3),
         ik_b=index_k.stride(0), ik_t=index_k.stride(1), ik_d=index_k.stride(2),
         iw_b=index_w.stride(0), iw_t=index_w.stride(1), iw_h=index_w.stride(2),
-        B=B, T=T, HI=HI, D=D, K=k, n_prog=n_prog,
+        B=B, T=T, HI=HI, D=D, K=k, n_prog=n_prog, RATIO=ratio,
         BLOCK_T=block_t, BLOCK_H=max(cfg["min_dot"], triton.next_power_of_2(HI)),
         DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_S=cfg["topk_block_s"], SEL=cfg["topk_select"],
         PREC="ieee" if index_q.dtype == torch.float32 else "tf32", DOT=dot_dtype(index_q),

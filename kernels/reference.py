@@ -4,13 +4,18 @@ Targets (DESIGN.md section 2):
     a^l_t(s) = (1/H) sum_h softmax_s(scale * q^l_{t,h} . k^l_{s,h})   over the allowed keys of row t,
     pbar^f_t = sum_{l in G(f)} w_l a^l_t                             (w_l = 1/|G| unless given).
 Allowed keys: s <= t (dense stage), intersected with the row's top-k set (sparse stage; -1 = no key).
+Compressed keys (`ratio` > 1, DeepSeek-V4's CSA): the keys are S = T // ratio compressed entries, entry w
+pooling tokens w*ratio .. w*ratio + ratio - 1, and query t sees entry w iff w < (t + 1) // ratio (the entries
+whose tokens are all causal); ratio 1 is the token rule s <= t. Rows t < ratio - 1 see no key: they carry no
+loss (0, not NaN). One key head (main_k [G, B, S, 1, Dq]) is broadcast to all H query heads.
 Packed sequences (`cu_seqlens`, int [num_docs + 1]: document offsets over the flattened B*T tokens, the
 flash-attention varlen convention, 0 first and B*T last): a key must also lie in the query's document;
 each batch row's start is a document boundary whether listed or not.
 
 Shapes (B batch, T tokens, HI indexer heads, D indexer dim, G served layers, H heads, Dq head dim):
-    index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI] (already scaled),
-    main_q, main_k [G, B, T, H, Dq], topk_indices [B, T, K] int (-1 = no key).
+    index_q [B, T, HI, D], index_k [B, S, D], index_w [B, T, HI] (already scaled),
+    main_q [G, B, T, H, Dq], main_k [G, B, S, H or 1, Dq], topk_indices [B, T, K] int (-1 = no key),
+    with S = T // ratio keys (S = T for token keys).
 
 Everything is computed in query-row chunks, so memory is O(chunk * T) per (G, B, H), never
 B * H * T * T; the indexer side is recomputed per chunk in backward (activation checkpointing).
@@ -44,55 +49,70 @@ def document_starts(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int,
     return (torch.maximum(start, row_start) - row_start).view(batch, seq_len)
 
 
+def check_ratio(ratio: int, cu_seqlens: torch.Tensor | None) -> None:
+    """A key ratio is a positive int; compressed keys (ratio > 1) come from unpacked rows only."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"the key ratio (tokens per key) must be a positive int, got {ratio!r}")
+    if ratio > 1 and cu_seqlens is not None:
+        raise ValueError(f"packed documents (cu_seqlens) with compressed keys (ratio {ratio}) are not supported: the "
+                         "compressor pools windows from the row start, across document boundaries; give "
+                         "unpacked rows (one document per row)")
+
+
 def allowed_keys(batch: int, seq_len: int, rows: slice, topk_indices: torch.Tensor | None,
-                 device: torch.device, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [B, rows, T]: which keys each query row may attend to."""
+                 device: torch.device, *, cu_seqlens: torch.Tensor | None = None, ratio: int = 1) -> torch.Tensor:
+    """Bool [B, rows, S = seq_len // ratio]: which keys each query row may attend to."""
+    check_ratio(ratio, cu_seqlens)
+    num_keys = seq_len // ratio
     t = torch.arange(seq_len, device=device)[rows]
-    keys = torch.arange(seq_len, device=device)
-    causal = (keys[None, :] <= t[:, None]).expand(batch, -1, -1)
+    keys = torch.arange(num_keys, device=device)
+    causal = (keys[None, :] < ((t + 1) // ratio)[:, None]).expand(batch, -1, -1)
     if cu_seqlens is not None:
         start = document_starts(cu_seqlens, batch, seq_len, device)[:, rows]
         causal = causal & (keys[None, None, :] >= start[..., None])
     if topk_indices is None:
         return causal
     idx = topk_indices[:, rows].long()
-    idx = torch.where(idx < 0, seq_len, idx)  # -1 ("no key") lands in a spare column, dropped below
-    chosen = torch.zeros(*causal.shape[:2], seq_len + 1, dtype=torch.bool, device=device)
+    idx = torch.where(idx < 0, num_keys, idx)  # -1 ("no key") lands in a spare column, dropped below
+    chosen = torch.zeros(*causal.shape[:2], num_keys + 1, dtype=torch.bool, device=device)
     chosen.scatter_(-1, idx, True)
-    return causal & chosen[..., :seq_len]
+    return causal & chosen[..., :num_keys]
 
 
 def layer_attention(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor,
                     rows: slice, *, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Head-averaged attention of one layer: q, k [B, T, H, Dq] -> [B, rows, T] (fp32 or wider).
+    """Head-averaged attention of one layer: q [B, T, H, Dq], k [B, S, H or 1, Dq] -> [B, rows, S] (fp32 or
+    wider); a row without allowed keys is 0.
 
     lse [B, H, T]: the heads' log-sum-exp of scale*q.k over the allowed keys, when the caller has it
     (probabilities are then exp(scale*q.k - lse) instead of a softmax).
     """
     dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k.expand(-1, -1, q.shape[2], -1)
     scores = torch.einsum("bthd,bshd->bhts", q[:, rows].to(dtype), k.to(dtype)) * scale
     if lse is not None:
         probs = torch.exp(scores - lse[:, :, rows, None].to(dtype))
         return probs.masked_fill(~allowed[:, None], 0.0).mean(dim=1)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=1)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(dim=1)
 
 
 @torch.no_grad()
 def centroid_target(main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
                     topk_indices: torch.Tensor | None = None, rows: slice = slice(None),
                     layer_weights: list[float] | None = None, *, cu_seqlens: torch.Tensor | None = None,
-                    main_lse: torch.Tensor | None = None) -> torch.Tensor:
-    """The centroid pbar of the G served layers for the query rows `rows`: [B, rows, T].
+                    main_lse: torch.Tensor | None = None, ratio: int = 1) -> torch.Tensor:
+    """The centroid pbar of the G served layers for the query rows `rows`: [B, rows, S].
 
-    main_q, main_k [G, B, T, H, Dq]; topk_indices [B, T, K] or None (dense); cu_seqlens: see the module
-    docstring; main_lse [G, B, H, T]: each head's natural-log LSE of scale*q.k over the allowed keys.
+    main_q [G, B, T, H, Dq], main_k [G, B, S, H or 1, Dq]; topk_indices [B, T, K] or None (dense); cu_seqlens,
+    ratio: see the module docstring; main_lse [G, B, H, T]: each head's natural-log LSE of scale*q.k over the
+    allowed keys.
     """
     G, B, T = main_q.shape[:3]
     weights = layer_weights if layer_weights is not None else [1.0 / G] * G
     if len(weights) != G:
         raise ValueError(f"{len(weights)} layer weights for {G} served layers")
-    allowed = allowed_keys(B, T, rows, topk_indices, main_q.device, cu_seqlens=cu_seqlens)
+    allowed = allowed_keys(B, T, rows, topk_indices, main_q.device, cu_seqlens=cu_seqlens, ratio=ratio)
     target = None
     for g in range(G):
         lse = None if main_lse is None else main_lse[g]
@@ -104,7 +124,7 @@ def centroid_target(main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
 
 def indexer_logits(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor,
                    rows: slice = slice(None)) -> torch.Tensor:
-    """I_t(s) = sum_j w_{t,j} ReLU(q_{t,j} . k_s) for the query rows `rows`: [B, rows, T] (fp32 or wider)."""
+    """I_t(s) = sum_j w_{t,j} ReLU(q_{t,j} . k_s) for the query rows `rows`: [B, rows, S] (fp32 or wider)."""
     dtype = torch.promote_types(index_q.dtype, torch.float32)
     q = index_q[:, rows].to(dtype)
     scores = torch.einsum("bthd,bsd->bths", q, index_k.to(dtype)).relu()
@@ -112,15 +132,17 @@ def indexer_logits(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.
 
 
 def _chunk_kl_sum(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, rows: slice, cu_seqlens,
-                  main_lse) -> torch.Tensor:
+                  main_lse, ratio) -> torch.Tensor:
     """sum over the chunk's rows of KL(target || softmax(I) over allowed keys); the target is computed here
-    (no grad), so that checkpointing keeps only the inputs, not a [B, chunk, T] target per chunk."""
+    (no grad), so that checkpointing keeps only the inputs, not a [B, chunk, S] target per chunk."""
     B, T = index_q.shape[:2]
     with torch.no_grad():
-        allowed = allowed_keys(B, T, rows, topk_indices, index_q.device, cu_seqlens=cu_seqlens)
+        allowed = allowed_keys(B, T, rows, topk_indices, index_q.device, cu_seqlens=cu_seqlens, ratio=ratio)
         target = centroid_target(main_q, main_k, scale, topk_indices, rows, cu_seqlens=cu_seqlens,
-                                 main_lse=main_lse).to(torch.promote_types(index_q.dtype, torch.float32))
-    logits = indexer_logits(index_q, index_k, index_w, rows).masked_fill(~allowed, float("-inf"))
+                                 main_lse=main_lse, ratio=ratio).to(torch.promote_types(index_q.dtype, torch.float32))
+    logits = indexer_logits(index_q, index_k, index_w, rows)
+    # a row without allowed keys gets finite logits (then masked to 0): no NaN in its loss or gradients
+    logits = torch.where(allowed, logits, float("-inf")).where(allowed.any(-1, keepdim=True), 0.0)
     log_q = torch.log_softmax(logits, dim=-1).masked_fill(~allowed, 0.0)
     return (torch.xlogy(target, target) - target * log_q).sum()
 
@@ -128,7 +150,8 @@ def _chunk_kl_sum(index_q, index_k, index_w, main_q, main_k, scale, topk_indices
 def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor,
                 main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
                 topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None,
+                ratio: int = 1) -> torch.Tensor:
     """Mean over the B*T rows of KL(centroid || softmax(indexer logits)): a scalar (fp32 or wider).
 
     Dense stage (`topk_indices=None`): every causal key. Sparse stage: only each row's top-k keys,
@@ -137,16 +160,18 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
     cu_seqlens (int [num_docs + 1], offsets over the flattened B*T tokens): keys stay in the query's
     document. main_lse [G, B, H, T]: the heads' natural-log LSE of scale*q.k over the allowed keys
     (dense: the causal keys of the document; sparse: the row's top-k set), used instead of a softmax.
+    ratio: tokens per key (compressed keys, S = T // ratio of them; see the module docstring).
     """
-    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse)
+    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio)
+    check_ratio(ratio, cu_seqlens)
     B, T = index_q.shape[:2]
-    G, H = main_q.shape[0], main_q.shape[3]
-    if chunk_size is None:  # keep each chunk's [G, B, H, chunk, T] fp32 scores near 256 MiB
-        chunk_size = max(1, min(T, CHUNK_ELEMENTS // max(1, G * B * H * T)))
+    G, H, S = main_q.shape[0], main_q.shape[3], index_k.shape[1]
+    if chunk_size is None:  # keep each chunk's [G, B, H, chunk, S] fp32 scores near 256 MiB
+        chunk_size = max(1, min(T, CHUNK_ELEMENTS // max(1, G * B * H * S)))
     total = index_q.new_zeros((), dtype=torch.promote_types(index_q.dtype, torch.float32))
     for start in range(0, T, chunk_size):
         rows = slice(start, min(T, start + chunk_size))
-        args = (index_q, index_k, index_w, main_q, main_k, scale, topk_indices, rows, cu_seqlens, main_lse)
+        args = (index_q, index_k, index_w, main_q, main_k, scale, topk_indices, rows, cu_seqlens, main_lse, ratio)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (index_q, index_k, index_w)):
             part = checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
         else:
@@ -178,7 +203,7 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
     """Sparse MQA attention forward over each row's valid top-k keys: (out [B, T, H, v_dim] in q's dtype,
     lse [B, H, T] fp32, natural log; -inf and out 0 for a row without valid keys).
 
-    q [B, T, H, Dk]; kv [B, T, Dk], one key per token shared by all heads (MLA's absorbed form), whose
+    q [B, T, H, Dk]; kv [B, S, Dk], one key per token (S = T) or compressed entry shared by all heads, whose
     first v_dim columns are its value; topk_indices [B, T, K] int, distinct entries, -1 = no key;
     cu_seqlens: see the module docstring. prob_out [B, T, K] fp32: when given, gets
     prob_weight * (1/H) sum_h softmax_j(scale q_h . kv_{idx_j}) added in place (0 at invalid entries).
@@ -246,35 +271,51 @@ def sparse_centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: to
 
 
 def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, k: int, *,
-                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                 cu_seqlens: torch.Tensor | None = None, ratio: int = 1) -> torch.Tensor:
     """Top-k causal keys per query row by indexer logits: int32 [B, T, k], -1 where a row has fewer than k keys.
 
-    Scores a chunk of query rows at a time ([B, chunk, HI, T] within CHUNK_ELEMENTS), then torch.topk.
+    index_k [B, S, D] with S = T // ratio keys (ratio > 1: compressed entries, query t sees w < (t + 1) // ratio).
+    Scores a chunk of query rows at a time ([B, chunk, HI, S] within CHUNK_ELEMENTS), then torch.topk.
     cu_seqlens (int [num_docs + 1], offsets over the flattened B*T tokens): keys stay in the query's document.
     """
+    check_indexer_inputs(index_q, index_k, index_w, ratio)
     B, T, HI = index_q.shape[:3]
-    kk = min(k, T)
+    S = index_k.shape[1]
+    kk = min(k, S)
     out = torch.full((B, T, k), -1, dtype=torch.int32, device=index_q.device)
-    chunk = max(1, min(T, CHUNK_ELEMENTS // max(1, B * HI * T)))
+    chunk = max(1, min(T, CHUNK_ELEMENTS // max(1, B * HI * S)))
     for start in range(0, T, chunk):
         rows = slice(start, min(T, start + chunk))
-        causal = allowed_keys(B, T, rows, None, index_q.device, cu_seqlens=cu_seqlens)
+        causal = allowed_keys(B, T, rows, None, index_q.device, cu_seqlens=cu_seqlens, ratio=ratio)
         logits = indexer_logits(index_q, index_k, index_w, rows).masked_fill(~causal, float("-inf"))
+        if kk == 0:
+            continue
         values, indices = logits.topk(kk, dim=-1)
         out[:, rows, :kk] = indices.to(torch.int32).masked_fill(values == float("-inf"), -1)
     return out
 
 
-def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None):
+def check_indexer_inputs(index_q, index_k, index_w, ratio: int = 1):
+    """index_q [B, T, HI, D], index_k [B, T // ratio, D], index_w [B, T, HI], else a ValueError naming the shapes."""
+    check_ratio(ratio, None)
     if index_q.dim() != 4 or index_k.dim() != 3 or index_w.dim() != 3:
-        raise ValueError("expected index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]; got "
+        raise ValueError("expected index_q [B,T,HI,D], index_k [B,S,D], index_w [B,T,HI]; got "
                          f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
     B, T, HI, D = index_q.shape
-    if index_k.shape != (B, T, D) or index_w.shape != (B, T, HI):
-        raise ValueError(f"index_k {tuple(index_k.shape)} / index_w {tuple(index_w.shape)} do not match "
-                         f"index_q {tuple(index_q.shape)}")
-    if main_q.dim() != 5 or main_q.shape != main_k.shape or main_q.shape[1:3] != (B, T):
-        raise ValueError(f"expected main_q and main_k [G,B,T,H,Dq] with B={B}, T={T}; got "
+    if index_k.shape != (B, T // ratio, D) or index_w.shape != (B, T, HI):
+        raise ValueError(f"expected index_q [B,T,HI,D], index_k [B,T//ratio,D], index_w [B,T,HI]: index_k "
+                         f"{tuple(index_k.shape)} / index_w {tuple(index_w.shape)} do not match index_q "
+                         f"{tuple(index_q.shape)} with {T // ratio} keys (ratio {ratio})")
+
+
+def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None, ratio: int = 1):
+    check_indexer_inputs(index_q, index_k, index_w, ratio)
+    B, T = index_q.shape[:2]
+    S = index_k.shape[1]
+    if main_q.dim() != 5 or main_k.dim() != 5 or main_q.shape[1:3] != (B, T) \
+            or main_k.shape[:3] != (main_q.shape[0], B, S) or main_k.shape[3] not in (1, main_q.shape[3]) \
+            or main_k.shape[4] != main_q.shape[4]:
+        raise ValueError(f"expected main_q and main_k: main_q [G,B,T,H,Dq], main_k [G,B,S,H or 1,Dq] with B={B}, T={T}, S={S}; got "
                          f"{tuple(main_q.shape)}, {tuple(main_k.shape)}")
     if topk_indices is not None and (topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T)):
         raise ValueError(f"expected topk_indices [B,T,K] with B={B}, T={T}; got {tuple(topk_indices.shape)}")
@@ -306,8 +347,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def check_sparse_attention(q, kv, topk_indices, v_dim, prob_out=None):
-    if q.dim() != 4 or kv.dim() != 3 or kv.shape != (*q.shape[:2], q.shape[3]):
-        raise ValueError(f"expected q [B,T,H,Dk] and kv [B,T,Dk]; got {tuple(q.shape)}, {tuple(kv.shape)}")
+    """q [B, T, H, Dk], kv [B, S, Dk] with S <= T keys (tokens, or compressed entries: then the top-k lists hold
+    only visible entries or -1), topk_indices [B, T, K], prob_out fp32 [B, T, K]."""
+    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[1] > q.shape[1] \
+            or kv.shape[2] != q.shape[3]:
+        raise ValueError(f"expected q [B,T,H,Dk] and kv [B,S,Dk] (S <= T keys); got {tuple(q.shape)}, "
+                         f"{tuple(kv.shape)}")
     B, T, _, Dk = q.shape
     if topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T):
         raise ValueError(f"expected topk_indices [B,T,K] with B={B}, T={T}; got {tuple(topk_indices.shape)}")
@@ -319,9 +364,12 @@ def check_sparse_attention(q, kv, topk_indices, v_dim, prob_out=None):
 
 
 def check_sparse_kl(index_q, index_k, index_w, target, topk_indices):
-    if index_q.dim() != 4 or index_k.shape != (*index_q.shape[:2], index_q.shape[3]) \
+    """index_q [B, T, HI, D], index_k [B, S, D] (S <= T keys, as `check_sparse_attention`), index_w [B, T, HI],
+    target and topk_indices [B, T, K]."""
+    if index_q.dim() != 4 or index_k.dim() != 3 or index_k.shape[0] != index_q.shape[0] \
+            or index_k.shape[1] > index_q.shape[1] or index_k.shape[2] != index_q.shape[3] \
             or index_w.shape != index_q.shape[:3]:
-        raise ValueError("expected index_q [B,T,HI,D], index_k [B,T,D], index_w [B,T,HI]; got "
+        raise ValueError("expected index_q [B,T,HI,D], index_k [B,S,D] (S <= T keys), index_w [B,T,HI]; got "
                          f"{tuple(index_q.shape)}, {tuple(index_k.shape)}, {tuple(index_w.shape)}")
     B, T = index_q.shape[:2]
     if topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T) or target.shape != topk_indices.shape:

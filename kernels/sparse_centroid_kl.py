@@ -113,7 +113,7 @@ def _fused_forward(iq, ik, iw, target, topk_indices, cu_seqlens, need_grad):
     if need_grad:
         d_iq = torch.empty(B, T, HI, D, device=dev, dtype=iq.dtype)
         d_iw = torch.empty(B, T, HI, device=dev, dtype=iw.dtype)
-        d_ik = torch.zeros(B, T, D, device=dev, dtype=torch.float32)
+        d_ik = torch.zeros(B, T, D, device=dev, dtype=torch.float32)  # rows of T; the S <= T keys' come back
     else:
         d_iq = d_iw = d_ik = loss_rows  # unused placeholder pointers
     _sparse_kl_kernel[(B * T,)](
@@ -126,7 +126,7 @@ def _fused_forward(iq, ik, iw, target, topk_indices, cu_seqlens, need_grad):
         GRAD_DTYPE=tl.bfloat16 if dot == tl.bfloat16 else tl.float32,
         PREC="ieee" if iq.dtype == torch.float32 else "tf32", DOT=dot, num_warps=cfg["sparse_kl_warps"])
     loss = loss_rows.sum() / (B * T)
-    return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
+    return loss, ((d_iq, d_ik[:, :ik.shape[1]].to(ik.dtype), d_iw) if need_grad else None)
 
 
 class SparseCentroidKL(torch.autograd.Function):

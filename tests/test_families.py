@@ -171,7 +171,7 @@ def test_natively_shared_hy_v4_layer_cannot_be_full():
 
 def test_unknown_family_names_all_known_ones():
     from transformers import LlamaConfig
-    assert sorted(FAMILIES) == ["axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4"]
+    assert sorted(FAMILIES) == ["axk2", "deepseek_v32", "deepseek_v4", "glm_moe_dsa", "hy_v4"]
     with pytest.raises(NotDSAModelError) as error:
         family_of(LlamaConfig())
     assert all(name in str(error.value) for name in FAMILIES)
@@ -221,3 +221,139 @@ def test_a_packed_row_gives_each_document_alone(model, sparse):
         packed = family.forward(model, torch.cat([a, b], dim=1),
                                 Capture(family, pattern, sparse=sparse, device=a.device, cu_seqlens=cu), positions)
     torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
+
+
+# ---- DeepSeek-V4: the CSA layers are the DSA layers; keys are 4:1 compressed entries ----------------------
+def build_dsv4():
+    """The tiny V4 with distinct sinks and compressor position biases (zeros in a fresh init)."""
+    model = tiny("tiny_dsv4")
+    g = torch.Generator().manual_seed(8)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.sinks.data = torch.randn(attn.sinks.shape, generator=g) * 2
+        for module in (attn.compressor, getattr(attn.compressor, "indexer", None)):
+            if module is not None:
+                module.position_bias.data = torch.randn(module.position_bias.shape, generator=g)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dsv4():
+    return build_dsv4()
+
+
+def test_dsv4_pattern_runs_over_the_csa_layers(dsv4):
+    family = family_of(dsv4)
+    assert family.dsa_layer_ids(dsv4.config) == [1, 3, 4] and family.num_dsa_layers(dsv4.config) == 3
+    indexers = apply_pattern(copy.deepcopy(dsv4), Pattern.parse("FSF"))
+    assert sorted(indexers) == [0, 2]
+    with pytest.raises(Exception, match="has 5 letters but the model has 3 DSA layers"):
+        apply_pattern(copy.deepcopy(dsv4), Pattern.parse("FSFSF"))
+
+
+def test_dsv4_forward_equals_transformers_and_shares_the_owners_topk(dsv4):
+    """All-F sparse = transformers' forward; dense = transformers with an index_topk over every entry; FSF = the
+    transformers forward whose S layer's indexer returns its owner's top-k (an independent implementation of
+    sharing: eager attention with the block mask), across the HCA layer between them."""
+    x = torch.randint(0, 256, (2, 36), generator=torch.Generator().manual_seed(1))  # 9 entries > index_topk 3
+    family = family_of(dsv4)
+    with torch.no_grad():
+        native = dsv4(x).logits
+        sparse = dsv4.lm_head(family.forward(dsv4, x, Capture(family, Pattern.all_full(3), sparse=True,
+                                                                device=x.device)))
+        record = Recorder(family, None, sparse=False, device=x.device)
+        dense = dsv4.lm_head(family.forward(dsv4, x, record))
+        wide = copy.deepcopy(dsv4)
+        for attn in dsa_attentions(wide):
+            attn.compressor.indexer.index_topk = 1000
+        all_entries = wide(x).logits
+        shared = copy.deepcopy(dsv4)
+        apply_pattern(shared, Pattern.parse("FSF"))
+        native_shared = shared(x).logits
+        ours_shared = dsv4.lm_head(family.forward(dsv4, x, Capture(family, Pattern.parse("FSF"), sparse=True,
+                                                                     device=x.device)))
+    torch.testing.assert_close(sparse, native, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dense, all_entries, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_shared, native_shared, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours_shared, native, rtol=1e-3, atol=1e-3)  # sharing changed the S layer
+    assert sorted(record.dense) == [0, 1, 2]
+    q, k, lse, forms = record.dense[1]
+    assert q.shape == (2, 36, 4, 16) and k.shape == (2, 9, 1, 16) and forms.key_ratio == 4
+    scores = torch.einsum("bthd,bsd->bhts", q, k[:, :, 0]) * forms.scale
+    visible = torch.arange(9)[None, :] < ((torch.arange(36) + 1) // 4)[:, None]
+    expected = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1)  # over the entries only
+    torch.testing.assert_close(lse, expected)
+    assert torch.isneginf(lse[:, :, :3]).all()  # rows 0..2 see no entry
+
+
+def test_dsv4_indexer_projections_reproduce_the_backbone_topk(dsv4):
+    from kernels.reference import indexer_logits, indexer_topk
+    from distill.adapters.deepseek_v4 import IndexerInputs
+    B, T = 2, 37  # an incomplete trailing window
+    x = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
+    family = family_of(dsv4)
+    inputs, outputs, handles = {}, {}, []
+    for f, attn in enumerate(dsa_attentions(dsv4)):
+        indexer = attn.compressor.indexer
+        handles.append(indexer.register_forward_pre_hook(
+            lambda m, args, f=f: inputs.__setitem__(f, IndexerInputs(args[0], args[1], args[2]))))
+        handles.append(indexer.register_forward_hook(lambda m, args, out, f=f: outputs.__setitem__(f, out)))
+    with torch.no_grad():
+        dsv4(x)
+    for h in handles:
+        h.remove()
+    for f, attn in enumerate(dsa_attentions(dsv4)):
+        indexer = attn.compressor.indexer
+        q, k, w = family.indexer_projections(indexer, inputs[f])
+        assert q.shape == (B, T, 2, 16) and k.shape == (B, 9, 16) and w.shape == (B, T, 2)
+        index_w = family.kernel_weights(indexer, w)
+        scorer = indexer.scorer(q, k, inputs[f].hidden_states)  # the backbone's [B, T, S] scores
+        torch.testing.assert_close(indexer_logits(q, k, index_w), scorer, rtol=1e-5, atol=1e-5)
+        topk = indexer_topk(q, k, index_w, indexer.index_topk, ratio=4)
+        assert torch.equal(topk.sort(-1).values, outputs[f].to(torch.int32).sort(-1).values)
+        assert (topk[:, :3] == -1).all() and (topk[:, 5, 1:] == -1).all() and (topk[:, 11:] >= 0).all()
+
+
+def test_dsv4_distillation_dense_and_sparse_trains_only_f_indexers():
+    model = build_dsv4()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    distiller = Distiller(model, Pattern.parse("FSF"))
+    opt = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for step in range(6):
+        out = distiller(x, sparse=step >= 4, with_recall=step == 5)
+        assert all(torch.isfinite(loss) for loss in out.group_losses.values())
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[3] < 0.7 * losses[0] and sorted(out.recall) == [0, 2] and 0 < out.recall[0] <= 1
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".self_attn.compressor.indexer." in n for n in changed)
+    assert {int(n.split(".")[2]) for n in changed} == {1, 4}  # decoder layers of CSA positions 0 and 2
+    with pytest.raises(ValueError, match="packed documents"):
+        distiller(x, cu_seqlens=torch.tensor([0, 40, 80], dtype=torch.int32))
+
+
+def test_dsv4_export_names_the_csa_layers(tmp_path):
+    """Indexers and manifest only (transformers has no V4 sharing); the pattern is over the CSA layers."""
+    import json
+    from omegaconf import OmegaConf
+    from distill.export import ExportError, export, load_indexers_into
+    from tests.conftest import ROOT
+    cfg = OmegaConf.to_container(OmegaConf.load(f"{ROOT}/conf/model/tiny_dsv4.yaml"))
+    model = build_dsv4()
+    apply_pattern(model, Pattern.parse("FSF"))
+    with pytest.raises(ExportError, match="deepseek_v4 has no transformers class that shares top-k"):
+        export(model, "FSF", tmp_path / "full", model_cfg=cfg, full_model=True)
+    out = export(model, "FSF", tmp_path / "v4", model_cfg=cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pattern_over"] == "csa_layers" and manifest["dsa_layers"] == [1, 3, 4]
+    assert manifest["index_topk_freq"] == {} and manifest["full_layers"] == [0, 2]
+    assert manifest["consumer_lines"]["sglang"] == """--json-model-override-args '{"index_topk_pattern": "FSF"}'"""
+    assert all(name.startswith(("model.layers.1.", "model.layers.4.")) for name in manifest["indexer_weights"]["tensors"])
+    fresh = build_dsv4()
+    assert sorted(load_indexers_into(fresh, out)) == [0, 2]
+    for name, p in fresh.named_parameters():
+        torch.testing.assert_close(p, dict(model.named_parameters())[name])

@@ -24,7 +24,8 @@ from train.distill import prepare, run
 from train.model import build_model
 
 # the tiny config (conf/model/) of every family
-TINY = {"glm_moe_dsa": "tiny_glm", "deepseek_v32": "tiny_dsv32", "hy_v4": "tiny_hy_v4", "axk2": "tiny_axk2"}
+TINY = {"glm_moe_dsa": "tiny_glm", "deepseek_v32": "tiny_dsv32", "hy_v4": "tiny_hy_v4", "axk2": "tiny_axk2",
+        "deepseek_v4": "tiny_dsv4"}
 # one dense and one sparse step of one 32-token row, one validation batch at the end, two groups; no warm-up
 # (the other job tests warm up), so both steps train at the full rate
 STEPS = ["data=stdlib_small", "distill.seq_len=32", "distill.micro_batch_size=1", "distill.dense_steps=1",
@@ -39,8 +40,9 @@ def test_every_family_has_a_tiny_config_and_a_bench_model():
 
 
 def cfg(model_type, *overrides):
+    documents = [] if family_of(model_type).documents else ["data.document_mask=false"]
     with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"model={TINY[model_type]}", *STEPS, *overrides])
+        return compose("config", overrides=[f"model={TINY[model_type]}", *STEPS, *documents, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,10 @@ def test_two_step_job_ends_in_an_export_of_the_trained_indexers(in_process, tmp_
     exported = load_file(run_dir / "export" / "indexers.safetensors")
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
     backbone = tiny(TINY[model_type])  # the same random backbone, before training
-    assert manifest["pattern"] == str(Pattern.from_retention(backbone.config.num_hidden_layers, 0.5))
-    assert {int(k.split(".")[2]) for k in exported} == set(manifest["full_layers"])
+    pattern = Pattern.from_retention(family.num_dsa_layers(backbone.config), 0.5)  # over the DSA layers
+    decoder_layer = family.dsa_layer_ids(backbone.config)
+    assert manifest["pattern"] == str(pattern) and manifest["full_layers"] == pattern.full_layers
+    assert {int(k.split(".")[2]) for k in exported} == {decoder_layer[p] for p in pattern.full_layers}
     assert set(exported) <= set(backbone.state_dict())  # names exactly as in the backbone's state dict
     initial = backbone.state_dict()
     head_weights = [k for k in exported if k.endswith("weights_proj.weight")]
@@ -117,3 +121,15 @@ def test_bench_model_has_the_real_shapes(model_type):
     assert all(hasattr(attn, "sinks") == family_of(model_type).sinks for attn in dsa_attentions(model))
     trained = distiller.indexer_state_dict()  # only the F layers' indexers train
     assert trained and {int(k.split(".")[2]) for k in trained} == set(bench_families.PATTERN.full_layers)
+
+
+def test_deepseek_v4_refuses_what_its_forward_cannot_run_before_any_weight_loads(tmp_path, monkeypatch):
+    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
+        packed = compose("config", overrides=["model=tiny_dsv4", *STEPS, "data.document_mask=true"])
+    with pytest.raises(ValueError, match="deepseek_v4 forward cannot keep packed documents apart"):
+        prepare(packed, str(tmp_path / "packed"), 1, torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the fused kernels on this CPU
+    with pytest.raises(ValueError, match="fused dense-stage centroid KL takes token keys only"):
+        prepare(cfg("deepseek_v4", "distill.kernel=triton"), str(tmp_path / "fused"), 1, torch.device("cpu"))
+    prepare(cfg("deepseek_v4", "distill.kernel=triton", "distill.dense_steps=0"), str(tmp_path / "sparse"), 1,
+            torch.device("cpu"))  # the sparse stage's fused kernels take compressed entries

@@ -5,16 +5,17 @@ type no module covers gets an error naming the ones that are.
 """
 from __future__ import annotations
 
-from distill.adapters import axk2, deepseek_v32, glm_moe_dsa, hy_v4
-from distill.adapters.mla import IndexerInputs, MlaDsaFamily, MlaForms, NotDSAModelError
+from distill.adapters import axk2, deepseek_v4, deepseek_v32, glm_moe_dsa, hy_v4
+from distill.adapters.family import DsaFamily, NotDSAModelError
+from distill.adapters.mla import IndexerInputs, MlaDsaFamily, MlaForms
 
 FAMILIES = {family.model_type: family
-            for family in (glm_moe_dsa.FAMILY, deepseek_v32.FAMILY, hy_v4.FAMILY, axk2.FAMILY)}
+            for family in (glm_moe_dsa.FAMILY, deepseek_v32.FAMILY, hy_v4.FAMILY, axk2.FAMILY, deepseek_v4.FAMILY)}
 
-__all__ = ["FAMILIES", "IndexerInputs", "MlaDsaFamily", "MlaForms", "NotDSAModelError", "family_of"]
+__all__ = ["FAMILIES", "DsaFamily", "IndexerInputs", "MlaDsaFamily", "MlaForms", "NotDSAModelError", "family_of"]
 
 
-def family_of(model_or_config) -> MlaDsaFamily:
+def family_of(model_or_config) -> DsaFamily:
     """The family adapter of a transformers model, config, or model_type string."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)

@@ -33,16 +33,15 @@ from torch import nn
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
+from distill.adapters.family import DsaFamily, NotDSAModelError
+from kernels.dense_attention import causal_attention
+
 if TYPE_CHECKING:
     from distill.capture import Capture
 
 ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos_emb}
 ROPE_AT = ("front", "back")              # where the rope dims sit in an indexer head
 OUTPUT_GATES = (None, "gate_proj", "q_gate_proj")
-
-
-class NotDSAModelError(ValueError):
-    """The model has no DeepSeek-Sparse-Attention indexers to distil."""
 
 
 @dataclass
@@ -61,7 +60,10 @@ class MlaForms:
     absorbed(): (q [B, T, H, kv_lora_rank + rope], kv [B, T, kv_lora_rank + rope]); the value of a key is
     kv[..., :kv_lora_rank], and `output(latent [B, T, H, kv_lora_rank])` gives the heads' [B, T, H, Dv].
     sinks: the per-head sink logits [H] (None: the family has none); `with_sinks` applies them.
+    key_ratio: tokens per key (1: every token is a key); `dense` and `sparse` are how a capture attends.
     """
+
+    key_ratio = 1
 
     def __init__(self, attn: nn.Module, q_nope, q_rot, latent, k_rot, sinks: torch.Tensor | None = None):
         self.attn, self.q_nope, self.q_rot, self.latent, self.k_rot = attn, q_nope, q_rot, latent, k_rot
@@ -98,6 +100,28 @@ class MlaForms:
         w_uv = self._kv_b_weight()[:, self.q_nope.shape[-1]:]  # [H, Dv, C]
         return torch.einsum("bthc,hvc->bthv", latent_out, w_uv)
 
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """(B, T) of the layer's queries."""
+        return tuple(self.q_nope.shape[:2])
+
+    def dense(self, *, cu_seqlens: torch.Tensor | None = None, runs: list[tuple[int, int, int]] | None = None):
+        """(out [B, T, H, Dv] with sinks, q, k [B, T, H, Dq], lse [B, H, T] over the causal keys only) of the
+        attention over every causal key (of each document of cu_seqlens; runs: their `document_runs`)."""
+        q, k, v = self.expanded()
+        out, lse = causal_attention(q, k, v, self.scale, cu_seqlens=cu_seqlens, runs=runs)
+        return self.with_sinks(out, lse), q, k, lse
+
+    def sparse(self, attention, topk: torch.Tensor, *, prob_out: torch.Tensor | None = None,
+               prob_weight: float = 1.0, cu_seqlens: torch.Tensor | None = None):
+        """(out [B, T, H, Dv] with sinks, lse [B, H, T] over the row's top-k keys only) of `attention` (a
+        `kernels.sparse_mqa_attention`) in the absorbed form; prob_out [B, T, K] fp32 gains prob_weight x the
+        head-averaged probabilities."""
+        q, kv = self.absorbed()
+        latent, lse = attention(q, kv, topk, self.scale, self.latent_dim, prob_out=prob_out, prob_weight=prob_weight,
+                                cu_seqlens=cu_seqlens)
+        return self.with_sinks(self.output(latent), lse), lse
+
     def with_sinks(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """The heads' output [B, T, H, Dv] of a softmax over keys only, with lse [B, H, T] its LSE over those keys
         -> the output with each head's sink logit s_h in the softmax denominator: out * sigmoid(lse - s_h).
@@ -109,28 +133,16 @@ class MlaForms:
 
 
 @dataclass(frozen=True)
-class MlaDsaFamily:
-    """A token-level MLA DSA family.
+class MlaDsaFamily(DsaFamily):
+    """A token-level MLA DSA family: every decoder layer is a DSA layer, `self_attn.indexer` its indexer.
 
-    indexer_rope, attention_rope: how the indexer / the main attention apply RoPE ('interleave' | 'half').
-    indexer_rope_at: where the rope dims sit in an indexer head: 'front' (the first qk_rope_head_dim dims) or
-      'back' (the last ones).
+    attention_rope: how the main attention applies RoPE ('interleave' | 'half').
     output_gate: None; 'gate_proj' (the heads' output times sigmoid(attn.gate_proj(x)), HY-V4); 'q_gate_proj'
       (query and gate from one fused projection of [q_resid, q_a_proj(x)], the gate's sigmoid in fp32, A.X-K2).
-    sinks: each head has a learned sink logit `attn.sinks` [H] in its softmax denominator.
-    export_as: the model_type of the transformers class a full-model export loads as (one that shares top-k by
-      `config.indexer_types`); None: the family has none.
     """
 
-    model_type: str
-    indexer_rope: str
-    causal_lm: type       # the transformers class that loads the family's directories
-    config_class: type
-    indexer_rope_at: str = "front"
     attention_rope: str = "interleave"
     output_gate: str | None = None
-    sinks: bool = False
-    export_as: str | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("indexer_rope", self.indexer_rope, tuple(ROPE)),
@@ -139,25 +151,6 @@ class MlaDsaFamily:
                                      ("output_gate", self.output_gate, OUTPUT_GATES)):
             if value not in allowed:
                 raise ValueError(f"family {self.model_type!r}: {name}={value!r} is not one of {allowed}")
-
-    # ---- where things are --------------------------------------------------------------------------
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        inner = getattr(model, "model", model)
-        layers = getattr(inner, "layers", None)
-        if layers is None:
-            raise NotDSAModelError(f"{type(model).__name__} has no decoder layers (expected model.model.layers)")
-        return layers
-
-    def dsa_attentions(self, model: nn.Module) -> list[nn.Module]:
-        """The attention module of every decoder layer, each checked to be a DSA attention."""
-        attentions = []
-        for i, layer in enumerate(self.decoder_layers(model)):
-            attn = getattr(layer, "self_attn", None)
-            if attn is None or not hasattr(attn, "indexer"):
-                raise NotDSAModelError(f"{type(model).__name__} layer {i} has no DSA indexer: distillation needs a "
-                                       f"DeepSeek Sparse Attention model")
-            attentions.append(attn)
-        return attentions
 
     # ---- how the indexer computes ------------------------------------------------------------------
     def indexer_projections(self, indexer: nn.Module, inputs: IndexerInputs):
@@ -207,18 +200,6 @@ class MlaDsaFamily:
         capture.layer_done(i)
         return hidden
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, capture: "Capture",
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normed hidden states [B, T, hidden] of the backbone under `capture`."""
-        hidden, position_embeddings = self.embed(model, input_ids, position_ids)
-        for i in range(len(model.model.layers)):
-            hidden = self.layer(model, i, hidden, position_embeddings, capture)
-        return self.final_norm(model, hidden)
-
-    def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """The final normed hidden states [B, T, hidden] from the last decoder layer's output."""
-        return model.model.norm(hidden)
-
     def attention(self, attn: nn.Module, i: int, x: torch.Tensor, position_embeddings, capture: "Capture"):
         """MLA + DSA of layer i on the normed input x [B, T, hidden] -> [B, T, hidden]."""
         B, T, _ = x.shape
@@ -251,18 +232,3 @@ class MlaDsaFamily:
         if self.output_gate == "gate_proj":
             return q_resid, q, torch.sigmoid(attn.gate_proj(x).view(B, T, H, attn.v_head_dim))
         return q_resid, q, None
-
-    def _sinks(self, attn: nn.Module, i: int) -> torch.Tensor:
-        """attn.sinks [H]. Under ZeRO-3 a direct read inside the engine's forward is gathered by DeepSpeed; outside
-        it (evaluation, search) the parameter is still partitioned, so gather a copy (H values)."""
-        sinks = getattr(attn, "sinks", None)
-        if sinks is None:
-            raise NotDSAModelError(f"layer {i}'s attention has no `sinks` but family {self.model_type!r} has "
-                                   "attention sinks: the model does not match its model_type")
-        if hasattr(sinks, "ds_status"):
-            import deepspeed
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-            if sinks.ds_status == ZeroParamStatus.NOT_AVAILABLE:
-                with deepspeed.zero.GatheredParameters([sinks]):
-                    return sinks.detach().clone()
-        return sinks
