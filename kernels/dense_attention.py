@@ -8,7 +8,8 @@ out [B, T, H, Dv] (q's dtype), lse [B, H, T] fp32 natural log.
 The strongest attention torch has for the backbone's real shapes (MLA: Dq 192, Dv 128), fused, no
 T x T tensor:
 - CUDA: cuDNN's fused attention (what the default `scaled_dot_product_attention` picks on Hopper), which
-  returns the LSE at no extra cost; the memory-efficient backend where cuDNN refuses the shapes.
+  returns the LSE at no extra cost; the memory-efficient backend for fp32 (cuDNN takes fp32 inputs and returns
+  NaN: measured on an H200, torch 2.11) and where cuDNN refuses the shapes.
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
 - Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
   each run in turn (exact, and as fast as the backend is for that length).
@@ -67,13 +68,14 @@ def document_runs(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[tu
 
 
 def _cuda_attention(qh, kh, vh, scale):
-    try:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qh, kh, vh, None, True, 0.0, True, False, scale=scale)[:2]
-    except RuntimeError:  # cuDNN refuses some shapes / GPUs: the memory-efficient kernel also returns the LSE
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qh, kh, vh, None, True, 0.0, True, scale=scale)[:2]
-    return out, lse
+    if qh.dtype in (torch.bfloat16, torch.float16):  # cuDNN's fused attention: fp32 inputs come back as NaN
+        try:
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qh, kh, vh, None, True, 0.0, True, False, scale=scale)[:2]
+        except RuntimeError:  # cuDNN refuses some shapes / GPUs
+            pass
+    # the memory-efficient kernel also returns the LSE, and takes fp32
+    return torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, 0.0, True, scale=scale)[:2]
 
 
 def _check_last_row_lse(q, k, scale, lse) -> None:
