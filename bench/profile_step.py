@@ -11,6 +11,7 @@ Writes profile-<layers>x<seq_len>.json (per stage: step seconds, per-group and t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -18,10 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.real_scale import model_config
-from distill.objective import Distiller
-from distill.pattern import Pattern
-from train.model import build_model
+from bench.real_scale import optimizer_step, real_scale_run
 
 # kernel-name fragment -> the part of the step it belongs to (first match wins)
 PARTS = (("_sparse_mqa_kernel", "sparse attention"), ("_sparse_kl_kernel", "sparse centroid KL"),
@@ -44,21 +42,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--stages", default="dense,sparse")
     args = parser.parse_args()
-    config = model_config(args.layers, args.seq_len)
-    with torch.device("cuda"):
-        model = build_model(dict(type="glm_moe_dsa", dtype="bfloat16", config=config, init_seed=0), "cuda")
-    pattern = Pattern.from_freq(args.layers, 4, "transformers", offset=3)
-    distiller = Distiller(model, pattern, kernel="triton")
+    _, pattern, distiller, ids = real_scale_run(args.layers, args.seq_len)
     optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(3, config["vocab_size"], (1, args.seq_len), device="cuda",
-                        generator=torch.Generator("cuda").manual_seed(0))
     stages = {}
     for stage in args.stages.split(","):
-        def step(sparse=stage == "sparse"):
-            distiller(ids, sparse=sparse).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = functools.partial(optimizer_step, distiller, optimizer, ids, stage == "sparse")
         step()  # warm-up: compiles every kernel at this T
         torch.cuda.synchronize()
         start = time.perf_counter()

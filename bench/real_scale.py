@@ -43,6 +43,26 @@ def model_config(layers: int, seq_len: int, attention: dict = V32_ATTENTION, moe
     return dict(NARROW, **attention, num_hidden_layers=layers, mlp_layer_types=mlp, max_position_embeddings=seq_len)
 
 
+def real_scale_run(layers: int, seq_len: int, offload_saved: bool | str = "auto"):
+    """(config, pattern, Distiller with fused kernels, ids [1, seq_len]) of the real-scale model, built on the GPU
+    (a 61-layer model takes minutes to initialise on the CPU)."""
+    config = model_config(layers, seq_len)
+    with torch.device("cuda"):
+        model = build_model(dict(type="glm_moe_dsa", dtype="bfloat16", config=config, init_seed=0), "cuda")
+    pattern = Pattern.from_freq(layers, 4, "transformers", offset=3)
+    distiller = Distiller(model, pattern, kernel="triton", offload_saved=offload_saved)
+    ids = torch.randint(3, config["vocab_size"], (1, seq_len), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    return config, pattern, distiller, ids
+
+
+def optimizer_step(distiller: Distiller, optimizer: torch.optim.Optimizer, ids: torch.Tensor, sparse: bool) -> None:
+    """One distillation step: the streamed forward, backward, and the optimizer on the F indexers."""
+    distiller(ids, sparse=sparse).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "sparse"), warm_tokens: int | None = None):
     """Yield one row per stage: one optimizer step (streamed forward + backward + AdamW on the F indexers) on
     ids [B, T], timed after a warm-up forward + backward of every stage on ids[:, :warm_tokens] (all of T by
@@ -54,12 +74,7 @@ def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "spars
         distiller(ids[:, :warm_tokens], sparse=sparse).loss.backward()
     optimizer.zero_grad(set_to_none=True)
     for stage in stages:
-        def step(sparse=stage == "sparse"):
-            distiller(ids, sparse=sparse).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds, peak = measure(step, reps=1)
+        seconds, peak = measure(lambda: optimizer_step(distiller, optimizer, ids, stage == "sparse"), reps=1)
         tokens_per_s = None if isinstance(seconds, str) else ids.numel() / seconds
         yield dict(stage=stage, seconds=seconds, tokens_per_s=tokens_per_s, peak_gib=peak,
                    peak_total_gib=torch.cuda.max_memory_allocated() / 2**30)
@@ -74,14 +89,8 @@ def main() -> None:
     parser.add_argument("--offload-saved", choices=("auto", "on", "off"), default="auto",
                         help="keep the indexer projections' saved inputs in pinned CPU memory until backward")
     args = parser.parse_args()
-    config = model_config(args.layers, args.seq_len)
-    with torch.device("cuda"):  # built on the GPU: a 61-layer model takes minutes to initialise on the CPU
-        model = build_model(dict(type="glm_moe_dsa", dtype="bfloat16", config=config, init_seed=0), "cuda")
-    pattern = Pattern.from_freq(args.layers, 4, "transformers", offset=3)
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
-    distiller = Distiller(model, pattern, kernel="triton", offload_saved=offload)
-    ids = torch.randint(3, config["vocab_size"], (1, args.seq_len), device="cuda",
-                        generator=torch.Generator("cuda").manual_seed(0))
+    config, pattern, distiller, ids = real_scale_run(args.layers, args.seq_len, offload)
     rows = []
     # the warm-up at 4K compiles every kernel (the same specialisations as at T) at a fraction of a step at T
     for row in timed_steps(distiller, ids, args.stages.split(","), warm_tokens=4096):
