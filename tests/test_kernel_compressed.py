@@ -66,12 +66,12 @@ def test_fused_topk_over_compressed_entries_matches_the_reference(dtype, k):
 
 
 # (B, T, H, Hk, G, ratio, dtype, main_lse, chunk_size, stage): T = 37 is neither a multiple of the 16-row CPU tile
-# nor of the ratio; one key head broadcast (Hk = 1) or one per head; an odd ratio; scratch chunks of 5 rows (the
+# nor of the ratio; one key head broadcast (Hk = 1) or one per head; an odd ratio; scratch chunks of 10 rows (the
 # first one's rows 0..2 see no entry); the sparse stage over the top-k entries of kernels.reference.indexer_topk.
 FUSED_CASES = {
     "r4-broadcast-G2": (1, 37, 3, 1, 2, 4, torch.float32, False, None, "dense"),
     "r3-heads-lse": (1, 37, 2, 2, 1, 3, torch.float32, True, None, "dense"),
-    "r4-bf16-lse-chunks": (2, 37, 1, 1, 2, 4, torch.bfloat16, True, 5, "dense"),
+    "r4-bf16-lse-chunks": (2, 37, 1, 1, 2, 4, torch.bfloat16, True, 10, "dense"),
     "r4-sparse": (1, 37, 2, 1, 1, 4, torch.float32, False, None, "sparse"),
 }
 
@@ -108,3 +108,25 @@ def test_fused_centroid_kl_over_compressed_entries_matches_the_reference(case):
         err = (a.float() - b).abs().max() / b.abs().max()
         assert err < tol, f"d {name}: relative error {err:.2e}"
     assert (grads[0][:, :ratio - 1] == 0).all() and (grads[2][:, :ratio - 1] == 0).all()  # rows seeing no entry
+
+
+def test_distiller_dense_stage_on_deepseek_v4_with_the_fused_kl_equals_the_reference():
+    """The fused kernels in the V4 Distiller's dense stage (main_k [G, B, S, 1, Dq] buffers, the entries' LSE, fp32
+    head weights): the same group losses and indexer gradients as the references."""
+    from distill.objective import Distiller
+    from distill.pattern import Pattern
+    from tests.test_families import build_dsv4
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for kernel in ("reference", "triton"):
+        model = build_dsv4()
+        out = Distiller(model, Pattern.parse("FSF"), kernel=kernel)(x, sparse=False)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({f: loss.detach() for f, loss in out.group_losses.items()}, grads))
+    (want_losses, want_grads), (losses, grads) = results
+    assert sorted(losses) == [0, 2] and grads.keys() == want_grads.keys()
+    for f in losses:
+        torch.testing.assert_close(losses[f], want_losses[f], rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5 * want_grads[name].abs().max())
