@@ -36,12 +36,10 @@ MOE_FROM = 1                          # layer 0 has a dense MLP, the others the 
 @dataclass(frozen=True)
 class RealShapes:
     """A family's real attention and indexer config values (and keys of its own), and where they come from.
-    layer_keys: config keys that replace the bench's own (per-layer lists; None: the family's default);
-    kernel: the Distiller's kernel for this family."""
+    layer_keys: config keys that replace the bench's own (per-layer lists; None: the family's default)."""
     source: str
     attention: dict
     layer_keys: dict = field(default_factory=dict)
-    kernel: str = "triton"
 
 
 def _mla(heads: int, q_lora: int, kv_lora: int, nope: int, rope: int, v: int, index_heads: int, index_dim: int,
@@ -62,7 +60,6 @@ REAL_SHAPES = {
     "hy_v4": RealShapes("HY-V4 (tencent/Hy4-preview): transformers 5.17 HYV4Config defaults; per-head sinks and "
                         "output gate", _mla(32, 1536, 512, 192, 64, 256, 16, 128, 2048, hc_mult=4,
                                             indexer_types=["full"] * LAYERS)),
-    # DeepSeek-V4's fused dense centroid KL over compressed entries is not built: its rows run the references
     "deepseek_v4": RealShapes("DeepSeek-V4-Flash (deepseek-ai/DeepSeek-V4-Flash-Base): transformers 5.17 "
                               "DeepseekV4Config defaults; every bench layer a CSA layer (4:1 entries, top-512)",
                               dict(num_attention_heads=64, num_key_value_heads=1, head_dim=512, q_lora_rank=1024,
@@ -72,8 +69,7 @@ REAL_SHAPES = {
                                                    "heavily_compressed_attention": 128}),
                               layer_keys=dict(layer_types=["compressed_sparse_attention"] * LAYERS,
                                               mlp_layer_types=["hash_moe"] + ["moe"] * (LAYERS - 1),
-                                              rope_parameters=None),
-                              kernel="reference"),
+                                              rope_parameters=None)),
     "axk2": RealShapes("A.X-K2 (skt/A.X-K2): transformers 5.17 AXK2Config defaults (its docstring calls the "
                        "ungrouped routing the A.X-K2-Light default); fused query + output gate",
                        _mla(32, 384, 128, 64, 32, 64, 16, 128, 2048, gated_norm_rank=16)),
@@ -95,7 +91,7 @@ def family_rows(model_type: str, seq_len: int):
     cfg = model_cfg(model_type, seq_len)
     with torch.device("cuda"):  # initialised on the GPU: 128 heads of 8 layers take long on the CPU
         model = build_model(cfg, "cuda")
-    distiller = Distiller(model, PATTERN, kernel=REAL_SHAPES[model_type].kernel)
+    distiller = Distiller(model, PATTERN, kernel="triton")
     ids = torch.randint(3, cfg["config"]["vocab_size"], (1, seq_len), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     yield from timed_steps(distiller, ids)
@@ -115,7 +111,6 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for model_type in args.families.split(","):
         entry = result["families"][model_type] = dict(source=REAL_SHAPES[model_type].source,
-                                                      kernel=REAL_SHAPES[model_type].kernel,
                                                       model=model_cfg(model_type, args.seq_len)["config"], rows=[])
         try:
             for row in family_rows(model_type, args.seq_len):

@@ -4,13 +4,17 @@
     pbar_t(s) = 1/(G H) sum_{g,h} exp(scale q_{g,t,h} . k_{g,s,h} - lse_{g,h,t})
     I_t(s)    = sum_j w_{t,j} relu(qI_{t,j} . kI_s)
 
-Shapes: index_q [B, T, HI, D], index_k [B, T, D], index_w [B, T, HI], main_q/main_k [G, B, T, H, Dq],
-topk_indices [B, T, K] (-1 = no key), cu_seqlens int [num_docs + 1] (offsets over the flattened B*T
-tokens; see kernels.reference), main_lse [G, B, H, T] (natural log, over the allowed keys).
+Shapes: index_q [B, T, HI, D], index_k [B, S, D], index_w [B, T, HI], main_q [G, B, T, H, Dq], main_k
+[G, B, S, H or 1, Dq] (one key head: broadcast to the H query heads), topk_indices [B, T, K] (-1 = no key),
+cu_seqlens int [num_docs + 1] (offsets over the flattened B*T tokens; see kernels.reference), main_lse
+[G, B, H, T] (natural log, over the allowed keys). Keys: S = T tokens (ratio 1), or S = T // ratio compressed
+entries (DeepSeek-V4's CSA; no documents), key s covering tokens s*ratio .. s*ratio + ratio - 1, seen by row t
+iff all of them are causal (s < (t + 1) // ratio); a row that sees no key contributes 0. The ratio is a
+constexpr (RATIO) of every kernel, so that token keys (RATIO 1) compile to a token-only kernel.
 
 The loss is terminal, so dL/dI = softmax(I) - pbar is known in the forward and the forward computes
 the gradients of index_q/k/w right away; backward only scales them by grad_output. No T x T tensor is
-ever built: besides inputs and gradients the memory is the per-row LSEs and one R x T fp32 scratch of
+ever built: besides inputs and gradients the memory is the per-row LSEs and one R x S fp32 scratch of
 dL/dI for a chunk of R query rows (R from a 1 GiB budget, or `chunk_size`). Passes:
 
 1. `_main_lse_kernel`, grid (row blocks, G*B*H): flash-style online LSE of each head of each served
@@ -37,14 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import document_starts
-from kernels.reference import _check_shapes
+from kernels.reference import _check_shapes, check_ratio, document_starts
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # globals that kernels read must be constexpr
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 NO_KEY = tl.constexpr(2**31 - 1)  # sorted top-k lists put invalid entries last
-SCRATCH_BYTES = 1 << 30  # budget of the R x T dL/dI scratch
+SCRATCH_BYTES = 1 << 30  # budget of the R x S dL/dI scratch
 # Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
 # block_*/warps/stages: the per-chunk kernels (target, dq, dk); lse_*: the LSE passes; group: row blocks per
 # launch group of the target kernel; min_dot: smallest dot dimension; topk_*: kernels.indexer_topk's key
@@ -70,6 +73,13 @@ def _load_rows(base, rows, row_ok, stride_t, stride_d, D0: tl.constexpr, DW: tl.
     cols = D0 + tl.arange(0, DW)
     ptrs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :] * stride_d
     return tl.load(ptrs, mask=row_ok[:, None] & (cols < DTOT)[None, :], other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _last_token(keys, RATIO: tl.constexpr):
+    """The last token of each key (RATIO tokens per key; token keys: the key itself): row t sees key s iff
+    _last_token(s) <= t, i.e. s < (t + 1) // RATIO."""
+    return keys * RATIO + (RATIO - 1)
 
 
 @triton.jit
@@ -144,10 +154,12 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
                      sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
                      B, T, H, K, DQ: tl.constexpr, scale_log2,
                      DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     SPARSE: tl.constexpr, LOG2K: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                     SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
+                     DOT: tl.constexpr):
     """lse2 [G, B, H, T] (base 2) of scale*q.k over each row's allowed keys; grid (row blocks, G*B*H)."""
     rb = tl.program_id(0)
     ghb = tl.program_id(1)
+    S = T // RATIO
     h = ghb % H
     b = (ghb // H) % B
     g = ghb // (H * B)
@@ -171,16 +183,16 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             keys = n0 + tl.arange(0, BLOCK_N)
-            s = _main_scores(qa, qb, k_base, keys, keys < T, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            s = _main_scores(qa, qb, k_base, keys, keys < S, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
             m, l = _online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
             nxt = tl.min(v, 0)
     else:
         lo = (tl.min(doc, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum((rb + 1) * BLOCK_M, T)
+        hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            s = _main_scores(qa, qb, k_base, keys, keys < T, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
-            allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
+            s = _main_scores(qa, qb, k_base, keys, keys < S, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
             m, l = _online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
     tl.store(lse_ptr + ghb.to(tl.int64) * T + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
 
@@ -190,10 +202,12 @@ def _index_lse_kernel(iq, ik, iw, lse_ptr, doc_ptr, keys_ptr,
                       sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_t, sw_h,
                       T, HI, D: tl.constexpr, K,
                       DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPARSE: tl.constexpr, LOG2K: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                      SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
+                      DOT: tl.constexpr):
     """Natural-log LSE [B, T] of the indexer logits over each row's allowed keys; grid (row blocks, B)."""
     rb = tl.program_id(0)
     b = tl.program_id(1)
+    S = T // RATIO
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     iq_base = iq + b.to(tl.int64) * sq_b
@@ -211,22 +225,25 @@ def _index_lse_kernel(iq, ik, iw, lse_ptr, doc_ptr, keys_ptr,
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             keys = n0 + tl.arange(0, BLOCK_N)
-            ki = _load_rows(k_base, keys, keys < T, sk_t, sk_d, 0, DI, D, DOT)
+            ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
             s = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
                               BLOCK_N, DI, PREC, DOT)
             m, l = _online_lse(m, l, tl.where(sel != 0, s * _LOG2E, float("-inf")))
             nxt = tl.min(v, 0)
     else:
         lo = (tl.min(doc, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum((rb + 1) * BLOCK_M, T)
+        hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            ki = _load_rows(k_base, keys, keys < T, sk_t, sk_d, 0, DI, D, DOT)
+            ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
             s = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
                               BLOCK_N, DI, PREC, DOT)
-            allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
+            allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
             m, l = _online_lse(m, l, tl.where(allowed, s * _LOG2E, float("-inf")))
-    tl.store(lse_ptr + b * T + rows, (m + tl.log2(tl.where(l > 0, l, 1.0))) / _LOG2E, mask=row_ok)
+    # a row without keys (compressed keys: rows t < RATIO - 1; top-k lists without a valid key) gets 0, so that
+    # its masked-out terms stay finite
+    lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / _LOG2E, 0.0)
+    tl.store(lse_ptr + b * T + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -236,9 +253,10 @@ def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, gra
                    B, T, G, H, HI, D: tl.constexpr, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
                    DA: tl.constexpr, DB: tl.constexpr, DI: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                   SPARSE: tl.constexpr, LOG2K: tl.constexpr, WRITE_GRAD: tl.constexpr, PREC: tl.constexpr,
-                   DOT: tl.constexpr):
-    """One (row block, key block) tile of chunk rows r0 .. r0+R: KL terms into loss [B, T], dL/dI into the scratch."""
+                   SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                   PREC: tl.constexpr, DOT: tl.constexpr):
+    """One (row block, key block) tile of chunk rows r0 .. r0+R: KL terms into loss [B, T], dL/dI into the
+    scratch [B, R, S]."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     width = GROUP * n_kb
@@ -246,15 +264,17 @@ def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, gra
     size = tl.minimum(n_rb - first, GROUP)
     rb = first + (pid % width) % size
     kb = (pid % width) // size
+    S = T // RATIO
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     row_end = tl.minimum(r0 + R, T)
     row_ok = rows < row_end
-    key_ok = keys < T
+    key_ok = keys < S
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
-    if (kb * BLOCK_N <= last_row) & (kb * BLOCK_N + BLOCK_N > tl.min(doc, 0)):
-        allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) & row_ok[:, None]
+    if (_last_token(kb * BLOCK_N, RATIO) <= last_row) & (kb * BLOCK_N + BLOCK_N > tl.min(doc, 0)):
+        allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
+            & row_ok[:, None]
         if SPARSE:
             sel = _sparse_tile_mask(keys_ptr + b.to(tl.int64) * T * K, rows, row_ok, kb * BLOCK_N, K,
                                     BLOCK_N, LOG2K)
@@ -284,7 +304,7 @@ def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, gra
             tl.atomic_add(loss_ptr + b * T + rows, tl.sum(kl, 1), mask=row_ok)
             if WRITE_GRAD:
                 grad = tl.where(allowed, tl.exp(log_q) - pbar, 0.0)
-                ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[:, None] * T + keys[None, :]
+                ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
                 tl.store(ptrs, grad, mask=row_ok[:, None] & key_ok[None, :])
                 tl.store(flag_ptr + (b * n_rb + rb) * n_kb + kb, 1)
 
@@ -293,12 +313,13 @@ def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, gra
 def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
                      iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, inv_rows,
-                     DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                      GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """d index_q [B, T, HI, D] and d index_w [B, T, HI] of one (row block, indexer head); grid (row blocks, HI, B)."""
     rb = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2)
+    S = T // RATIO
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < tl.minimum(r0 + R, T)
     qj = _load_rows(iq + b.to(tl.int64) * iq_b + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
@@ -311,8 +332,8 @@ def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
     for i in range(tl.load(count_ptr + tile)):
         kb = tl.load(order_ptr + tile.to(tl.int64) * n_kb + i)
         keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = keys < T
-        g_ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[:, None] * T + keys[None, :]
+        key_ok = keys < S
+        g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
         grad = tl.load(g_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
         ki = _load_rows(k_base, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
@@ -331,14 +352,15 @@ def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
 def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
                      iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, rb_per_split, inv_rows,
-                     DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                      GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
-    """Adds one key block's d index_k over a split of the chunk's row blocks into dk [B, T, D] fp32."""
+    """Adds one key block's d index_k over a split of the chunk's row blocks into dk [B, S, D] fp32."""
     kb = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
+    S = T // RATIO
     keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < T
+    key_ok = keys < S
     ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
     iq_base = iq + b.to(tl.int64) * iq_b
     iw_base = iw + b.to(tl.int64) * iw_b
@@ -348,7 +370,7 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
         if tl.load(flag_ptr + (b * n_rb + rb) * n_kb + kb) != 0:
             rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < tl.minimum(r0 + R, T)
-            g_ptrs = grad_ptr + b.to(tl.int64) * R * T + (rows - r0).to(tl.int64)[None, :] * T + keys[:, None]
+            g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[None, :] * S + keys[:, None]
             grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
             for j in range(HI):
                 qj = _load_rows(iq_base + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
@@ -357,7 +379,7 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
                 ds_t = tl.where(s_t > 0, grad_t * wj.to(tl.float32)[None, :], 0.0)
                 dk += tl.dot(ds_t.to(GRAD_DTYPE), qj.to(GRAD_DTYPE), input_precision=PREC)
     cols = tl.arange(0, DI)
-    dk_ptrs = dk_ptr + (b * T + keys).to(tl.int64)[:, None] * D + cols[None, :]
+    dk_ptrs = dk_ptr + (b * S + keys).to(tl.int64)[:, None] * D + cols[None, :]
     tl.atomic_add(dk_ptrs, dk * inv_rows, mask=key_ok[:, None] & (cols < D)[None, :])
 
 
@@ -383,16 +405,16 @@ def dot_dtype(x: torch.Tensor):
     return tl.float32 if x.device.type != "cuda" and x.dtype == torch.bfloat16 else TL_DTYPES[x.dtype]
 
 
-def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
+def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor, ratio: int) -> torch.Tensor:
     """Int32 [B, T, K]: each row's allowed top-k keys ascending (causal, in-document), NO_KEY after them."""
     T = topk_indices.shape[1]
     idx = topk_indices.to(torch.int32)
     rows = torch.arange(T, device=idx.device, dtype=torch.int32)[None, :, None]
-    valid = (idx >= doc_start[..., None]) & (idx <= rows)
+    valid = (idx >= doc_start[..., None]) & (idx * ratio + ratio - 1 <= rows)  # the key's last token is causal
     return torch.where(valid, idx, NO_KEY.value).sort(dim=-1).values.contiguous()
 
 
-def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqlens, main_lse, need_grad):
+def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqlens, main_lse, ratio, need_grad):
     """(loss fp32 scalar, (d index_q, d index_k, d index_w) or None) of the centroid KL."""
     if iq.dtype not in TL_DTYPES or iw.dtype not in TL_DTYPES:
         raise ValueError(f"the fused centroid_kl takes bf16, fp16 or fp32 inputs, not {iq.dtype} / {iw.dtype}")
@@ -402,10 +424,12 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     cfg = tile_config(iq.device)
     B, T, HI, D = iq.shape
     G, H, DQ = mq.shape[0], mq.shape[3], mq.shape[4]
+    S = ik.shape[1]
+    mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
     dev = iq.device
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
     sparse = topk_indices is not None
-    keys = sorted_topk(topk_indices, doc) if sparse else doc  # doc: a placeholder pointer when dense
+    keys = sorted_topk(topk_indices, doc, ratio) if sparse else doc  # doc: a placeholder pointer when dense
     K = keys.shape[-1] if sparse else 1
     log2k = K.bit_length()
     prec = "ieee" if iq.dtype == torch.float32 else "tf32"
@@ -422,7 +446,8 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
         _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
             mq, mk, lse, doc, keys, *mq.stride(), *mk.stride(), B, T, H, K, DQ, scale_log2,
-            DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, PREC=prec, DOT=dot, **lse_common)
+            DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot,
+            **lse_common)
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
     iq_s, ik_s, iw_s = iq.stride(), ik.stride(), iw.stride()
@@ -430,33 +455,34 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
     _index_lse_kernel[(triton.cdiv(T, bm), B)](
         iq, ik, iw, ilse, doc, keys, *iq_s, *ik_s, *iw_s, T, HI, D, K,
-        DI=di, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, PREC=prec, DOT=dot, **lse_common)
+        DI=di, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot,
+        **lse_common)
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     if chunk_size is None:
-        rows_per_chunk = max(bm, min(triton.cdiv(T, bm) * bm, SCRATCH_BYTES // (4 * B * T) // bm * bm))
+        rows_per_chunk = max(bm, min(triton.cdiv(T, bm) * bm, SCRATCH_BYTES // (4 * B * max(S, 1)) // bm * bm))
     else:
         rows_per_chunk = max(1, min(T, chunk_size))
     loss_rows = torch.zeros(B, T, device=dev, dtype=torch.float32)
     if need_grad:
-        scratch = torch.empty(B, rows_per_chunk, T, device=dev, dtype=torch.float32)
+        scratch = torch.empty(B, rows_per_chunk, S, device=dev, dtype=torch.float32)
         d_iq = torch.empty_like(iq, memory_format=torch.contiguous_format)
         d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
-        d_ik = torch.zeros(B, T, D, device=dev, dtype=torch.float32)
+        d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
     else:
         scratch = loss_rows  # unused placeholder pointer
     inv_rows = 1.0 / (B * T)
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
         n_rb = triton.cdiv(R, bm)
-        n_kb = triton.cdiv(r0 + R, bn)
+        n_kb = max(1, triton.cdiv((r0 + R) // ratio, bn))  # the chunk's key blocks (rows seeing none: one, empty)
         flags = torch.zeros(B, n_rb, n_kb, device=dev, dtype=torch.int8)
         _target_kernel[(n_rb * n_kb, B)](
             mq, mk, lse, iq, ik, iw, ilse, doc, keys, scratch, flags, loss_rows,
             *mq.stride(), *mk.stride(), *iq_s, *ik_s, *iw_s,
             B, T, G, H, HI, D, K, DQ, r0, rows_per_chunk, n_rb, n_kb, scale_log2, 1.0 / (G * H),
             DA=da, DB=db, DI=di, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k,
-            WRITE_GRAD=need_grad, PREC=prec, DOT=dot, **common)
+            RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot, **common)
         if not need_grad:
             continue
         count = flags.sum(-1, dtype=torch.int32)
@@ -464,13 +490,13 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         _index_dq_kernel[(n_rb, HI, B)](
             iq, ik, iw, scratch, order, count, d_iq, d_iw, *iq_s, *ik_s, *iw_s,
             T, HI, D, r0, rows_per_chunk, n_rb, n_kb, inv_rows,
-            DI=di, BLOCK_M=bm, BLOCK_N=bn, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
+            DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
         splits = max(1, min(n_rb, triton.cdiv(4 * _sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
         _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
             iq, ik, iw, scratch, flags, d_ik, *iq_s, *ik_s, *iw_s,
             T, HI, D, r0, rows_per_chunk, n_rb, n_kb, rb_per_split, inv_rows,
-            DI=di, BLOCK_M=bm, BLOCK_N=bn, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
+            DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
     loss = loss_rows.sum() * inv_rows
     return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
 
@@ -484,17 +510,17 @@ class CentroidKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size, cu_seqlens,
-                main_lse):
+                main_lse, ratio):
         need_grad = any(ctx.needs_input_grad[:3])
         loss, grads = _fused_forward(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
-                                     cu_seqlens, main_lse, need_grad)
+                                     cu_seqlens, main_lse, ratio, need_grad)
         if need_grad:
             ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return scale_saved_grads(ctx, grad_loss) + (None,) * 7
+        return scale_saved_grads(ctx, grad_loss) + (None,) * 8
 
 
 def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
@@ -509,18 +535,17 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
                 topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None,
                 ratio: int = 1) -> torch.Tensor:
-    """Fused `kernels.reference.centroid_kl` (same arguments and semantics): an fp32 scalar; token keys only
-    (ratio 1: compressed keys are the reference's for now).
+    """Fused `kernels.reference.centroid_kl` (same arguments and semantics): an fp32 scalar.
 
     index_q, index_k, main_q, main_k share one dtype (bf16, fp16 or fp32); index_w may be any of them
     (the Distiller passes fp32 head weights); each gradient comes back in its input's dtype.
     chunk_size: query rows per dL/dI scratch chunk, exactly (the scratch is [B, chunk_size, T] fp32; default:
     a multiple of the row tile within 1 GiB). Rows must have at least one allowed key (a row whose top-k
     list holds no causal in-document key contributes 0 here).
+    ratio: tokens per key; index_k [B, T // ratio, D] and main_k [G, B, T // ratio, H or 1, Dq] then hold
+    compressed entries (no cu_seqlens), and rows that see no entry contribute 0 (loss and gradients).
     """
-    if ratio != 1:
-        raise ValueError(f"the fused centroid_kl takes token keys only (ratio 1), not compressed keys (ratio "
-                         f"{ratio}); run DeepSeek-V4 with distill.kernel=reference")
-    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse)
+    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio)
+    check_ratio(ratio, cu_seqlens)
     return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
-                            cu_seqlens, main_lse)
+                            cu_seqlens, main_lse, ratio)

@@ -1,6 +1,7 @@
 """Kernels over compressed keys (ratio > 1, DeepSeek-V4's CSA entries: query t sees entry w iff w < (t + 1) // 4;
 one key head broadcast to all query heads): the chunked references against a materialised computation, and the
-fused top-k against the reference under the Triton interpreter (odd lengths, one head, bf16 and fp32)."""
+fused top-k and centroid KL against the references under the Triton interpreter (odd lengths, one head, bf16 and
+fp32)."""
 import pytest
 import torch
 
@@ -8,8 +9,9 @@ from kernels import enable_cpu_interpreter
 
 enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
 
+from kernels.centroid_kl import centroid_kl as fused_centroid_kl  # noqa: E402
 from kernels.indexer_topk import indexer_topk as fused_topk  # noqa: E402
-from kernels.reference import centroid_kl, indexer_logits, indexer_topk  # noqa: E402
+from kernels.reference import allowed_keys, centroid_kl, indexer_logits, indexer_topk  # noqa: E402
 
 
 def inputs(B=2, T=23, H=1, Dq=8, HI=2, D=8, ratio=4, G=2, dtype=torch.float32, seed=0):
@@ -61,3 +63,70 @@ def test_fused_topk_over_compressed_entries_matches_the_reference(dtype, k):
     torch.testing.assert_close(*picked)  # the same key sets up to ties (ReLU makes zero scores tie)
     assert torch.equal(ours >= 0, ref >= 0)
     assert (ours[:, :3] == -1).all() and (ours[:, 3, 1:] == -1).all() and (ours[:, 11:] >= 0).all()
+
+
+# (B, T, H, Hk, G, ratio, dtype, main_lse, chunk_size, stage): T = 37 is neither a multiple of the 16-row CPU tile
+# nor of the ratio; one key head broadcast (Hk = 1) or one per head; an odd ratio; scratch chunks of 10 rows (the
+# first one's rows 0..2 see no entry); the sparse stage over the top-k entries of kernels.reference.indexer_topk.
+FUSED_CASES = {
+    "r4-broadcast-G2": (1, 37, 3, 1, 2, 4, torch.float32, False, None, "dense"),
+    "r3-heads-lse": (1, 37, 2, 2, 1, 3, torch.float32, True, None, "dense"),
+    "r4-bf16-lse-chunks": (2, 37, 1, 1, 2, 4, torch.bfloat16, True, 10, "dense"),
+    "r4-sparse": (1, 37, 2, 1, 1, 4, torch.float32, False, None, "sparse"),
+}
+
+
+def visible_lse(mq, mk, scale, ratio):
+    """The heads' natural-log LSE [G, B, H, T] of scale*q.k over the visible entries (-inf for rows without)."""
+    G, B, T, H = mq.shape[:4]
+    scores = torch.einsum("gbthd,gbshd->gbhts", mq.float(), mk.float().expand(-1, -1, -1, H, -1)) * scale
+    vis = allowed_keys(B, T, slice(None), None, mq.device, ratio=ratio)  # [B, T, S]
+    return scores.masked_fill(~vis[None, :, None], float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_centroid_kl_over_compressed_entries_matches_the_reference(case):
+    B, T, H, Hk, G, ratio, dtype, with_lse, chunk, stage = FUSED_CASES[case]
+    g = torch.Generator().manual_seed(1)
+    S = T // ratio
+    make = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    index = [make(B, T, 2, 8), make(B, S, 8), 0.3 * torch.randn(B, T, 2, generator=g)]  # fp32 head weights
+    mq, mk = make(G, B, T, H, 8), make(G, B, S, Hk, 8)
+    lse = visible_lse(mq, mk, 0.4, ratio) if with_lse else None
+    topk = indexer_topk(*index, 3, ratio=ratio) if stage == "sparse" else None
+    index = [t.requires_grad_() for t in index]
+    loss = fused_centroid_kl(*index, mq, mk, 0.4, topk, chunk, main_lse=lse, ratio=ratio)
+    grads = torch.autograd.grad(loss, index)
+    ref_index = [t.detach().float().requires_grad_() for t in index]
+    want = centroid_kl(*ref_index, mq.float(), mk.float(), 0.4, topk, main_lse=lse, ratio=ratio)
+    want_grads = torch.autograd.grad(want, ref_index)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, a, b in zip(("index_q", "index_k", "index_w"), index, grads, want_grads):
+        assert a.dtype == x.dtype and a.shape == b.shape
+        err = (a.float() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d {name}: relative error {err:.2e}"
+    assert (grads[0][:, :ratio - 1] == 0).all() and (grads[2][:, :ratio - 1] == 0).all()  # rows seeing no entry
+
+
+def test_distiller_dense_stage_on_deepseek_v4_with_the_fused_kl_equals_the_reference():
+    """The fused kernels in the V4 Distiller's dense stage (main_k [G, B, S, 1, Dq] buffers, the entries' LSE, fp32
+    head weights): the same group losses and indexer gradients as the references."""
+    from distill.objective import Distiller
+    from distill.pattern import Pattern
+    from tests.test_families import build_dsv4
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for kernel in ("reference", "triton"):
+        model = build_dsv4()
+        out = Distiller(model, Pattern.parse("FSF"), kernel=kernel)(x, sparse=False)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({f: loss.detach() for f, loss in out.group_losses.items()}, grads))
+    (want_losses, want_grads), (losses, grads) = results
+    assert sorted(losses) == [0, 2] and grads.keys() == want_grads.keys()
+    for f in losses:
+        torch.testing.assert_close(losses[f], want_losses[f], rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5 * want_grads[name].abs().max())

@@ -26,7 +26,7 @@ from distill.adapters import family_of
 from distill.evaluate import evaluate as evaluate_lm
 from distill.objective import REDUCTIONS, TARGETS, Distiller
 from distill.pattern import resolve_pattern
-from kernels import centroid_kl_fn, reference
+from kernels import centroid_kl_fn
 from train.checkpoint import (CheckpointError, DamagedCheckpoint, check_compatible, checkpoint_root,
                               latest_checkpoint, load_checkpoint, newest_intact_checkpoint, previous_good_hint,
                               read_meta, save_checkpoint, verify_checkpoint)
@@ -162,11 +162,6 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
     if cfg.data.document_mask and not family_of(config).documents:
         raise ValueError(f"data.document_mask=true: the {config.model_type} forward cannot keep packed documents "
                          "apart; set data.document_mask=false")
-    if family_of(config).compressed_keys and d.dense_steps > 0 \
-            and centroid_kl_fn(d.kernel, device) is not reference.centroid_kl:
-        raise ValueError(f"distill.kernel={d.kernel}: {config.model_type}'s indexers select among compressed entries, "
-                         "and the fused dense-stage centroid KL takes token keys only; set distill.kernel=reference "
-                         "(or distill.dense_steps=0)")
     if d.seq_len > config.max_position_embeddings:
         raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")

@@ -135,7 +135,6 @@ class DeepseekV4Family(DsaFamily):
     def dsa_layer_ids(self, config) -> list[int]:
         return [i for i, kind in enumerate(config.layer_types) if kind == CSA]
 
-    compressed_keys: bool = True
     documents: bool = False  # the compressor pools windows from the row start, across document boundaries
 
     @staticmethod

@@ -97,7 +97,6 @@ class DsaFamily:
         """Tokens per key the indexer selects among (1: tokens; row t sees key s iff s < (t + 1) // ratio)."""
         return 1
 
-    compressed_keys: bool = False  # the indexers select among compressed entries (key_ratio > 1), not tokens
     documents: bool = True  # the forward keeps packed documents apart (cu_seqlens)
 
     # ---- the forward -------------------------------------------------------------------------------
