@@ -200,8 +200,8 @@ def test_dispatch_and_bad_inputs():
     q, kv, topk = torch.zeros(1, 5, 2, 8), torch.zeros(1, 5, 8), torch.zeros(1, 5, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="v_dim"):
         sparse_mqa_attention(q, kv, topk, 1.0, 9)
-    with pytest.raises(ValueError, match="kv"):
-        reference.sparse_mqa_attention(q, kv[:, :4], topk, 1.0, 8)
+    with pytest.raises(ValueError, match="S <= T keys"):  # fewer keys than tokens are compressed entries; more are not
+        reference.sparse_mqa_attention(q, torch.zeros(1, 6, 8), topk, 1.0, 8)
     with pytest.raises(ValueError, match="prob_out"):
         sparse_mqa_attention(q, kv, topk, 1.0, 8, prob_out=torch.zeros(1, 5, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="one dtype"):
