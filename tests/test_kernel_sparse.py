@@ -210,4 +210,4 @@ def test_dispatch_and_bad_inputs():
     with pytest.raises(ValueError, match="target"):
         sparse_centroid_kl(*index, torch.zeros(1, 5, 4), topk)
     with pytest.raises(ValueError, match="index_k"):
-        reference.sparse_centroid_kl(index[0], index[1][:, :4], index[2], torch.zeros(1, 5, 3), topk)
+        reference.sparse_centroid_kl(index[0], torch.zeros(1, 6, 8), index[2], torch.zeros(1, 5, 3), topk)
