@@ -11,7 +11,7 @@ doc_start(t) <= idx_j <= t), cu_seqlens int [num_docs + 1]. Rows without valid e
 The loss is terminal, so the forward computes the input gradients and backward only scales them. One program
 per query row: its [HI, D] queries against [BLOCK_K, D] keys gathered by index. Pass 1: I, its online LSE and
 the row's KL terms. Pass 2 (gradients): I again, dL/dI, then d index_q and d index_w of the row in registers and
-d index_k scattered by fp32 atomics into a [B, T, D] buffer. Compute O(T K HI D), memory O(T (HI D + K)).
+d index_k scattered by fp32 atomics into a [B, S, D] buffer. Compute O(T K HI D), memory O(T (HI D + K)).
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ def _gathered_logits(q, w, k_base, key, ok, ik_t, ik_d, D: tl.constexpr, DI: tl.
 @triton.jit
 def _sparse_kl_kernel(iq, ik, iw, target_ptr, idx_ptr, doc_ptr, loss_ptr, dq_ptr, dk_ptr, dw_ptr,
                       iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h, tg_b, tg_t, tg_k, i_b, i_t, i_k,
-                      T, HI, K, inv_rows,
+                      T, S, HI, K, inv_rows,
                       D: tl.constexpr, DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_K: tl.constexpr,
                       WRITE_GRAD: tl.constexpr, GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """One query row: its KL into loss [B*T]; (WRITE_GRAD) d index_q [B*T, HI, D] and d index_w [B*T, HI]
-    stored, d index_k added into dk [B*T, D] fp32. Grid (B*T,)."""
+    stored, d index_k added into dk [B*S, D] fp32 (S keys per batch row). Grid (B*T,)."""
     r = tl.program_id(0)  # flattened row b*T + t
     b = r // T
     t = r % T
@@ -89,7 +89,7 @@ def _sparse_kl_kernel(iq, ik, iw, target_ptr, idx_ptr, doc_ptr, loss_ptr, dq_ptr
             ds = tl.where(s > 0, w[:, None] * grad[None, :], 0.0).to(GRAD_DTYPE)  # dL/d(qI_h . kI_j)
             dq += tl.dot(ds, k.to(GRAD_DTYPE), input_precision=PREC)
             dk = tl.dot(tl.trans(ds), q.to(GRAD_DTYPE), input_precision=PREC)
-            dk_ptrs = dk_ptr + (b * T + key).to(tl.int64)[:, None] * D + cols[None, :]
+            dk_ptrs = dk_ptr + (b * S + key).to(tl.int64)[:, None] * D + cols[None, :]
             tl.atomic_add(dk_ptrs, dk, mask=ok[:, None] & (cols < D)[None, :])
         dq_ptrs = dq_ptr + (r.to(tl.int64) * HI + heads)[:, None] * D + cols[None, :]
         tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols < D)[None, :])
@@ -103,6 +103,7 @@ def _fused_forward(iq, ik, iw, target, topk_indices, cu_seqlens, need_grad):
                          f"(index_w any of them); got {iq.dtype}, {ik.dtype}, {iw.dtype}")
     cfg = tile_config(iq.device)
     B, T, HI, D = iq.shape
+    S = ik.shape[1]  # keys: tokens, or compressed entries
     K = topk_indices.shape[-1]
     dev = iq.device
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
@@ -113,20 +114,20 @@ def _fused_forward(iq, ik, iw, target, topk_indices, cu_seqlens, need_grad):
     if need_grad:
         d_iq = torch.empty(B, T, HI, D, device=dev, dtype=iq.dtype)
         d_iw = torch.empty(B, T, HI, device=dev, dtype=iw.dtype)
-        d_ik = torch.zeros(B, T, D, device=dev, dtype=torch.float32)  # rows of T; the S <= T keys' come back
+        d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
     else:
         d_iq = d_iw = d_ik = loss_rows  # unused placeholder pointers
     _sparse_kl_kernel[(B * T,)](
         iq, ik, iw, target, idx, doc, loss_rows, d_iq, d_ik, d_iw,
         *iq.stride(), *ik.stride(), *iw.stride(), *target.stride(), *idx.stride(),
-        T=T, HI=HI, K=K, inv_rows=1.0 / (B * T),
+        T=T, S=S, HI=HI, K=K, inv_rows=1.0 / (B * T),
         D=D, DI=max(cfg["min_dot"], triton.next_power_of_2(D)),
         BLOCK_HI=max(cfg["min_dot"], triton.next_power_of_2(HI)),
         BLOCK_K=cfg["sparse_kl_block_k"], WRITE_GRAD=need_grad,
         GRAD_DTYPE=tl.bfloat16 if dot == tl.bfloat16 else tl.float32,
         PREC="ieee" if iq.dtype == torch.float32 else "tf32", DOT=dot, num_warps=cfg["sparse_kl_warps"])
     loss = loss_rows.sum() / (B * T)
-    return loss, ((d_iq, d_ik[:, :ik.shape[1]].to(ik.dtype), d_iw) if need_grad else None)
+    return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
 
 
 class SparseCentroidKL(torch.autograd.Function):

@@ -10,6 +10,7 @@ from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
 from kernels.centroid_kl import centroid_kl  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
+from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
 
 # (B, T, HI, D, G, H, Dq, cu_seqlens, chunk_size): T not a multiple of the 16-row CPU tile, one head,
 # G = 1..4, B > 1, documents (one crossing the batch-row boundary), several scratch chunks.
@@ -38,11 +39,6 @@ def messy_topk(B, T, K, seed=0):
     return idx
 
 
-def loss_and_grads(fn, index, mq, mk, scale, topk, chunk_size, **kw):
-    loss = fn(*index, mq, mk, scale, topk, chunk_size, **kw)
-    return loss, torch.autograd.grad(loss, index)
-
-
 CASES = [("docs", "dense", torch.float32), ("docs", "sparse", torch.float32), ("docs", "messy", torch.float32),
          ("plain", "dense", torch.float32), ("G2", "messy", torch.float32),
          ("docs", "dense", torch.bfloat16), ("docs", "sparse", torch.bfloat16)]
@@ -62,13 +58,7 @@ def test_fused_matches_reference(shape, stage, dtype):
     ref_index = [t.detach().float().requires_grad_() for t in index]
     want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), mk.float(), 0.4, topk, None,
                                       cu_seqlens=cu)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, x, a, b in zip(("index_q", "index_k", "index_w"), index, got_grads, want_grads):
-        assert a.dtype == x.dtype and a.shape == b.shape
-        err = (a.float() - b).abs().max() / b.abs().max()
-        assert err < tol, f"d {name}: relative error {err:.2e}"
+    assert_matches_reference(index, got, got_grads, want, want_grads)
 
 
 def test_chunk_size_is_honoured_exactly():

@@ -12,6 +12,7 @@ enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules ar
 from kernels.centroid_kl import centroid_kl as fused_centroid_kl  # noqa: E402
 from kernels.indexer_topk import indexer_topk as fused_topk  # noqa: E402
 from kernels.reference import allowed_keys, centroid_kl, indexer_logits, indexer_topk  # noqa: E402
+from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
 
 
 def inputs(B=2, T=23, H=1, Dq=8, HI=2, D=8, ratio=4, G=2, dtype=torch.float32, seed=0):
@@ -95,18 +96,11 @@ def test_fused_centroid_kl_over_compressed_entries_matches_the_reference(case):
     lse = visible_lse(mq, mk, 0.4, ratio) if with_lse else None
     topk = indexer_topk(*index, 3, ratio=ratio) if stage == "sparse" else None
     index = [t.requires_grad_() for t in index]
-    loss = fused_centroid_kl(*index, mq, mk, 0.4, topk, chunk, main_lse=lse, ratio=ratio)
-    grads = torch.autograd.grad(loss, index)
+    loss, grads = loss_and_grads(fused_centroid_kl, index, mq, mk, 0.4, topk, chunk, main_lse=lse, ratio=ratio)
     ref_index = [t.detach().float().requires_grad_() for t in index]
-    want = centroid_kl(*ref_index, mq.float(), mk.float(), 0.4, topk, main_lse=lse, ratio=ratio)
-    want_grads = torch.autograd.grad(want, ref_index)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, x, a, b in zip(("index_q", "index_k", "index_w"), index, grads, want_grads):
-        assert a.dtype == x.dtype and a.shape == b.shape
-        err = (a.float() - b).abs().max() / b.abs().max()
-        assert err < tol, f"d {name}: relative error {err:.2e}"
+    want, want_grads = loss_and_grads(centroid_kl, ref_index, mq.float(), mk.float(), 0.4, topk, main_lse=lse,
+                                      ratio=ratio)
+    assert_matches_reference(index, loss, grads, want, want_grads)
     assert (grads[0][:, :ratio - 1] == 0).all() and (grads[2][:, :ratio - 1] == 0).all()  # rows seeing no entry
 
 

@@ -13,6 +13,7 @@ from kernels.reference import allowed_keys  # noqa: E402
 from kernels.sparse_attention import sparse_mqa_attention  # noqa: E402
 from kernels.sparse_centroid_kl import sparse_centroid_kl  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
+from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
 
 
 def topk_lists(kind, B, T, K, cu, seed):
@@ -61,11 +62,6 @@ def index_inputs(B, T, HI, D, dtype, seed, w_dtype=torch.float32):
     return [t.requires_grad_() for t in index]
 
 
-def loss_and_grads(fn, index, *args, **kw):
-    loss = fn(*index, *args, **kw)
-    return loss, torch.autograd.grad(loss, index)
-
-
 # (B, T, H, Dk, v_dim, K, top-k lists, cu_seqlens, dtype): T not a multiple of the CPU key block, K > t on early
 # rows, rows without keys, one head and several head blocks, documents (one crossing the batch-row boundary),
 # v_dim the first power-of-two piece of Dk (the key tile is the value tile) or not.
@@ -112,13 +108,8 @@ def test_sparse_centroid_kl_matches_reference(B, T, HI, D, K, lists, cu, dtype):
     got, got_grads = loss_and_grads(sparse_centroid_kl, index, target, topk, cu_seqlens=cu)
     ref_index = [t.detach().float().requires_grad_() for t in index]
     want, want_grads = loss_and_grads(reference.sparse_centroid_kl, ref_index, target, topk, cu_seqlens=cu)
-    assert got.dtype == torch.float32 and got.shape == ()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, x, a, b in zip(("index_q", "index_k", "index_w"), index, got_grads, want_grads):
-        assert a.dtype == x.dtype and a.shape == b.shape
-        err = (a.float() - b).abs().max() / b.abs().max()
-        assert err < tol, f"d {name}: relative error {err:.2e}"
+    assert got.shape == ()
+    assert_matches_reference(index, got, got_grads, want, want_grads)
 
 
 def test_sparse_centroid_kl_matches_the_dense_tiles_path(monkeypatch):

@@ -154,12 +154,13 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
     if not hasattr(config, "index_topk"):
         raise ModelConfigError(f"model {config.model_type!r} has no DSA indexer (no index_topk)")
     resolve_dtype(cfg.model.get("dtype"), device)
-    pattern = resolve_pattern(family_of(config).num_dsa_layers(config), d.pattern, d.retention, d.freq, key_prefix="distill.")
-    if cfg.export.full_model and family_of(config).export_as is None:
+    family = family_of(config)
+    pattern = resolve_pattern(family.num_dsa_layers(config), d.pattern, d.retention, d.freq, key_prefix="distill.")
+    if cfg.export.full_model and family.export_as is None:
         raise ValueError(f"export.full_model=true: {config.model_type} has no transformers class that shares top-k "
                          "across layers, so its full model directory would not run the pattern; use "
                          "export.full_model=false (indexer weights and manifest)")
-    if cfg.data.document_mask and not family_of(config).documents:
+    if cfg.data.document_mask and not family.documents:
         raise ValueError(f"data.document_mask=true: the {config.model_type} forward cannot keep packed documents "
                          "apart; set data.document_mask=false")
     if d.seq_len > config.max_position_embeddings:

@@ -131,11 +131,11 @@ def _unpacked(cu_seqlens: torch.Tensor | None) -> None:
 class DeepseekV4Family(DsaFamily):
     """DeepSeek-V4: the CSA layers are the DSA layers; the indexer lives at `self_attn.compressor.indexer`."""
 
+    documents: bool = False  # the compressor pools windows from the row start, across document boundaries
+
     # ---- where things are --------------------------------------------------------------------------
     def dsa_layer_ids(self, config) -> list[int]:
         return [i for i, kind in enumerate(config.layer_types) if kind == CSA]
-
-    documents: bool = False  # the compressor pools windows from the row start, across document boundaries
 
     @staticmethod
     def key_ratio(indexer: nn.Module) -> int:

@@ -32,6 +32,7 @@ class DsaFamily:
     indexer_path: the indexer's attribute path under a DSA layer's attention module.
     pattern_over: which layers a pattern's letters stand for, as the export's manifest records it.
     sinks: each head has a learned sink logit `attn.sinks` [H] in its softmax denominator.
+    documents: the forward keeps packed documents apart (cu_seqlens).
     export_as: the model_type of the transformers class a full-model export loads as (one that shares top-k by
       `config.indexer_types`); None: the family has none.
     """
@@ -44,6 +45,7 @@ class DsaFamily:
     indexer_path: str = "indexer"
     pattern_over: str = "decoder_layers"
     sinks: bool = False
+    documents: bool = True
     export_as: str | None = None
 
     # ---- where things are --------------------------------------------------------------------------
@@ -96,8 +98,6 @@ class DsaFamily:
     def key_ratio(indexer: nn.Module) -> int:
         """Tokens per key the indexer selects among (1: tokens; row t sees key s iff s < (t + 1) // ratio)."""
         return 1
-
-    documents: bool = True  # the forward keeps packed documents apart (cu_seqlens)
 
     # ---- the forward -------------------------------------------------------------------------------
     def forward(self, model: nn.Module, input_ids: torch.Tensor, capture: "Capture",
