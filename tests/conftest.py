@@ -1,5 +1,7 @@
-"""Shared test helpers: the repository root and the tiny random models of conf/model/."""
+"""Shared test helpers: the repository root, the tiny random models of conf/model/, and the single-process job
+runs that test_job and test_reliability both resume from."""
 import os
+import signal
 
 import pytest
 from omegaconf import OmegaConf
@@ -22,3 +24,26 @@ def glm():
 @pytest.fixture(scope="module")
 def dsv32():
     return tiny("tiny_dsv32")
+
+
+@pytest.fixture(scope="session")
+def kill_runs(tmp_path_factory):
+    """Once per session, side by side: the run dirs of an uninterrupted single-process run of KILL_STEPS and of one
+    SIGKILLed while writing its step-6 checkpoint; a test that changes one changes a copy (copy_run)."""
+    from tests.test_job import KILL_STEPS, jobs
+    straight, killed = (tmp_path_factory.mktemp(name) / "run" for name in ("straight", "killed_in_save"))
+    jobs(((straight.parent, straight, *KILL_STEPS), {}),
+         ((killed.parent, killed, *KILL_STEPS), dict(faults="kill_in_save@6", returncode=-signal.SIGKILL)))
+    return straight, killed
+
+
+@pytest.fixture
+def straight_run(kill_runs):
+    """kill_runs' uninterrupted run: the weights a killed run resumes to."""
+    return kill_runs[0]
+
+
+@pytest.fixture
+def killed_in_save_run(kill_runs):
+    """kill_runs' run killed while writing step_6 (latest: step_4)."""
+    return kill_runs[1]

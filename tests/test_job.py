@@ -1,10 +1,12 @@
 """The distillation job end to end: single process, torchrun + DeepSpeed on two CPU processes, resume, sweeps."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -68,6 +70,13 @@ def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, retur
     return out
 
 
+def jobs(*calls):
+    """job(*args, **kwargs) for each (args, kwargs) in calls, side by side (a single-process job keeps one of two
+    cores busy, mostly importing); their outputs, in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(job, *args, **kwargs) for args, kwargs in calls]]
+
+
 def indexers(run_dir, step):
     """The indexer weights of a run's checkpoint of `step`."""
     return load_file(run_dir / "checkpoints" / f"step_{step}" / "indexers.safetensors")
@@ -88,6 +97,39 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def copy_run(source, tmp_path):
+    """A copy of a shared fixture's run directory in this test's tmp_path, for a test to resume or change."""
+    return shutil.copytree(source, tmp_path / "run")
+
+
+# the single-process runs of conftest's kill_runs (dense and sparse steps, a checkpoint every second step, every step
+# logged), which the killed-run tests here and in test_reliability resume
+KILL_STEPS = ["distill.dense_steps=6", "distill.sparse_steps=2", "distill.save_every=2", "distill.eval_every=100",
+              "distill.log_every=1", "distill.lm_eval=false"]
+
+# the two-process run each ZeRO stage makes once (two_process_run): three groups, dense and sparse steps, a checkpoint
+# every step, a full-model export; on the stages test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere
+# checks, rank 0's gradient is NaN at step 3
+TWO_PROCESS = ["distill.pattern=FSSFSSFS", "distill.dense_steps=4", "distill.sparse_steps=2", "distill.save_every=1",
+               "distill.keep_checkpoints=6", "distill.eval_every=6", "export.full_model=true"]
+NAN_GRAD_AT_3 = ("zero2", "zero3")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """two_process_run(zero): the (run dir, output) of the stage's TWO_PROCESS run, made on first use."""
+    runs = {}
+
+    def get(zero):
+        if zero not in runs:
+            run_dir = tmp_path_factory.mktemp(f"two_process_{zero}") / "run"
+            out = job(run_dir.parent, run_dir, *TWO_PROCESS, *stage(zero), nproc=2,
+                      faults="nan_grad@3" if zero in NAN_GRAD_AT_3 else None)
+            runs[zero] = run_dir, out
+        return runs[zero]
+    return get
+
+
 def test_single_process_run_distils_and_exports(tmp_path):
     run_dir = tmp_path / "run"
     job(tmp_path, run_dir, "distill.dense_steps=12", "distill.sparse_steps=4", "distill.eval_every=4",
@@ -106,27 +148,23 @@ def test_single_process_run_distils_and_exports(tmp_path):
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
 
 
-def test_two_process_launch_zero3_ends_with_an_export_transformers_loads(tmp_path):
+def test_two_process_launch_zero3_ends_with_an_export_transformers_loads(two_process_run):
     from transformers import AutoModelForCausalLM
-    run_dir = tmp_path / "run"
-    out = job(tmp_path, run_dir, *stage("zero3"), "distill.pattern=FSSFSSFS", "distill.dense_steps=3",
-              "distill.sparse_steps=2", "distill.eval_every=5", "export.full_model=true", nproc=2)
+    run_dir, out = two_process_run("zero3")
     assert "world 2" in out
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model")
     assert type(model).__name__ == "GlmMoeDsaForCausalLM"
     assert model.config.indexer_types == ["full", "shared", "shared", "full", "shared", "shared", "full", "shared"]
-    trained = indexers(run_dir, 5)
+    trained = indexers(run_dir, 6)
     state = model.state_dict()
     assert sorted({int(k.split(".")[2]) for k in trained}) == [0, 3, 6]
     assert all(torch.equal(state[k], v) for k, v in trained.items())
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, straight_run):
     """SIGKILL after the first checkpoint, then resume=auto: the final indexers equal an uninterrupted run's."""
-    steps = ["distill.dense_steps=6", "distill.sparse_steps=2", "distill.save_every=2", "distill.eval_every=100"]
-    job(tmp_path, tmp_path / "straight", *steps)
     killed = tmp_path / "killed"
-    proc = job(tmp_path, killed, *steps, wait=False)
+    proc = job(tmp_path, killed, *KILL_STEPS, wait=False)
     latest = killed / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not (latest.exists() and latest.read_text() in ("step_2", "step_4")) and proc.poll() is None:
@@ -135,9 +173,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert latest.read_text() in ("step_2", "step_4")
-    out = job(tmp_path, killed, *steps)
+    out = job(tmp_path, killed, *KILL_STEPS)
     assert "resumed at step" in out
-    assert same_indexers(tmp_path / "straight", killed, 8)
+    assert same_indexers(straight_run, killed, 8)
 
 
 def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
@@ -228,61 +266,71 @@ def test_checkpoint_of_another_pattern_or_model_is_refused(tmp_path):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     steps = ["distill.dense_steps=5", "distill.sparse_steps=0", "distill.eval_every=100", "distill.log_every=1"]
     run_dir = tmp_path / "skip"
-    out = job(tmp_path, run_dir, *steps, faults="nan_loss@2")
-    assert "step 2: non-finite loss on some rank, step skipped (1 in a row)" in out
+    skipped, stopped = jobs(((tmp_path, run_dir, *steps), dict(faults="nan_loss@2")),
+                            ((tmp_path, tmp_path / "stop", *steps, "distill.max_bad_steps=3"),
+                             dict(faults="nan_loss@2,nan_grad@3,nan_loss@4", returncode=None)))
+    assert "step 2: non-finite loss on some rank, step skipped (1 in a row)" in skipped
     assert any(m.get("train/skipped_nonfinite") == 1 and m["step"] == 2 for m in metrics(run_dir))
-    out = job(tmp_path, tmp_path / "stop", *steps, "distill.max_bad_steps=3",
-              faults="nan_loss@2,nan_grad@3,nan_loss@4", returncode=None)
-    assert "3 steps in a row with a non-finite loss or gradient (last at step 4: loss); stopping" in out
+    assert "3 steps in a row with a non-finite loss or gradient (last at step 4: loss); stopping" in stopped
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, zero):
+@pytest.mark.parametrize("zero", NAN_GRAD_AT_3)
+def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, two_process_run, zero):
     """NaN gradients on rank 0 only, with finite losses: no rank updates, and the run then goes on as if
-    that step's batch had been skipped (same weights as a run whose step 3 had a NaN loss)."""
-    steps = ["distill.dense_steps=5", "distill.sparse_steps=0", "distill.eval_every=100", "distill.save_every=1",
-             "distill.keep_checkpoints=5", *stage(zero)]
-    out = job(tmp_path, tmp_path / "grad", *steps, nproc=2, faults="nan_grad@3")
+    that step's batch had been skipped (same weights, after the dense and sparse steps, as a run whose step 3 had
+    a NaN loss)."""
+    grad, out = two_process_run(zero)  # nan_grad@3
     assert "step 3: non-finite gradient on some rank, step skipped (1 in a row)" in out
-    before, skipped, after = (indexers(tmp_path / "grad", s) for s in (2, 3, 4))
+    before, skipped, after = (indexers(grad, s) for s in (2, 3, 4))
     assert all(torch.equal(before[k], skipped[k]) and torch.isfinite(after[k]).all() for k in before)
     assert not all(torch.equal(skipped[k], after[k]) for k in before)
-    job(tmp_path, tmp_path / "loss", *steps, nproc=2, faults="nan_loss@3")
-    assert same_indexers(tmp_path / "grad", tmp_path / "loss", 5)
+    job(tmp_path, tmp_path / "loss", *TWO_PROCESS, *stage(zero), nproc=2, faults="nan_loss@3")
+    assert same_indexers(grad, tmp_path / "loss", 6)
 
 
-def test_zero3_follows_zero2_with_gradient_accumulation(tmp_path):
+# the runs of local_model_runs: tiny_glm saved as a model directory, dense and sparse steps of 6 rows each, in
+# micro-batches accumulated over 3, every step logged
+ACCUM = ["distill.dense_steps=3", "distill.sparse_steps=1", "distill.grad_accum=3", "distill.eval_every=100",
+         "distill.log_every=1", "export.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def local_model_runs(tmp_path_factory):
+    """Once, side by side: {zero: (run dir, output)} of ACCUM under ZeRO-2 on one process (micro-batches of 2 rows)
+    and ZeRO-3 on two (of 1 row): the same 6 rows a step."""
+    model = tmp_path_factory.mktemp("local_model") / "model"
+    tiny("tiny_glm").save_pretrained(model)
+    zero2, zero3 = (tmp_path_factory.mktemp(f"local_{zero}") / "run" for zero in ("zero2", "zero3"))
+    steps = ["model=local", f"model.path={model}", *ACCUM]
+    outs = jobs(((zero2.parent, zero2, *steps, *stage("zero2"), "distill.micro_batch_size=2"), {}),
+                ((zero3.parent, zero3, *steps, *stage("zero3"), "distill.micro_batch_size=1"), dict(nproc=2)))
+    return {"zero2": (zero2, outs[0]), "zero3": (zero3, outs[1])}
+
+
+def test_zero3_follows_zero2_with_gradient_accumulation(local_model_runs):
     """ZeRO-3 accumulates every micro-batch's gradient (it kept only the last one when all forwards ran before
-    the backwards): the same weights as ZeRO-2 after dense and sparse steps."""
-    steps = ["distill.dense_steps=3", "distill.sparse_steps=1", "distill.grad_accum=3", "distill.eval_every=100"]
-    for zero in ("zero2", "zero3"):
-        job(tmp_path, tmp_path / zero, *steps, *stage(zero))
-    assert_close_indexers(indexers(tmp_path / "zero3", 4), indexers(tmp_path / "zero2", 4))
-    grad_norms = [[m["train/grad_norm"] for m in metrics(tmp_path / z) if "train/grad_norm" in m] for z in ("zero2", "zero3")]
-    assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
+    the backwards): the same weights and gradient norms as ZeRO-2 after dense and sparse steps."""
+    (zero2, _), (zero3, _) = local_model_runs["zero2"], local_model_runs["zero3"]
+    assert_close_indexers(indexers(zero3, 4), indexers(zero2, 4))
+    grad_norms = [[m["train/grad_norm"] for m in metrics(run) if "train/grad_norm" in m] for run in (zero2, zero3)]
+    assert len(grad_norms[0]) == 4 and grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
 
 
-def test_zero3_loads_a_model_directory_partitioned(tmp_path):
-    """Under ZeRO-3 a model directory loads straight into shards (a model larger than one GPU loads), and the
-    run trains as ZeRO-2 does on the same weights."""
-    tiny("tiny_glm").save_pretrained(tmp_path / "model")
-    steps = ["model=local", f"model.path={tmp_path / 'model'}", "distill.dense_steps=2", "distill.sparse_steps=1",
-             "distill.eval_every=100", "export.enabled=false"]
-    outs = {zero: job(tmp_path, tmp_path / zero, *steps, *stage(zero), nproc=2) for zero in ("zero2", "zero3")}
-    assert "backbone loaded partitioned" in outs["zero3"] and "backbone loaded partitioned" not in outs["zero2"]
-    assert_close_indexers(indexers(tmp_path / "zero3", 3), indexers(tmp_path / "zero2", 3))
+def test_zero3_loads_a_model_directory_partitioned(local_model_runs):
+    """Under ZeRO-3 a model directory loads straight into shards, here of two processes (a model larger than one
+    GPU loads), and the run trains as ZeRO-2 does on the same weights and rows."""
+    (zero2, out2), (zero3, out3) = local_model_runs["zero2"], local_model_runs["zero3"]
+    assert "world 2" in out3 and "backbone loaded partitioned" in out3 and "backbone loaded partitioned" not in out2
+    assert_close_indexers(indexers(zero3, 4), indexers(zero2, 4))
 
 
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
-    steps = ["distill.dense_steps=6", "distill.sparse_steps=0", "distill.save_every=2", "distill.eval_every=100"]
-    job(tmp_path, tmp_path / "straight", *steps)
-    run_dir = tmp_path / "killed"
-    job(tmp_path, run_dir, *steps, faults="kill_in_save@4", returncode=-signal.SIGKILL)
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_2"
-    assert (run_dir / "checkpoints" / "step_4").is_dir()  # DeepSpeed's half of the write happened
-    out = job(tmp_path, run_dir, *steps)
-    assert "resumed at step 2" in out
-    assert same_indexers(tmp_path / "straight", run_dir, 6)
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, straight_run, killed_in_save_run):
+    run_dir = copy_run(killed_in_save_run, tmp_path)  # SIGKILLed while writing step_6
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_4"
+    assert (run_dir / "checkpoints" / "step_6").is_dir()  # DeepSpeed's half of the write happened
+    out = job(tmp_path, run_dir, *KILL_STEPS)
+    assert "resumed at step 4" in out
+    assert same_indexers(straight_run, run_dir, 8)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -320,18 +368,16 @@ def test_config_validation_fuzz(tmp_path, pattern, retention, seq_len, steps):
 
 
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
-def test_two_process_checkpoint_resumes_on_one_process(tmp_path, zero):
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path, two_process_run, zero):
     """A ZeRO checkpoint of 2 processes, re-sharded (universal) to 1 process with the same global batch,
     continues the same trajectory: step 6 matches the uninterrupted 2-process run's step 6."""
-    steps = ["distill.dense_steps=4", "distill.sparse_steps=2", "distill.save_every=2", "distill.keep_checkpoints=5",
-             "distill.eval_every=100", *stage(zero)]
-    run_dir = tmp_path / "run"
-    job(tmp_path, run_dir, *steps, nproc=2)
-    two = indexers(run_dir, 6)
-    import shutil
-    shutil.rmtree(run_dir / "checkpoints" / "step_6")
+    source, _ = two_process_run(zero)
+    two = indexers(source, 6)
+    run_dir = copy_run(source, tmp_path)
+    for step in (5, 6):
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step}")
     (run_dir / "checkpoints" / "latest").write_text("step_4")
-    out = job(tmp_path, run_dir, *steps, "distill.micro_batch_size=1", "distill.grad_accum=4")
+    out = job(tmp_path, run_dir, *TWO_PROCESS, *stage(zero), "distill.micro_batch_size=1", "distill.grad_accum=4")
     assert "resumed at step 4" in out and "world 1" in out
     one, four = indexers(run_dir, 6), indexers(run_dir, 4)
     assert_close_indexers(one, two)

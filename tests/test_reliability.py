@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import ROOT
-from tests.test_job import QUICK, job, launcher_env, metrics
+from tests.test_job import KILL_STEPS, QUICK, copy_run, job, launcher_env, metrics
 from train.checkpoint import DamagedCheckpoint
 from train.distill import _claim_run_dir, prepare
 from train.run_dir import LOCK, RunDirInUse, hold_run_lock
@@ -119,14 +119,13 @@ record alone), and the lock is free afterwards."""
             os.kill(worker, signal.SIGKILL)
 
 
-def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intact_one(tmp_path, capsys,
+                                                                                      killed_in_save_run):
     """A truncated DeepSpeed state file, a truncated indexers.safetensors or a garbage meta.json: the checkpoint is
     named as damaged with the previous good one offered; resume=auto falls back to it, says so, and the resumed
     run logs each step once and prunes only its own checkpoints."""
-    run_dir = tmp_path / "run"
-    steps = ["distill.dense_steps=6", "distill.sparse_steps=0", "distill.save_every=2", "distill.eval_every=100",
-             "distill.log_every=1", "distill.lm_eval=false"]
-    job(tmp_path, run_dir, *steps, faults="kill_in_save@6", returncode=-signal.SIGKILL)  # latest: step_4
+    run_dir = copy_run(killed_in_save_run, tmp_path)  # SIGKILLed while writing step_6; latest: step_4
+    steps = KILL_STEPS
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text() == "step_4" and [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     foreign = root / "step_1"  # a checkpoint of another run in the same folder
@@ -146,8 +145,8 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intac
     (step_4 / "mp_rank_00_model_states.pt").write_bytes(b"")
     out = job(tmp_path, run_dir, *steps)
     assert "Resuming from" in out and "resumed at step 2" in out
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # replayed steps 3-6 once
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_1", "step_4", "step_6"]  # keep_checkpoints=2 of ours
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]  # replayed steps 3-6 once, then 7-8
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1", "step_6", "step_8"]  # keep_checkpoints=2 of ours
 
 
 def test_prune_counts_and_deletes_only_this_runs_checkpoints(tmp_path):
