@@ -14,19 +14,23 @@ constexpr (RATIO) of every kernel, so that token keys (RATIO 1) compile to a tok
 
 The loss is terminal, so dL/dI = softmax(I) - pbar is known in the forward and the forward computes
 the gradients of index_q/k/w right away; backward only scales them by grad_output. No T x T tensor is
-ever built: besides inputs and gradients the memory is the per-row LSEs and one R x S fp32 scratch of
-dL/dI for a chunk of R query rows (R from a 1 GiB budget, or `chunk_size`). Passes:
+ever built: besides inputs and gradients the memory is the per-row LSEs and one R x S fp32 scratch (pbar, then
+dL/dI) for a chunk of R query rows (R from a 1 GiB budget, or `chunk_size`). Passes:
 
 1. `_main_lse_kernel`, grid (row blocks, G*B*H): flash-style online LSE of each head of each served
-   layer (skipped when main_lse is given); `_index_lse_kernel`, grid (row blocks, B): LSE of I.
+   layer (skipped when main_lse is given); `_index_lse_kernel`, grid (row blocks, key splits, B): partial
+   online LSEs of I, joined by `index_lse`.
 2. For each chunk of R query rows:
-   a. `_target_kernel`, one program per (row block, key block) tile (grouped launch order so that
-      concurrent programs share q and k tiles in L2): pbar (G*H dots), I (HI dots), the rows' KL
-      terms, and dL/dI written to the scratch; a flag marks each non-empty tile.
-   b. `_index_dq_kernel`, grid (row blocks, HI, B): recompute qI_j . kI on the flagged tiles; d qI_j
+   a. `_centroid_kernel`, one program per (row block, key block) tile (grouped launch order so that
+      concurrent programs share q and k tiles in L2): pbar (G*H dots) written to the scratch.
+   b. `_target_kernel`, the same over its own tiles: I (HI dots), the rows' KL terms against the scratch's pbar,
+      and dL/dI written over it; a flag marks each non-empty tile.
+   c. `_index_dq_kernel`, grid (row blocks, HI, B): recompute qI_j . kI on the flagged tiles; d qI_j
       and d w_j of a row block are complete in one program (registers, no atomics).
-   c. `_index_dk_kernel`, grid (key blocks, row splits, B): recompute kI . qI_j; d kI summed over
+   d. `_index_dk_kernel`, grid (key blocks, row splits, B): recompute kI . qI_j; d kI summed over
       the chunk's rows and all HI heads in registers, one fp32 atomic add per program.
+The centroid tiles and the indexer tiles are sized apart (TILES): the first is G*H dots of Dq per pair, the
+others HI dots of D.
 Dense stage: every causal key of the row's document. Sparse stage: the same tiles masked to the rows'
 top-k sets (sorted once; a tile's mask is a binary search plus a merge walk), empty tiles skipped.
 Dots take the input dtype (bf16/fp16/fp32) and accumulate in fp32; fp32 inputs use IEEE dots. dL/dI
@@ -49,21 +53,27 @@ TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 NO_KEY = tl.constexpr(2**31 - 1)  # sorted top-k lists put invalid entries last
 SCRATCH_BYTES = 1 << 30  # budget of the R x S dL/dI scratch
 # Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
-# block_*/warps/stages: the per-chunk kernels (target, dq, dk); lse_*: the LSE passes; group: row blocks per
-# launch group of the target kernel; min_dot: smallest dot dimension; topk_*: kernels.indexer_topk's key
-# tile, query rows per block, selection chunk, programs per SM, warps; sparse_*: kernels.sparse_attention's heads
-# and gathered keys per block, warps and stages; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
-# block and warps.
-TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
+# block_*/warps/stages: the per-chunk indexer kernels (target, dq, dk) and the indexer LSE; centroid_*: the
+# centroid kernel's tiles, warps and stages; lse_*: the main LSE pass; group: row blocks per launch group of the
+# tile kernels; min_dot: smallest dot dimension; index_lse_split: keys per program of the indexer LSE (split over
+# programs, then joined); topk_*: kernels.indexer_topk's key tile, query rows per block, selection chunk, programs
+# per SM, warps; sparse_*: kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs
+# per SM of its persistent grid and entries per step of its probability pass; sparse_kl_*:
+# kernels.sparse_centroid_kl's gathered keys per block and warps.
+TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, centroid_block_m=128, centroid_block_n=128,
+                      centroid_warps=8, centroid_stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
                       lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_block_t=2, topk_select=1024,
                       topk_programs=2, topk_warps=4,
-                      sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2,
-                      sparse_kl_block_k=32, sparse_kl_warps=4),
-         "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
+                      sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
+                      sparse_prob_block=256,
+                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=2048),
+         "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
+                     centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
                      lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
                      topk_programs=3, topk_warps=4,
-                     sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1,
-                     sparse_kl_block_k=4, sparse_kl_warps=4)}
+                     sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1, sparse_programs=3,
+                     sparse_prob_block=8,
+                     sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=32)}
 
 
 @triton.jit
@@ -198,15 +208,18 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
 
 
 @triton.jit
-def _index_lse_kernel(iq, ik, iw, lse_ptr, doc_ptr, keys_ptr,
+def _index_lse_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr,
                       sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_t, sw_h,
-                      T, HI, D: tl.constexpr, K,
+                      B, T, HI, D: tl.constexpr, K, split_keys,
                       DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
                       DOT: tl.constexpr):
-    """Natural-log LSE [B, T] of the indexer logits over each row's allowed keys; grid (row blocks, B)."""
+    """Partial online LSE (base-2 max m, sum l; [splits, B, T] each) of the indexer logits over each row's allowed
+    keys among keys split * split_keys .. + split_keys (dense; SPARSE: one split walks the row's top-k list);
+    grid (row blocks, splits, B). `index_lse` joins the splits."""
     rb = tl.program_id(0)
-    b = tl.program_id(1)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
     S = T // RATIO
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
@@ -231,8 +244,8 @@ def _index_lse_kernel(iq, ik, iw, lse_ptr, doc_ptr, keys_ptr,
             m, l = _online_lse(m, l, tl.where(sel != 0, s * _LOG2E, float("-inf")))
             nxt = tl.min(v, 0)
     else:
-        lo = (tl.min(doc, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
+        lo = tl.maximum((tl.min(doc, 0) // BLOCK_N) * BLOCK_N, split * split_keys)
+        hi = tl.minimum(tl.minimum((rb + 1) * BLOCK_M, T) // RATIO, (split + 1) * split_keys)  # block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
             ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
@@ -240,30 +253,45 @@ def _index_lse_kernel(iq, ik, iw, lse_ptr, doc_ptr, keys_ptr,
                               BLOCK_N, DI, PREC, DOT)
             allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
             m, l = _online_lse(m, l, tl.where(allowed, s * _LOG2E, float("-inf")))
-    # a row without keys (compressed keys: rows t < RATIO - 1; top-k lists without a valid key) gets 0, so that
-    # its masked-out terms stay finite
-    lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / _LOG2E, 0.0)
-    tl.store(lse_ptr + b * T + rows, lse, mask=row_ok)
+    out = (split * B + b).to(tl.int64) * T + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(l_ptr + out, l, mask=row_ok)
 
 
 @triton.jit
-def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, grad_ptr, flag_ptr, loss_ptr,
-                   sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
-                   iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
-                   B, T, G, H, HI, D: tl.constexpr, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
-                   DA: tl.constexpr, DB: tl.constexpr, DI: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                   SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                   PREC: tl.constexpr, DOT: tl.constexpr):
-    """One (row block, key block) tile of chunk rows r0 .. r0+R: KL terms into loss [B, T], dL/dI into the
-    scratch [B, R, S]."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
+def _grouped_tile(pid, n_rb, n_kb, GROUP: tl.constexpr):
+    """(row block, key block) of program pid in grouped launch order: GROUP row blocks walk the key blocks
+    together, so that concurrent programs share q and k tiles in L2."""
     width = GROUP * n_kb
     first = (pid // width) * GROUP
     size = tl.minimum(n_rb - first, GROUP)
-    rb = first + (pid % width) % size
-    kb = (pid % width) // size
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
+def _tile_allowed(rows, keys, row_ok, doc, last_row, keys_ptr, K, n0, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+                  LOG2K: tl.constexpr, RATIO: tl.constexpr):
+    """[M, N] bool: which (row, key) pairs of a tile count (causal, in the row's document, in its top-k set when
+    SPARSE; keys_ptr: the batch row's sorted lists); all False for a tile above the diagonal."""
+    allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
+        & row_ok[:, None]
+    if SPARSE:
+        if (_last_token(n0, RATIO) <= last_row) & (n0 + BLOCK_N > tl.min(doc, 0)):
+            allowed = allowed & (_sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N, LOG2K) != 0)
+    return allowed
+
+
+@triton.jit
+def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, pbar_ptr,
+                     sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
+                     B, T, G, H, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
+                     DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP: tl.constexpr, SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr,
+                     PREC: tl.constexpr, DOT: tl.constexpr):
+    """One (row block, key block) tile of chunk rows r0 .. r0+R: the centroid pbar = 1/(G H) sum_{g,h}
+    exp2(scale_log2 q.k - lse2) into the scratch [B, R, S] fp32 at the tile's allowed pairs (nothing elsewhere)."""
+    rb, kb = _grouped_tile(tl.program_id(0), n_rb, n_kb, GROUP)
+    b = tl.program_id(1)
     S = T // RATIO
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,41 +300,63 @@ def _target_kernel(mq, mk, lse_ptr, iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, gra
     key_ok = keys < S
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
-    if (_last_token(kb * BLOCK_N, RATIO) <= last_row) & (kb * BLOCK_N + BLOCK_N > tl.min(doc, 0)):
-        allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
-            & row_ok[:, None]
-        if SPARSE:
-            sel = _sparse_tile_mask(keys_ptr + b.to(tl.int64) * T * K, rows, row_ok, kb * BLOCK_N, K,
-                                    BLOCK_N, LOG2K)
-            allowed = allowed & (sel != 0)
-        if tl.max(allowed.to(tl.int32)) > 0:
-            pbar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for gh in range(G * H):
-                g = gh // H
-                h = gh % H
-                q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
-                k_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
-                qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
-                qb = qa
-                if DB > 0:
-                    qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
-                s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
-                lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-                pbar += tl.exp2(s * scale_log2 - lse[:, None])
-            pbar = tl.where(allowed, pbar * inv_gh, 0.0)
-            ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
-            logits = _index_logits(iq + b.to(tl.int64) * iq_b, iw + b.to(tl.int64) * iw_b, ki, rows, row_ok,
-                                   HI, D, iq_t, iq_h, iq_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
-            ilse = tl.load(ilse_ptr + b * T + rows, mask=row_ok, other=0.0)
-            log_q = logits - ilse[:, None]
-            entropy = tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0)
-            kl = tl.where(allowed, entropy - pbar * log_q, 0.0)
-            tl.atomic_add(loss_ptr + b * T + rows, tl.sum(kl, 1), mask=row_ok)
-            if WRITE_GRAD:
-                grad = tl.where(allowed, tl.exp(log_q) - pbar, 0.0)
-                ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
-                tl.store(ptrs, grad, mask=row_ok[:, None] & key_ok[None, :])
-                tl.store(flag_ptr + (b * n_rb + rb) * n_kb + kb, 1)
+    allowed = _tile_allowed(rows, keys, row_ok, doc, last_row, keys_ptr + b.to(tl.int64) * T * K, K, kb * BLOCK_N,
+                            BLOCK_N, SPARSE, LOG2K, RATIO)
+    if tl.max(allowed.to(tl.int32)) > 0:
+        pbar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for gh in range(G * H):
+            g = gh // H
+            h = gh % H
+            q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+            k_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
+            qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
+            qb = qa
+            if DB > 0:
+                qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+            s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+            pbar += tl.exp2(s * scale_log2 - lse[:, None])
+        ptrs = pbar_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
+        tl.store(ptrs, pbar * inv_gh, mask=allowed)
+
+
+@triton.jit
+def _target_kernel(iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, grad_ptr, flag_ptr, loss_ptr,
+                   iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
+                   T, HI, D: tl.constexpr, K, r0, R, n_rb, n_kb,
+                   DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                   SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                   PREC: tl.constexpr, DOT: tl.constexpr):
+    """One (row block, key block) tile of chunk rows r0 .. r0+R: with pbar read from the scratch [B, R, S]
+    (`_centroid_kernel`), the KL terms into loss [B, T] and (WRITE_GRAD) dL/dI over pbar in the scratch, a flag
+    for each non-empty tile."""
+    rb, kb = _grouped_tile(tl.program_id(0), n_rb, n_kb, GROUP)
+    b = tl.program_id(1)
+    S = T // RATIO
+    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_end = tl.minimum(r0 + R, T)
+    row_ok = rows < row_end
+    key_ok = keys < S
+    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
+    last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
+    allowed = _tile_allowed(rows, keys, row_ok, doc, last_row, keys_ptr + b.to(tl.int64) * T * K, K, kb * BLOCK_N,
+                            BLOCK_N, SPARSE, LOG2K, RATIO)
+    if tl.max(allowed.to(tl.int32)) > 0:
+        ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
+        pbar = tl.load(ptrs, mask=allowed, other=0.0)
+        ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+        logits = _index_logits(iq + b.to(tl.int64) * iq_b, iw + b.to(tl.int64) * iw_b, ki, rows, row_ok,
+                               HI, D, iq_t, iq_h, iq_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
+        ilse = tl.load(ilse_ptr + b * T + rows, mask=row_ok, other=0.0)
+        log_q = logits - ilse[:, None]
+        entropy = tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0)
+        kl = tl.where(allowed, entropy - pbar * log_q, 0.0)
+        tl.atomic_add(loss_ptr + b * T + rows, tl.sum(kl, 1), mask=row_ok, sem="relaxed")
+        if WRITE_GRAD:
+            grad = tl.where(allowed, tl.exp(log_q) - pbar, 0.0)
+            tl.store(ptrs, grad, mask=row_ok[:, None] & key_ok[None, :])
+            tl.store(flag_ptr + (b * n_rb + rb) * n_kb + kb, 1)
 
 
 @triton.jit
@@ -380,7 +430,7 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
                 dk += tl.dot(ds_t.to(GRAD_DTYPE), qj.to(GRAD_DTYPE), input_precision=PREC)
     cols = tl.arange(0, DI)
     dk_ptrs = dk_ptr + (b * S + keys).to(tl.int64)[:, None] * D + cols[None, :]
-    tl.atomic_add(dk_ptrs, dk * inv_rows, mask=key_ok[:, None] & (cols < D)[None, :])
+    tl.atomic_add(dk_ptrs, dk * inv_rows, mask=key_ok[:, None] & (cols < D)[None, :], sem="relaxed")
 
 
 def _pow2_pieces(dim: int, min_dot: int) -> tuple[int, int]:
@@ -388,6 +438,17 @@ def _pow2_pieces(dim: int, min_dot: int) -> tuple[int, int]:
     first = max(min_dot, 1 << (dim.bit_length() - 1))
     rest = dim - first
     return first, (0 if rest <= 0 else max(min_dot, triton.next_power_of_2(rest)))
+
+
+def wide_head_tiles(cfg: dict, width: int) -> dict:
+    """cfg for main heads `width` wide, so that the kernels' q and k tiles fit in shared memory: the centroid
+    tiles are sized for DeepSeek-V3.2's 192; wider heads (GLM-5's and HY-V4's 256) take 64 x 64 centroid tiles, and
+    heads wider than 256 (DeepSeek-V4's 512) also 64-row main-LSE tiles and one pipeline stage in both kernels."""
+    if width > 192:
+        cfg = dict(cfg, centroid_block_m=64, centroid_block_n=64, centroid_warps=4)
+    if width > 256:
+        cfg = dict(cfg, lse_block_m=min(cfg["lse_block_m"], 64), lse_stages=1, centroid_stages=1)
+    return cfg
 
 
 def tile_config(device: torch.device) -> dict:
@@ -414,6 +475,26 @@ def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor, ratio: int)
     return torch.where(valid, idx, NO_KEY.value).sort(dim=-1).values.contiguous()
 
 
+def index_lse(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot) -> torch.Tensor:
+    """Natural-log LSE [B, T] fp32 of the indexer logits over each row's allowed keys (0 for a row without keys,
+    so that its masked-out terms stay finite: compressed keys' rows t < ratio - 1, top-k lists without a valid
+    key): `_index_lse_kernel`'s partials over key splits (one split in the sparse stage), joined here."""
+    B, T, HI, D = iq.shape
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    split_keys = cfg["index_lse_split"]
+    splits = 1 if sparse else max(1, triton.cdiv(T // ratio, split_keys))
+    m = torch.empty(splits, B, T, device=iq.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _index_lse_kernel[(triton.cdiv(T, bm), splits, B)](
+        iq, ik, iw, m, l, doc, keys, *iq.stride(), *ik.stride(), *iw.stride(), B, T, HI, D, K, split_keys,
+        DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse,
+        LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    top = m.amax(0)
+    top = torch.where(torch.isinf(top), 0.0, top)
+    total = (l * torch.exp2(m - top)).sum(0)
+    return torch.where(total > 0, (top + torch.log2(total.clamp(min=1e-30))) / LOG2E, 0.0)
+
+
 def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqlens, main_lse, ratio, need_grad):
     """(loss fp32 scalar, (d index_q, d index_k, d index_w) or None) of the centroid KL."""
     if iq.dtype not in TL_DTYPES or iw.dtype not in TL_DTYPES:
@@ -421,9 +502,9 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     if len({t.dtype for t in (iq, ik, mq, mk)}) != 1:
         raise ValueError("index_q, index_k, main_q and main_k must share one dtype; got "
                          f"{[t.dtype for t in (iq, ik, mq, mk)]}")
-    cfg = tile_config(iq.device)
     B, T, HI, D = iq.shape
     G, H, DQ = mq.shape[0], mq.shape[3], mq.shape[4]
+    cfg = wide_head_tiles(tile_config(iq.device), DQ)
     S = ik.shape[1]
     mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
     dev = iq.device
@@ -439,7 +520,6 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     di = max(cfg["min_dot"], triton.next_power_of_2(D))
     scale_log2 = float(scale) * LOG2E
     common = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
-    lse_common = dict(num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
 
     if main_lse is None:
         lse = torch.empty(G, B, H, T, device=dev, dtype=torch.float32)
@@ -447,41 +527,42 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
             mq, mk, lse, doc, keys, *mq.stride(), *mk.stride(), B, T, H, K, DQ, scale_log2,
             DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot,
-            **lse_common)
+            num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
     iq_s, ik_s, iw_s = iq.stride(), ik.stride(), iw.stride()
-    ilse = torch.empty(B, T, device=dev, dtype=torch.float32)
-    bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
-    _index_lse_kernel[(triton.cdiv(T, bm), B)](
-        iq, ik, iw, ilse, doc, keys, *iq_s, *ik_s, *iw_s, T, HI, D, K,
-        DI=di, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot,
-        **lse_common)
+    ilse = index_lse(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot)
 
     bm, bn = cfg["block_m"], cfg["block_n"]
+    cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
     if chunk_size is None:
-        rows_per_chunk = max(bm, min(triton.cdiv(T, bm) * bm, SCRATCH_BYTES // (4 * B * max(S, 1)) // bm * bm))
+        row_tile = max(bm, cbm)  # both powers of two: chunks of whole tiles of both kernels
+        rows_per_chunk = max(row_tile, min(triton.cdiv(T, row_tile) * row_tile,
+                                           SCRATCH_BYTES // (4 * B * max(S, 1)) // row_tile * row_tile))
     else:
         rows_per_chunk = max(1, min(T, chunk_size))
     loss_rows = torch.zeros(B, T, device=dev, dtype=torch.float32)
+    scratch = torch.empty(B, rows_per_chunk, S, device=dev, dtype=torch.float32)  # pbar, then dL/dI
     if need_grad:
-        scratch = torch.empty(B, rows_per_chunk, S, device=dev, dtype=torch.float32)
         d_iq = torch.empty_like(iq, memory_format=torch.contiguous_format)
         d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
         d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
-    else:
-        scratch = loss_rows  # unused placeholder pointer
     inv_rows = 1.0 / (B * T)
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
-        n_rb = triton.cdiv(R, bm)
-        n_kb = max(1, triton.cdiv((r0 + R) // ratio, bn))  # the chunk's key blocks (rows seeing none: one, empty)
+        chunk_keys = (r0 + R) // ratio  # the keys the chunk's rows can see (rows seeing none: one empty block)
+        n_rb, n_kb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
+        _centroid_kernel[(n_rb * n_kb, B)](
+            mq, mk, lse, doc, keys, scratch, *mq.stride(), *mk.stride(),
+            B, T, G, H, K, DQ, r0, rows_per_chunk, n_rb, n_kb, scale_log2, 1.0 / (G * H),
+            DA=da, DB=db, BLOCK_M=cbm, BLOCK_N=cbn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k, RATIO=ratio,
+            PREC=prec, DOT=dot, num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
+        n_rb, n_kb = triton.cdiv(R, bm), max(1, triton.cdiv(chunk_keys, bn))
         flags = torch.zeros(B, n_rb, n_kb, device=dev, dtype=torch.int8)
         _target_kernel[(n_rb * n_kb, B)](
-            mq, mk, lse, iq, ik, iw, ilse, doc, keys, scratch, flags, loss_rows,
-            *mq.stride(), *mk.stride(), *iq_s, *ik_s, *iw_s,
-            B, T, G, H, HI, D, K, DQ, r0, rows_per_chunk, n_rb, n_kb, scale_log2, 1.0 / (G * H),
-            DA=da, DB=db, DI=di, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k,
+            iq, ik, iw, ilse, doc, keys, scratch, flags, loss_rows, *iq_s, *ik_s, *iw_s,
+            T, HI, D, K, r0, rows_per_chunk, n_rb, n_kb,
+            DI=di, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k,
             RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot, **common)
         if not need_grad:
             continue
@@ -491,7 +572,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
             iq, ik, iw, scratch, order, count, d_iq, d_iw, *iq_s, *ik_s, *iw_s,
             T, HI, D, r0, rows_per_chunk, n_rb, n_kb, inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
-        splits = max(1, min(n_rb, triton.cdiv(4 * _sm_count(dev), n_kb * B)))
+        splits = max(1, min(n_rb, triton.cdiv(4 * sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
         _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
             iq, ik, iw, scratch, flags, d_ik, *iq_s, *ik_s, *iw_s,
@@ -501,8 +582,9 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 on the CPU interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 class CentroidKL(torch.autograd.Function):

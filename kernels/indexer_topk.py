@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import check_indexer_inputs, check_ratio, document_starts
-from kernels.centroid_kl import TL_DTYPES, dot_dtype, tile_config
+from kernels.centroid_kl import TL_DTYPES, dot_dtype, sm_count, tile_config
 
 
 @triton.jit
@@ -189,9 +189,7 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
     out = torch.empty(B, T, k, device=dev, dtype=torch.int32)
     block_t = cfg["topk_block_t"]
-    n_prog = min(B * triton.cdiv(T, block_t),
-                 cfg["topk_programs"] * (torch.cuda.get_device_properties(dev).multi_processor_count
-                                         if dev.type == "cuda" else 1))
+    n_prog = min(B * triton.cdiv(T, block_t), cfg["topk_programs"] * sm_count(dev))
     scratch = torch.empty(n_prog, block_t, T, device=dev, dtype=torch.int32)
     _topk_kernel[(n_prog,)](
         iq=index_q, ik=index_k, iw=index_w, doc_ptr=doc, out_ptr=out, scr_ptr=scratch,

@@ -9,12 +9,15 @@ v_dim columns are the value), topk_indices [B, T, K] (-1 = no key; entry j is va
 doc_start(t) <= idx_j <= t), cu_seqlens int [num_docs + 1] -> out [B, T, H, v_dim] (q's dtype), lse [B, H, T]
 fp32 (-inf where a row has no valid entry, out 0 there), prob_out [B, T, K] fp32.
 
-As FlashMLA's sparse prefill: one program per (query row, block of heads); the heads are the rows of the
-products, [BLOCK_H, Dk] queries against [BLOCK_K, Dk] keys gathered by index, Dk split into two power-of-two
-column pieces (576 = 512 + 64); when v_dim is the first piece, the gathered key tile is the value tile. Online
-softmax over the row's key blocks with fp32 accumulation; with prob_out a second pass over the same blocks
-adds the head-averaged probabilities (fp32 atomics across head blocks). Compute O(T K H Dk), memory the
-inputs and outputs: no T x T.
+As FlashMLA's sparse prefill: the heads are the rows of the products, [BLOCK_H, Dk] queries of one (query row,
+head block) against [BLOCK_K, Dk] keys gathered by index, Dk split into two power-of-two column pieces (576 = 512 +
+64); when v_dim is the first piece, the gathered key tile is the value tile. Online softmax over the row's key
+blocks with fp32 accumulation. The grid is persistent (a few programs per SM, each taking items pid, pid + programs,
+...), so that each program owns a scratch: with prob_out, every key block's p = exp2(s - m) (m the head's running
+max after the block) goes to the program's [BLOCK_H, K] scratch (fp16 for 16-bit inputs, fp32 for fp32) and m to a
+[K / BLOCK_K, BLOCK_H] one; once the row's LSE is known, one pass over the scratch adds
+sum_h p * exp2(m - lse) (fp32 atomics across head blocks). No key is gathered and no dot recomputed for the
+probabilities. Compute O(T K H Dk), memory the inputs, outputs and programs x BLOCK_H x K scratch: no T x T.
 """
 from __future__ import annotations
 
@@ -22,76 +25,93 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.centroid_kl import LOG2E, TL_DTYPES, _LOG2E, _load_rows, _main_scores, _pow2_pieces, dot_dtype, \
-    tile_config
+from kernels.centroid_kl import LOG2E, TL_DTYPES, _LOG2E, _load_rows, _pow2_pieces, dot_dtype, sm_count, tile_config
 from kernels.reference import check_sparse_attention, document_starts
 
 
 @triton.jit
-def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr,
+def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr, p_scratch, m_scratch,
                        q_b, q_t, q_h, q_d, kv_b, kv_t, kv_d, i_b, i_t, i_k, o_b, o_t, o_h, o_d,
-                       T, H, K, n_hb, scale_log2, prob_scale,
+                       T, H, K, n_hb, n_kb, W, n_items, scale_log2, prob_scale,
                        DK: tl.constexpr, V: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, V_IS_A: tl.constexpr,
-                       WRITE_PROB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
-    """One (query row, head block): out, lse and (WRITE_PROB) the probabilities added into prob [B*T, K];
-    grid (B*T*n_hb,), the head blocks of a row adjacent."""
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PROB_BLOCK: tl.constexpr,
+                       V_IS_A: tl.constexpr, WRITE_PROB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """Persistent: program pid takes the (query row, head block) items pid, pid + programs, ... (the head blocks
+    of a row adjacent; item = (b*T + t) * n_hb + hb). Per item: out, lse and (WRITE_PROB) the probabilities added
+    into prob [B*T, K]; p_scratch [programs, BLOCK_H, W] and m_scratch [programs, W // BLOCK_K, BLOCK_H] (W >= K a
+    multiple of PROB_BLOCK, itself a multiple of BLOCK_K) are this program's own."""
     pid = tl.program_id(0)
-    hb = pid % n_hb
-    r = pid // n_hb  # flattened row b*T + t
-    b = r // T
-    t = r % T
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = heads < H
-    q_base = q + b.to(tl.int64) * q_b + t.to(tl.int64) * q_t
-    qa = _load_rows(q_base, heads, head_ok, q_h, q_d, 0, DA, DK, DOT)
-    qb = qa
-    if DB > 0:
-        qb = _load_rows(q_base, heads, head_ok, q_h, q_d, DA, DB, DK, DOT)
-    kv_base = kv + b.to(tl.int64) * kv_b
-    idx_base = idx_ptr + b.to(tl.int64) * i_b + t.to(tl.int64) * i_t
-    start = tl.load(doc_ptr + r)
-    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # base-2 running max of each head
-    l = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, DV), tl.float32)
-    for j0 in range(0, K, BLOCK_K):
-        j = j0 + tl.arange(0, BLOCK_K)
-        key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
-        ok = (key >= start) & (key <= t)
-        ka = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DA, DK, DOT)
-        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+    heads_local = tl.arange(0, BLOCK_H)
+    p_base = p_scratch + pid.to(tl.int64) * BLOCK_H * W
+    m_base = m_scratch + pid.to(tl.int64) * (W // BLOCK_K) * BLOCK_H
+    for item in range(pid, n_items, tl.num_programs(0)):
+        hb = item % n_hb
+        r = item // n_hb  # flattened row b*T + t
+        b = r // T
+        t = r % T
+        heads = hb * BLOCK_H + heads_local
+        head_ok = heads < H
+        q_base = q + b.to(tl.int64) * q_b + t.to(tl.int64) * q_t
+        qa = _load_rows(q_base, heads, head_ok, q_h, q_d, 0, DA, DK, DOT)
+        qb = qa
         if DB > 0:
-            kb = _load_rows(kv_base, key, ok, kv_t, kv_d, DA, DB, DK, DOT)
-            s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
-        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        if V_IS_A:
-            v = ka
-        else:
-            v = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DV, V, DOT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PREC)
-        m = m_new
-    has_keys = l > 0
-    lse2 = m + tl.log2(tl.where(has_keys, l, 1.0))
-    out = acc / tl.where(has_keys, l, 1.0)[:, None]
-    cols = tl.arange(0, DV)
-    o_ptrs = (out_ptr + b.to(tl.int64) * o_b + t.to(tl.int64) * o_t + heads[:, None] * o_h
-              + cols[None, :] * o_d)
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols < V)[None, :])
-    lse_ptrs = lse_ptr + (b * H + heads).to(tl.int64) * T + t
-    tl.store(lse_ptrs, tl.where(has_keys, lse2 / _LOG2E, float("-inf")), mask=head_ok)
-    if WRITE_PROB:
-        for j0 in range(0, K, BLOCK_K):
-            j = j0 + tl.arange(0, BLOCK_K)
+            qb = _load_rows(q_base, heads, head_ok, q_h, q_d, DA, DB, DK, DOT)
+        kv_base = kv + b.to(tl.int64) * kv_b
+        idx_base = idx_ptr + b.to(tl.int64) * i_b + t.to(tl.int64) * i_t
+        start = tl.load(doc_ptr + r)
+        m = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # base-2 running max of each head
+        l = tl.zeros((BLOCK_H,), tl.float32)
+        acc = tl.zeros((BLOCK_H, DV), tl.float32)
+        if WRITE_PROB:
+            tl.debug_barrier()  # the previous item's reads of the scratch are done
+        for kb in range(0, n_kb):
+            j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
             ok = (key >= start) & (key <= t)
-            s = _main_scores(qa, qb, kv_base, key, ok, kv_t, kv_d, DA, DB, DK, PREC, DOT)
-            p = tl.where(head_ok[:, None] & ok[None, :], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-            tl.atomic_add(prob_ptr + r.to(tl.int64) * K + j, tl.sum(p, 0) * prob_scale, mask=ok)
+            ka = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DA, DK, DOT)
+            s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+            if DB > 0:
+                kb_tile = _load_rows(kv_base, key, ok, kv_t, kv_d, DA, DB, DK, DOT)
+                s += tl.dot(qb, tl.trans(kb_tile), input_precision=PREC)
+            s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if WRITE_PROB:  # this block's p relative to its running max, rescaled once the row's LSE is known
+                tl.store(p_base + heads_local[:, None] * W + j[None, :],
+                         p.to(p_scratch.dtype.element_ty))
+                tl.store(m_base + kb * BLOCK_H + heads_local, m_use)
+            if V_IS_A:
+                v = ka
+            else:
+                v = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DV, V, DOT)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PREC)
+            m = m_new
+        has_keys = l > 0
+        lse2 = m + tl.log2(tl.where(has_keys, l, 1.0))
+        out = acc / tl.where(has_keys, l, 1.0)[:, None]
+        cols = tl.arange(0, DV)
+        o_ptrs = (out_ptr + b.to(tl.int64) * o_b + t.to(tl.int64) * o_t + heads[:, None] * o_h
+                  + cols[None, :] * o_d)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols < V)[None, :])
+        lse_ptrs = lse_ptr + (b * H + heads).to(tl.int64) * T + t
+        tl.store(lse_ptrs, tl.where(has_keys, lse2 / _LOG2E, float("-inf")), mask=head_ok)
+        if WRITE_PROB:
+            tl.debug_barrier()  # every thread's stores to the scratch are visible
+            # prob(j) = sum_h exp2(s_hj - lse2_h) = sum_h p_hj exp2(m_use_h(block of j) - lse2_h), PROB_BLOCK entries
+            # at a time (wide steps: the pass waits on the scratch's latency, not on arithmetic)
+            for j0 in range(0, K, PROB_BLOCK):
+                j = j0 + tl.arange(0, PROB_BLOCK)
+                key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
+                ok = (key >= start) & (key <= t)
+                p = tl.load(p_base + heads_local[:, None] * W + j[None, :], mask=ok[None, :], other=0.0)
+                m_block = tl.load(m_base + (j // BLOCK_K)[None, :] * BLOCK_H + heads_local[:, None], mask=ok[None, :],
+                                  other=0.0)
+                rescale = tl.where((head_ok & has_keys)[:, None], tl.exp2(m_block - lse2[:, None]), 0.0)
+                tl.atomic_add(prob_ptr + r.to(tl.int64) * K + j, tl.sum(p.to(tl.float32) * rescale, 0) * prob_scale,
+                              mask=ok, sem="relaxed")
 
 
 def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.Tensor, scale: float, v_dim: int,
@@ -119,12 +139,24 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
     da, db = _pow2_pieces(DK, cfg["min_dot"])
     dv = max(cfg["min_dot"], triton.next_power_of_2(v_dim))
     block_h = min(cfg["sparse_block_h"], max(cfg["min_dot"], triton.next_power_of_2(H)))
-    n_hb = triton.cdiv(H, block_h)
-    _sparse_mqa_kernel[(B * T * n_hb,)](
-        q, kv, idx, doc, out, lse, out if prob_out is None else prob_out,
+    block_k = cfg["sparse_block_k"]
+    prob_block = cfg["sparse_prob_block"]  # a multiple of block_k
+    n_hb, n_kb, width = triton.cdiv(H, block_h), triton.cdiv(K, block_k), triton.cdiv(K, prob_block) * prob_block
+    n_items = B * T * n_hb
+    programs = max(1, min(n_items, cfg["sparse_programs"] * sm_count(dev)))
+    if prob_out is None:
+        p_scratch = m_scratch = lse  # unused placeholder pointers
+    else:  # each program's p of one item: fp16 for 16-bit inputs (p is in [0, 1]), fp32 for fp32 inputs
+        p_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
+        p_scratch = torch.empty(programs, block_h, width, device=dev, dtype=p_dtype)
+        m_scratch = torch.empty(programs, width // block_k, block_h, device=dev, dtype=torch.float32)
+    _sparse_mqa_kernel[(programs,)](
+        q, kv, idx, doc, out, lse, out if prob_out is None else prob_out, p_scratch, m_scratch,
         *q.stride(), *kv.stride(), *idx.stride(), *out.stride(),
-        T=T, H=H, K=K, n_hb=n_hb, scale_log2=float(scale) * LOG2E, prob_scale=float(prob_weight) / H,
-        DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=cfg["sparse_block_k"], V_IS_A=v_dim == da,
+        T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, n_items=n_items, scale_log2=float(scale) * LOG2E,
+        prob_scale=float(prob_weight) / H,
+        DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, PROB_BLOCK=prob_block,
+        V_IS_A=v_dim == da,
         WRITE_PROB=prob_out is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot_dtype(q),
         num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
     return out, lse

@@ -90,7 +90,7 @@ def _sparse_kl_kernel(iq, ik, iw, target_ptr, idx_ptr, doc_ptr, loss_ptr, dq_ptr
             dq += tl.dot(ds, k.to(GRAD_DTYPE), input_precision=PREC)
             dk = tl.dot(tl.trans(ds), q.to(GRAD_DTYPE), input_precision=PREC)
             dk_ptrs = dk_ptr + (b * S + key).to(tl.int64)[:, None] * D + cols[None, :]
-            tl.atomic_add(dk_ptrs, dk, mask=ok[:, None] & (cols < D)[None, :])
+            tl.atomic_add(dk_ptrs, dk, mask=ok[:, None] & (cols < D)[None, :], sem="relaxed")
         dq_ptrs = dq_ptr + (r.to(tl.int64) * HI + heads)[:, None] * D + cols[None, :]
         tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols < D)[None, :])
         tl.store(dw_ptr + r.to(tl.int64) * HI + heads, dw.to(dw_ptr.dtype.element_ty), mask=head_ok)
