@@ -12,6 +12,7 @@ from bench.common import DSA, dsa_inputs, flash_lse
 from kernels.reference import allowed_keys
 from kernels import reference
 from kernels.centroid_kl import centroid_kl
+from kernels.compressed_attention import compressed_attention
 from kernels.dense_attention import causal_attention
 from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
@@ -19,7 +20,13 @@ from kernels.sparse_centroid_kl import sparse_centroid_kl
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    """max |got - want| / max |want| over want's finite entries; inf where the non-finite entries differ (an LSE
+    is -inf on rows without keys)."""
+    got, want = got.float(), want.float()
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)) or not torch.equal(got[~finite], want[~finite]):
+        return float("inf")
+    return ((got[finite] - want[finite]).abs().max() / want[finite].abs().max()).item()
 
 
 def check_centroid_kl(name, T, G, H, dtype, *, B=1, sparse_k=None, docs=None, with_lse=False, fp32_w=False,
@@ -98,6 +105,46 @@ def check_sparse(T, *, B=1, H=DSA["H"], docs=None, dtype=torch.bfloat16, tol=2e-
     return ok
 
 
+def check_compressed(T, *, H=64, Dq=512, G=2, ratio=4, k=512, tol=2e-2):
+    """DeepSeek-V4's CSA shapes: 64 query heads of 512 against one 512-wide key head of T // ratio compressed
+    entries. The fused dense centroid KL (LSE computed, then given as the backbone's attention returns it) and the
+    sparse attention over the fused top-k entries with its probabilities, each against its reference."""
+    S = T // ratio
+    index, _, _ = dsa_inputs(T, 1, H=1, seed=T + 3)
+    iq, iw = index[0], index[2]
+    ik = index[1][:, :S].detach().clone().requires_grad_()
+    g = torch.Generator(device="cuda").manual_seed(T)
+    mq = torch.randn(G, 1, T, H, Dq, generator=g, device="cuda", dtype=torch.bfloat16)
+    mk = torch.randn(G, 1, S, 1, Dq, generator=g, device="cuda", dtype=torch.bfloat16)
+    scale = Dq ** -0.5
+    name = f"compressed (V4) T={T} H={H} Dq={Dq} G={G} ratio={ratio}"
+    ref_index = [t.detach().float().requires_grad_() for t in (iq, ik, iw)]
+    want = reference.centroid_kl(*ref_index, mq.float(), mk.float(), scale, ratio=ratio)
+    want_grads = torch.autograd.grad(want, ref_index)
+    lse = torch.stack([compressed_attention(q, kk[:, :, 0], scale, ratio)[1] for q, kk in zip(mq, mk)])  # backbone's
+    results = []
+    for label, main_lse in (("LSE computed", None), ("LSE given", lse)):
+        loss = centroid_kl(iq, ik, iw, mq, mk, scale, main_lse=main_lse, ratio=ratio)
+        grads = torch.autograd.grad(loss, (iq, ik, iw))
+        errors = [abs(loss.item() - want.item()) / abs(want.item())] + [relative_error(a, b)
+                                                                         for a, b in zip(grads, want_grads)]
+        results.append(all(e < tol for e in errors))
+        print(f"{name} centroid_kl {label}: rel.err loss/dq/dk/dw " + " ".join(f"{e:.1e}" for e in errors)
+              + ("  ok" if results[-1] else "  FAIL"), flush=True)
+    topk = indexer_topk(iq.detach(), ik.detach(), iw.detach().float(), k, ratio=ratio)
+    q, kv = mq[0], mk[0, :, :, 0]
+    targets, outputs = [], []
+    for impl in (sparse_mqa_attention, reference.sparse_mqa_attention):
+        targets.append(torch.zeros(*topk.shape, device="cuda"))
+        with torch.no_grad():
+            outputs.append(impl(q, kv, topk, scale, Dq, prob_out=targets[-1]))
+    errors = [relative_error(a, b) for a, b in zip(*outputs)] + [relative_error(*targets)]
+    results.append(all(e < tol for e in errors))
+    print(f"{name} sparse attention k={k}: rel.err out/lse/prob " + " ".join(f"{e:.1e}" for e in errors)
+          + ("  ok" if results[-1] else "  FAIL"), flush=True)
+    return all(results)
+
+
 def check_dense_attention(T, *, B=1, H=DSA["H"], docs=None, dtype=torch.bfloat16, tol=2e-2):
     """The backbone's fused causal attention (cuDNN, MLA shapes: q/k 192, v 128) and its LSE against the reference."""
     g = torch.Generator(device="cuda").manual_seed(T)
@@ -135,6 +182,7 @@ def main() -> int:
         check_sparse(3000),
         check_sparse(1500, B=2, H=20, docs=[0, 700, 1900, 3000]),
         check_sparse(777, H=16, dtype=torch.float32, tol=1e-4),
+        check_compressed(2048),
     ]
     return 0 if all(results) else 1
 

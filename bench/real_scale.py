@@ -4,7 +4,8 @@ A random GlmMoeDsa with DeepSeek-V3.2's attention (128 MLA heads, q/k 128 nope +
 kv latent 512, 64 indexer heads of 128, top-2048) and a narrow rest (hidden, dense MLP and vocabulary small
 enough to fit 61 layers), under GLM-5.2's kind of pattern (transformers' rule, index_topk_freq 4 with
 index_skip_topk_offset 3: F F F S S S F ...; 17 F of 61). Per stage: one optimizer step (streamed forward +
-backward + AdamW on the F indexers), its peak memory and tokens/s, after a warm-up step.
+backward + AdamW on the F indexers), its peak memory and tokens/s in the steady state (the second step at T), after
+a warm-up step.
 
     python -m bench.real_scale --layers 61 --seq-len 131072 --out results/     (one call per configuration)
 
@@ -63,20 +64,31 @@ def optimizer_step(distiller: Distiller, optimizer: torch.optim.Optimizer, ids: 
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "sparse"), warm_tokens: int | None = None):
-    """Yield one row per stage: one optimizer step (streamed forward + backward + AdamW on the F indexers) on
-    ids [B, T], timed after a warm-up forward + backward of every stage on ids[:, :warm_tokens] (all of T by
-    default) that compiles every kernel. A row: stage, seconds (or 'OOM'), tokens/s, peak GiB above the
-    allocation before the step (the model, the optimizer state) and peak GiB in all."""
+def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "sparse"), warm_tokens: int | None = None,
+                steps: int | list[int] = 2):
+    """Yield one row per stage: `steps` optimizer steps (or steps[i] for stages[i]) (streamed forward + backward + AdamW on the F indexers) on
+    ids [B, T], each timed, after a warm-up forward + backward of every stage on ids[:, :warm_tokens] (all of T by
+    default) that compiles every kernel. The first step at T also allocates what later steps reuse (the pinned host
+    buffers of the offloaded saved tensors, the caching allocator's blocks); the row's `seconds` is the last step
+    (the steady state a run sees), `seconds_first` the first; the stages share those buffers (the same sizes), so a
+    stage after another one is warm from its first step. A row: stage, steps, seconds (or 'OOM'), seconds_first,
+    tokens/s, peak GiB above the allocation before the last step (the model, the optimizer state) and peak GiB in
+    all."""
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for sparse in (False, True):
         distiller(ids[:, :warm_tokens], sparse=sparse).loss.backward()
     optimizer.zero_grad(set_to_none=True)
-    for stage in stages:
-        seconds, peak = measure(lambda: optimizer_step(distiller, optimizer, ids, stage == "sparse"), reps=1)
+    for i, stage in enumerate(stages):
+        timings = []
+        for _ in range(steps if isinstance(steps, int) else steps[i]):
+            seconds, peak = measure(lambda: optimizer_step(distiller, optimizer, ids, stage == "sparse"), reps=1)
+            timings.append(seconds)
+            if isinstance(seconds, str):
+                break
+        seconds = timings[-1]
         tokens_per_s = None if isinstance(seconds, str) else ids.numel() / seconds
-        yield dict(stage=stage, seconds=seconds, tokens_per_s=tokens_per_s, peak_gib=peak,
+        yield dict(stage=stage, steps=len(timings), seconds=seconds, seconds_first=timings[0], tokens_per_s=tokens_per_s, peak_gib=peak,
                    peak_total_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
@@ -86,14 +98,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=61)
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--stages", default="dense,sparse")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2],
+                        help="timed steps per stage, one number for all or one per --stages entry (a row reports the "
+                             "last)")
     parser.add_argument("--offload-saved", choices=("auto", "on", "off"), default="auto",
                         help="keep the indexer projections' saved inputs in pinned CPU memory until backward")
     args = parser.parse_args()
+    stages = args.stages.split(",")
+    if len(args.steps) not in (1, len(stages)):
+        parser.error(f"--steps: one number, or one per stage of {stages}")
+    steps = args.steps * len(stages) if len(args.steps) == 1 else args.steps
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
     config, pattern, distiller, ids = real_scale_run(args.layers, args.seq_len, offload)
     rows = []
     # the warm-up at 4K compiles every kernel (the same specialisations as at T) at a fraction of a step at T
-    for row in timed_steps(distiller, ids, args.stages.split(","), warm_tokens=4096):
+    for row in timed_steps(distiller, ids, stages, warm_tokens=4096, steps=steps):
         rows.append(row)
         print(row, flush=True)
     os.makedirs(args.out, exist_ok=True)

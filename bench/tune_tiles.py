@@ -5,8 +5,8 @@ DeepSeek-V3.2 shape, each against the current defaults measured in the same run.
     python -m bench.tune_tiles --ops sparse --sparse-seq-lens 32768 131072
 
 The sparse attention (MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its
-achieved TFLOP/s: per valid (row, head, entry) 2 * 576 + 2 * 512 FLOPs for the output, and 2 * 576 more for the
-probability pass, and checks that every configuration gives the defaults' output.
+achieved TFLOP/s: per valid (row, head, entry) 2 * 576 + 2 * 512 FLOPs, with or without the probabilities (they
+come from the same dots), and checks that every configuration gives the defaults' output.
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
 
-CANDIDATES = [dict(), dict(warps=8), dict(block_m=128, block_n=64, warps=8), dict(stages=3), dict(lse_warps=4),
-              dict(group=16)]
+CANDIDATES = [dict(), dict(centroid_block_m=128, centroid_block_n=64, centroid_warps=8),
+              dict(centroid_block_m=128, centroid_block_n=128, centroid_warps=8),
+              dict(centroid_block_m=64, centroid_block_n=128, centroid_warps=4), dict(centroid_stages=3),
+              dict(block_m=128, block_n=64, warps=8), dict(group=16)]
 TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
-SPARSE_CANDIDATES = [dict()] + [dict(sparse_block_h=h, sparse_block_k=k, sparse_warps=w, sparse_stages=s)
-                                for h, k, w, s in ((32, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3),
-                                                   (64, 128, 8, 1), (64, 64, 4, 2))]
+SPARSE_CANDIDATES = [dict(), dict(sparse_prob_block=64), dict(sparse_prob_block=128), dict(sparse_prob_block=512),
+                     dict(sparse_programs=1)]
 
 
 def time_candidates(label: str, candidates: list[dict], defaults: dict, run, flops: float | None = None,
@@ -72,7 +73,7 @@ def sparse_rows(T: int, defaults: dict) -> None:
             with torch.no_grad():
                 return sparse_mqa_attention(q, kv, topk, DSA["Dq"] ** -0.5, 512,
                                             prob_out=prob if with_prob else None)
-        flops = entries * (2 * 576 + 2 * 512 + (2 * 576 if with_prob else 0))
+        flops = entries * (2 * 576 + 2 * 512)
         time_candidates(f"sparse_mqa_attention T={T} prob={with_prob}", SPARSE_CANDIDATES, defaults, run, flops,
                         agree)
 
@@ -89,17 +90,17 @@ def main() -> None:
     if "sparse" in args.ops:
         for T in args.sparse_seq_lens:
             sparse_rows(T, defaults)
-    if "centroid" not in args.ops and "topk" not in args.ops:
-        return
-    index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
-    for G in args.groups:
-        run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], DSA["Dq"] ** -0.5), index)
-        time_candidates(f"centroid_kl T={args.seq_len} G={G}", CANDIDATES, defaults, run)
-    index, main_q, main_k = None, None, None
-    torch.cuda.empty_cache()
-    iq, ik, iw = [t.detach() for t in dsa_inputs(args.topk_seq_len, 1, H=1)[0]]
-    time_candidates(f"indexer_topk T={args.topk_seq_len}", TOPK_CANDIDATES, defaults,
-                    lambda: indexer_topk(iq, ik, iw, DSA["k"]))
+    if "centroid" in args.ops:
+        index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
+        for G in args.groups:
+            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], DSA["Dq"] ** -0.5), index)
+            time_candidates(f"centroid_kl T={args.seq_len} G={G}", CANDIDATES, defaults, run)
+        index, main_q, main_k = None, None, None
+        torch.cuda.empty_cache()
+    if "topk" in args.ops:
+        iq, ik, iw = [t.detach() for t in dsa_inputs(args.topk_seq_len, 1, H=1)[0]]
+        time_candidates(f"indexer_topk T={args.topk_seq_len}", TOPK_CANDIDATES, defaults,
+                        lambda: indexer_topk(iq, ik, iw, DSA["k"]))
 
 
 if __name__ == "__main__":
