@@ -36,7 +36,6 @@ source's shard headers (or, for a random model, a weightless meta-device instanc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -56,6 +55,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from distill.adapters import FAMILIES, family_of
+from distill.files import files_under, sha256_file
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
@@ -187,9 +187,9 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
             if keep_shared_indexers:
                 shared = [i for i, c in enumerate(str(pattern)) if c == "S"]
                 manifest["unused_shared_indexers"] = {"layers": shared, "note": UNUSED_NOTE}
-        manifest["files"] = {path: _sha256(tmp / path, sync=True) for path in _files_under(tmp)}
+        manifest["files"] = {path: sha256_file(tmp / path, sync=True) for path in files_under(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_value) + "\n")
-        _sha256(tmp / MANIFEST, sync=True)
+        sha256_file(tmp / MANIFEST, sync=True)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -493,20 +493,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _files_under(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
 def _plain(obj):
     """OmegaConf containers as plain dicts/lists (transformers configs and json need them); other values as given."""
     if isinstance(obj, (DictConfig, ListConfig)):
@@ -554,7 +540,7 @@ def load_export(out_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
             raise ExportError(f"{manifest_file} lists {rel!r}, which is outside the export")
         if not path.is_file():
             raise ExportError(f"{path} is missing (listed in {MANIFEST})")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise ExportError(f"{path}: sha256 {actual} does not match {expected} in {MANIFEST} "
                               "(the file was modified or corrupted)")
