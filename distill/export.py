@@ -48,13 +48,13 @@ from pathlib import Path
 import safetensors
 import torch
 import transformers
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
 from distill.adapters import FAMILIES, family_of
+from distill.containers import plain
 from distill.files import files_under, sha256_file
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
@@ -129,7 +129,7 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
 
     `backbone`: the live model under `pattern`, saved as `model/` for a random model; None rebuilds it.
     """
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     if keep_shared_indexers and not full_model:
         raise ExportError("keep_shared_indexers keeps S-layer indexers in the full model directory: "
                           "it needs full_model=True")
@@ -161,8 +161,8 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
         "unused_shared_indexers": None,
         "step": step,
         # less cache_dir: a path on the training machine that says nothing about the weights
-        "training_config": _plain({k: v for k, v in (train_config or {}).items() if k != "cache_dir"}),
-        "metrics": _plain(metrics),
+        "training_config": plain({k: v for k, v in (train_config or {}).items() if k != "cache_dir"}),
+        "metrics": plain(metrics),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "safetensors": safetensors.__version__},
     }
@@ -491,17 +491,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _plain(obj):
-    """OmegaConf containers as plain dicts/lists (transformers configs and json need them); other values as given."""
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {key: _plain(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(value) for value in obj]
-    return obj
 
 
 def _json_value(obj):
