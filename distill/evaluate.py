@@ -278,7 +278,7 @@ def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str],
             tables: Mapping[str, list[dict]] | None = None) -> None:
     """Log metrics (wandb and run_dir/metrics.jsonl, via train.logger), PNG images and tables (rows as dicts,
     wandb) for cfg.logger."""
-    from train.logger import Logger  # imports wandb
+    from train.logger import Logger
 
     logger = Logger(cfg.logger, run_dir, cfg.logger.get("name") or os.path.basename(run_dir),
                     OmegaConf.to_container(cfg, resolve=True), rank=0, run_id=uuid.uuid4().hex)
