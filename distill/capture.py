@@ -20,8 +20,8 @@ import contextlib
 import torch
 from torch import nn
 
-from distill.adapters import DsaFamily, MlaForms, NotDSAModelError
-from distill.model import SharedIndexer
+from distill.adapters import DsaFamily, MlaForms
+from distill.model import full_layer_indexer
 from distill.pattern import Pattern
 from kernels import indexer_topk_fn, sparse_attention_fn
 from kernels.dense_attention import document_runs
@@ -63,10 +63,7 @@ class Capture:
             return self.topk.get(owner)
         if not (self.sparse or self.select_dense or self.wants_projections(layer)):
             return None
-        if indexer is None or isinstance(indexer, SharedIndexer):
-            raise NotDSAModelError(f"layer {layer} is F in {self.pattern} but the model has no indexer there (its "
-                                   "config.indexer_types or an applied pattern makes it shared); choose a pattern "
-                                   "that makes it S, or load the model with indexer_types all 'full'")
+        indexer = full_layer_indexer(indexer, layer, self.pattern)
         with torch.set_grad_enabled(self.grad), self.projections_context():
             q, k, w = self.family.indexer_projections(indexer, inputs)
             projections = (q, k, self.family.kernel_weights(indexer, w))
