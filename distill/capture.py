@@ -7,7 +7,8 @@ LSE, or sparse over the row's top-k keys, e.g. in MLA's absorbed form). A layer 
 pattern position (`DsaFamily.dsa_layer_ids` maps it to its decoder layer); keys are tokens, or compressed
 entries (DeepSeek-V4: `forms.key_ratio` tokens per key). `layer_done` follows each layer; once the last layer of a group
 has run, `group_done(f)` lets a subclass consume the group (the objective computes its loss there and
-frees what the group recorded) and the group's top-k is dropped. Memory therefore holds one group.
+frees what the group recorded) and the group's top-k is dropped. Memory therefore holds one group; `KeepTopk`
+keeps every F layer's top-k past its group, for a caller that reads them after the forward.
 
 No [B, 1, T, T] mask, no [B, T, HI, T] indexer scores, no T x T tensor: the attention is fused (dense) or
 gathered (sparse, O(T * k)), and top-k comes from the fused top-k kernel.
@@ -19,7 +20,8 @@ import contextlib
 import torch
 from torch import nn
 
-from distill.adapters import DsaFamily, MlaForms, NotDSAModelError
+from distill.adapters import DsaFamily, MlaForms
+from distill.model import full_layer_indexer
 from distill.pattern import Pattern
 from kernels import indexer_topk_fn, sparse_attention_fn
 from kernels.dense_attention import document_runs
@@ -61,10 +63,7 @@ class Capture:
             return self.topk.get(owner)
         if not (self.sparse or self.select_dense or self.wants_projections(layer)):
             return None
-        if indexer is None:
-            raise NotDSAModelError(f"layer {layer} is F in {self.pattern} but the model has no indexer there (its "
-                                   "config.indexer_types marks it shared); choose a pattern that makes it S, or "
-                                   "load the model with indexer_types all 'full'")
+        indexer = full_layer_indexer(indexer, layer, self.pattern)
         with torch.set_grad_enabled(self.grad), self.projections_context():
             q, k, w = self.family.indexer_projections(indexer, inputs)
             projections = (q, k, self.family.kernel_weights(indexer, w))
@@ -141,3 +140,15 @@ class Capture:
         if topk_lse is None:
             topk_lse = forms.sparse(self.sparse_attention, topk, cu_seqlens=self.cu_seqlens)[1]
         return torch.exp(topk_lse - dense_lse).nan_to_num(0.0).mean(dim=1)
+
+
+class KeepTopk(Capture):
+    """A capture that keeps every F layer's top-k past its group: `kept`, F layer -> [B, T, K] int32 (-1 = no key),
+    for the caller to read after the forward (the search's prefix cache, the layers' top-k overlap)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def indexed(self, layer, projections, topk):
+        self.kept[layer] = topk

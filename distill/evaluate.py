@@ -24,9 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from torch import nn
 
-from distill.adapters import NotDSAModelError, family_of
-from distill.capture import Capture
-from distill.model import SharedIndexer, apply_pattern, dsa_attentions
+from distill.adapters import family_of
+from distill.capture import Capture, KeepTopk
+from distill.model import apply_pattern, dsa_attentions
 from distill.pattern import Pattern, resolve_pattern
 
 log = logging.getLogger(__name__)
@@ -138,24 +138,12 @@ def lm_nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk_
 
 
 class _Evaluation(Capture):
-    """Evaluation's capture: per layer, the dense attention mass on the keys it attends to; per F layer, its top-k."""
+    """Evaluation's capture: per layer, the dense attention mass on the keys it attends to."""
 
-    def __init__(self, family, pattern, *, sparse, device, index_topk=None, recall=True, keep_topk=False,
-                 cu_seqlens=None):
+    def __init__(self, family, pattern, *, sparse, device, index_topk=None, recall=True, cu_seqlens=None):
         super().__init__(family, pattern, sparse=sparse, device=device, index_topk=index_topk, cu_seqlens=cu_seqlens)
-        self.recall, self.keep_topk = recall, keep_topk
+        self.recall = recall
         self.mass = torch.zeros(len(pattern) if pattern is not None else 0, dtype=torch.float64)
-        self.kept: dict[int, torch.Tensor] = {}
-
-    def select(self, layer, indexer, inputs):
-        if self.pattern is not None and self.pattern.owner(layer) == layer and \
-                (indexer is None or isinstance(indexer, SharedIndexer)):
-            raise NotDSAModelError(f"layer {layer} is F in {self.pattern} but the model has no indexer there")
-        return super().select(layer, indexer, inputs)
-
-    def indexed(self, layer, projections, topk):
-        if self.keep_topk:
-            self.kept[layer] = topk
 
     def sparse_attended(self, layer, forms, topk, lse):
         if self.recall:
@@ -240,8 +228,7 @@ def topk_overlap(model: nn.Module, batches, *, pattern: Pattern | str | None = N
     rows = 0
     for batch in batches:
         ids, cu_seqlens, position_ids = (None if t is None else t.to(device) for t in batch_parts(batch))
-        run = _Evaluation(family, pattern, sparse=True, device=device, index_topk=topk, recall=False, keep_topk=True,
-                          cu_seqlens=cu_seqlens)
+        run = KeepTopk(family, pattern, sparse=True, device=device, index_topk=topk, cu_seqlens=cu_seqlens)
         family.forward(model, ids, run, position_ids)
         used = torch.stack([run.kept[pattern.owner(layer)] for layer in range(num_layers)])
         total += _overlap_sum(used, chunk_size).cpu()
@@ -291,7 +278,7 @@ def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str],
             tables: Mapping[str, list[dict]] | None = None) -> None:
     """Log metrics (wandb and run_dir/metrics.jsonl, via train.logger), PNG images and tables (rows as dicts,
     wandb) for cfg.logger."""
-    from train.logger import Logger  # imports wandb
+    from train.logger import Logger
 
     logger = Logger(cfg.logger, run_dir, cfg.logger.get("name") or os.path.basename(run_dir),
                     OmegaConf.to_container(cfg, resolve=True), rank=0, run_id=uuid.uuid4().hex)

@@ -36,7 +36,6 @@ source's shard headers (or, for a random model, a weightless meta-device instanc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -49,13 +48,14 @@ from pathlib import Path
 import safetensors
 import torch
 import transformers
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
 from distill.adapters import FAMILIES, family_of
+from distill.containers import plain
+from distill.files import files_under, sha256_file
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
@@ -129,7 +129,7 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
 
     `backbone`: the live model under `pattern`, saved as `model/` for a random model; None rebuilds it.
     """
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     if keep_shared_indexers and not full_model:
         raise ExportError("keep_shared_indexers keeps S-layer indexers in the full model directory: "
                           "it needs full_model=True")
@@ -161,8 +161,8 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
         "unused_shared_indexers": None,
         "step": step,
         # less cache_dir: a path on the training machine that says nothing about the weights
-        "training_config": _plain({k: v for k, v in (train_config or {}).items() if k != "cache_dir"}),
-        "metrics": _plain(metrics),
+        "training_config": plain({k: v for k, v in (train_config or {}).items() if k != "cache_dir"}),
+        "metrics": plain(metrics),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "safetensors": safetensors.__version__},
     }
@@ -187,9 +187,9 @@ def _write_export(indexer_tensors: Mapping[str, torch.Tensor], pattern: Pattern,
             if keep_shared_indexers:
                 shared = [i for i, c in enumerate(str(pattern)) if c == "S"]
                 manifest["unused_shared_indexers"] = {"layers": shared, "note": UNUSED_NOTE}
-        manifest["files"] = {path: _sha256(tmp / path, sync=True) for path in _files_under(tmp)}
+        manifest["files"] = {path: sha256_file(tmp / path, sync=True) for path in files_under(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_value) + "\n")
-        _sha256(tmp / MANIFEST, sync=True)
+        sha256_file(tmp / MANIFEST, sync=True)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -493,31 +493,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _files_under(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _plain(obj):
-    """OmegaConf containers as plain dicts/lists (transformers configs and json need them); other values as given."""
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {key: _plain(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(value) for value in obj]
-    return obj
-
-
 def _json_value(obj):
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
@@ -554,7 +529,7 @@ def load_export(out_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
             raise ExportError(f"{manifest_file} lists {rel!r}, which is outside the export")
         if not path.is_file():
             raise ExportError(f"{path} is missing (listed in {MANIFEST})")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise ExportError(f"{path}: sha256 {actual} does not match {expected} in {MANIFEST} "
                               "(the file was modified or corrupted)")

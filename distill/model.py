@@ -7,7 +7,7 @@ from torch import nn
 from distill.adapters import NotDSAModelError, family_of
 from distill.pattern import Pattern
 
-__all__ = ["NotDSAModelError", "SharedIndexer", "apply_pattern", "dsa_attentions"]
+__all__ = ["NotDSAModelError", "SharedIndexer", "apply_pattern", "dsa_attentions", "full_layer_indexer"]
 
 
 def dsa_attentions(model: nn.Module) -> list[nn.Module]:
@@ -28,6 +28,16 @@ class SharedIndexer(nn.Module):
         if topk is None:
             raise RuntimeError("a shared layer ran before its owner F layer produced top-k indices")
         return topk
+
+
+def full_layer_indexer(indexer: nn.Module | None, layer: int, pattern: Pattern) -> nn.Module:
+    """`indexer`, the indexer of layer `layer` that `pattern` makes F; NotDSAModelError when the model shares that
+    layer (no indexer: its config.indexer_types marks it shared; a SharedIndexer: an applied pattern made it S)."""
+    if indexer is None or isinstance(indexer, SharedIndexer):
+        raise NotDSAModelError(f"layer {layer} is F in {pattern} but the model has no indexer there (its "
+                               "config.indexer_types or an applied pattern makes it shared); choose a pattern that "
+                               "makes it S, or load the model with indexer_types all 'full'")
+    return indexer
 
 
 def _remember_topk(module: nn.Module, args, output) -> None:
@@ -51,11 +61,7 @@ def apply_pattern(model: nn.Module, pattern: Pattern) -> dict[int, nn.Module]:
         owner = pattern.owner(layer)
         indexer = family.indexer(attn)
         if owner == layer:
-            if indexer is None or isinstance(indexer, SharedIndexer):
-                raise NotDSAModelError(f"layer {layer} is F in {pattern} but the model has no indexer there (a "
-                                       "shared layer of the loaded model); choose a pattern that makes it S, or "
-                                       "load the model with config indexer_types all 'full'")
-            indexers[layer] = indexer
+            indexers[layer] = full_layer_indexer(indexer, layer, pattern)
             if not any(h is _remember_topk for h in indexer._forward_hooks.values()):
                 indexer.register_forward_hook(_remember_topk)
         else:

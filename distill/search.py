@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from torch import nn
 
 from distill.adapters import family_of
-from distill.capture import Capture
+from distill.capture import KeepTopk
 from distill.evaluate import (batch_parts, check_batches, lm_nll_sum, load_model_and_batches, log_run, shifted_tokens,
                               topk_overlap)
 from distill.pattern import Pattern
@@ -50,17 +50,6 @@ class _PrefixCache:
     """One batch under one pattern: hidden[i] = input of layer i; topk[f] = top-k of F layer f."""
     hidden: list[torch.Tensor] = field(default_factory=list)
     topk: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-class _KeepTopk(Capture):
-    """The sparse forward under a pattern, keeping every F layer's top-k (for the prefix cache)."""
-
-    def __init__(self, family, pattern: Pattern, device: torch.device, cu_seqlens: torch.Tensor | None):
-        super().__init__(family, pattern, sparse=True, device=device, cu_seqlens=cu_seqlens)
-        self.kept: dict[int, torch.Tensor] = {}
-
-    def indexed(self, layer, projections, topk):
-        self.kept[layer] = topk
 
 
 class LayerwiseRunner:
@@ -100,7 +89,7 @@ class LayerwiseRunner:
             raise ValueError("resuming at a layer > 0 needs the prefix cache of a pattern that agrees before it")
         nll, tokens, caches = 0.0, 0, []
         for b, inputs in enumerate(self.inputs):
-            run = _KeepTopk(self.family, pattern, self.device, inputs.cu_seqlens)
+            run = KeepTopk(self.family, pattern, sparse=True, device=self.device, cu_seqlens=inputs.cu_seqlens)
             if start:
                 hidden = prefix[b].hidden[start]
                 owner = pattern.owner(start - 1)  # the latest F layer before `start`: its top-k is still current

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel
 
 from distill.adapters import FAMILIES
+from distill.containers import plain
 
 # model_type -> (config class, causal LM class) of every family distill.adapters knows
 MODEL_TYPES = {model_type: (family.config_class, family.causal_lm) for model_type, family in FAMILIES.items()}
@@ -38,7 +39,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def model_config(cfg: Mapping):
     """The transformers config of `cfg` (no weights loaded): checks early that the model is a DSA model."""
-    overrides = _plain(cfg.get("config") or {})
+    overrides = plain(cfg.get("config") or {})  # transformers' strict configs reject DictConfig
     path = cfg.get("path")
     if path:
         config = load_config(path)
@@ -49,17 +50,6 @@ def model_config(cfg: Mapping):
     if model_type not in MODEL_TYPES:
         raise ModelConfigError(f"model.type {model_type!r} is not a DSA model type; use one of {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[model_type][0](**overrides)
-
-
-def _plain(mapping) -> dict:
-    """A plain dict (OmegaConf containers resolved): transformers' strict configs reject DictConfig."""
-    try:
-        from omegaconf import OmegaConf
-        if OmegaConf.is_config(mapping):
-            return OmegaConf.to_container(mapping, resolve=True)
-    except ImportError:
-        pass
-    return dict(mapping)
 
 
 def load_config(path: str):

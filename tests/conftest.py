@@ -1,5 +1,5 @@
 """Shared test helpers: the repository root, the tiny random models of conf/model/, and the single-process job
-runs that test_job and test_reliability both resume from."""
+runs (tests/jobs.py) that test_job and test_reliability both resume from."""
 import os
 import signal
 
@@ -30,7 +30,7 @@ def dsv32():
 def kill_runs(tmp_path_factory):
     """Once per session, side by side: the run dirs of an uninterrupted single-process run of KILL_STEPS and of one
     SIGKILLed while writing its step-6 checkpoint; a test that changes one changes a copy (copy_run)."""
-    from tests.test_job import KILL_STEPS, jobs
+    from tests.jobs import KILL_STEPS, jobs  # here, not at the top: tests.jobs imports ROOT from this module
     straight, killed = (tmp_path_factory.mktemp(name) / "run" for name in ("straight", "killed_in_save"))
     jobs(((straight.parent, straight, *KILL_STEPS), {}),
          ((killed.parent, killed, *KILL_STEPS), dict(faults="kill_in_save@6", returncode=-signal.SIGKILL)))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distill.adapters import family_of
-from distill.capture import Capture
+from distill.capture import Capture, KeepTopk
 from distill.evaluate import evaluate
 from distill.objective import Distiller
 from distill.pattern import Pattern
@@ -18,15 +18,6 @@ def documents():
     packed = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(A), torch.arange(B)])[None]  # RoPE restarts per document
     return a, b, packed, torch.tensor([0, A, A + B], dtype=torch.int32), positions
-
-
-class KeepTopk(Capture):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kept = {}
-
-    def indexed(self, layer, projections, topk):
-        self.kept[layer] = topk
 
 
 def test_hidden_states_and_topk_of_a_packed_row_equal_each_document_alone():

@@ -13,7 +13,7 @@ from transformers import GlmMoeDsaForCausalLM
 from distill.adapters import family_of
 from distill.capture import Capture
 from distill.evaluate import CalibrationError, evaluate, plot_overlap, topk_overlap
-from distill.model import dsa_attentions
+from distill.model import NotDSAModelError, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from tests.conftest import ROOT
 
@@ -58,6 +58,18 @@ def test_shared_pattern_equals_transformers_indexer_types(glm, batches):
     assert evaluate(glm, pattern, batches)["loss"] == pytest.approx(expected, rel=1e-5)
     assert evaluate(native, pattern, batches)["loss"] == pytest.approx(expected, rel=1e-5)  # S layers without indexer
     assert abs(expected - native_loss(glm, batches)) > 1e-4  # the shared top-k changes the loss
+
+
+def test_f_layer_without_an_indexer_is_refused(glm, batches):
+    """A layer that the model shares (no indexer in transformers' own, a SharedIndexer under an applied pattern) can
+    only be S: evaluation and the top-k overlap refuse a pattern that makes it F, naming the layer."""
+    pattern = Pattern.parse("FSSFSFSS")
+    applied = copy.deepcopy(glm)
+    apply_pattern(applied, pattern)
+    for model in (native_shared_model(glm, pattern), applied):
+        for measure in (lambda: evaluate(model, "FFSFSFSS", batches), lambda: topk_overlap(model, batches)):
+            with pytest.raises(NotDSAModelError, match="layer 1 is F in .* but the model has no indexer there"):
+                measure()
 
 
 def test_caller_model_is_left_unchanged(glm, dsv32, batches):

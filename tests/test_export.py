@@ -21,6 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV32ForCau
 import distill.export as export_module
 from distill.export import (ExportError, consumer_lines, export, export_checkpoint, load_export,
                             load_indexers_into, main)
+from distill.files import sha256_file
 from distill.model import apply_pattern
 from distill.pattern import Pattern
 from train.model import build_model
@@ -154,7 +155,7 @@ def small_export(tmp_path):
 
 def rehash(out: Path, name: str) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"][name] = export_module._sha256(out / name)
+    manifest["files"][name] = sha256_file(out / name)
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -221,11 +222,11 @@ def test_killed_write_keeps_previous_export(small_export):
         cfg = OmegaConf.to_container(OmegaConf.load({str(CONF / "tiny_glm.yaml")!r}))
         model = build_model(cfg)
         apply_pattern(model, Pattern.parse("FSSFSFSS"))
-        real = export_module._sha256
+        real = export_module.sha256_file
         def killed(path, sync=False):
             real(path, sync)
             os.kill(os.getpid(), signal.SIGKILL)
-        export_module._sha256 = killed
+        export_module.sha256_file = killed
         export_module.export(model, "FSSFSFSS", {str(small_export)!r}, model_cfg=cfg)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -1,80 +1,27 @@
 """The distillation job end to end: single process, torchrun + DeepSpeed on two CPU processes, resume, sweeps."""
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from distill.pattern import PatternError
 from train.checkpoint import CheckpointError
 from train.distill import prepare
 from tests.conftest import ROOT, tiny
+from tests.jobs import KILL_STEPS, QUICK, cfg, copy_run, job, jobs, launcher_env, metrics
 from train.model import ModelConfigError
-
-QUICK = ["model=tiny_glm", "data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
-         "distill.warmup_steps=1", "logger=disabled"]
 
 
 def stage(zero: str) -> list[str]:
     """Overrides for a ZeRO stage; ZeRO-3 partitions even the tiny model's parameters (all under 1e5 elements)."""
     return [f"deepspeed={zero}", *(["deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
                                    if zero == "zero3" else [])]
-
-
-def env(tmp_path):
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "INDEXCACHE_CACHE": str(tmp_path.parent / "cache"),
-            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def launcher_env(tmp_path, nproc):
-    """The environment of `bash launch/distill.sh` as with a virtualenv's python called by path, not activated:
-    PYTHON names this interpreter, and the `torchrun` and `python` first on PATH are not this interpreter's
-    (stand-ins that fail), so the launcher must run the interpreter's own torch.distributed.run."""
-    stand_ins = tmp_path.parent / "not_this_venv"
-    stand_ins.mkdir(exist_ok=True)
-    for exe in ("torchrun", "python"):
-        (stand_ins / exe).write_text(f"#!/bin/sh\necho '{exe} from PATH is not this virtualenv' >&2\nexit 97\n")
-        (stand_ins / exe).chmod(0o755)
-    return {**env(tmp_path), "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
-            "NPROC": str(nproc)}
-
-
-def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, returncode=0):
-    """Run the job in a fresh process (DeepSpeed initialises torch.distributed once per process); its output.
-
-    faults: INDEXCACHE_FAULTS for train.faults; returncode: the expected exit status (None: any failure).
-    wait=False returns the running process instead.
-    """
-    args = [*QUICK, f"hydra.run.dir={run_dir}", *overrides]
-    environ = {**(launcher_env(tmp_path, nproc) if nproc else env(tmp_path)),
-               **({"INDEXCACHE_FAULTS": faults} if faults else {})}
-    if nproc:
-        cmd = ["bash", "launch/distill.sh", *args]
-    else:
-        cmd = [sys.executable, "-m", "train.distill", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    ok = proc.returncode != 0 if returncode is None else proc.returncode == returncode  # None: any failure
-    assert ok, out[-4000:]
-    return out
-
-
-def jobs(*calls):
-    """job(*args, **kwargs) for each (args, kwargs) in calls, side by side (a single-process job keeps one of two
-    cores busy, mostly importing); their outputs, in order."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return [f.result() for f in [pool.submit(job, *args, **kwargs) for args, kwargs in calls]]
 
 
 def indexers(run_dir, step):
@@ -91,21 +38,6 @@ def same_indexers(run_a, run_b, step):
     a, b = indexers(run_a, step), indexers(run_b, step)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def copy_run(source, tmp_path):
-    """A copy of a shared fixture's run directory in this test's tmp_path, for a test to resume or change."""
-    return shutil.copytree(source, tmp_path / "run")
-
-
-# the single-process runs of conftest's kill_runs (dense and sparse steps, a checkpoint every second step, every step
-# logged), which the killed-run tests here and in test_reliability resume
-KILL_STEPS = ["distill.dense_steps=6", "distill.sparse_steps=2", "distill.save_every=2", "distill.eval_every=100",
-              "distill.log_every=1", "distill.lm_eval=false"]
 
 # the two-process run each ZeRO stage makes once (two_process_run): three groups, dense and sparse steps, a checkpoint
 # every step, a full-model export; on the stages test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere
@@ -187,11 +119,6 @@ def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     patterns = sorted(json.loads(p.read_text())["pattern"] for p in sweep.glob("*/export/manifest.json"))
     assert patterns == ["FSFSFSFS", "FSSSFSSS"]
-
-
-def cfg(*overrides):
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=[*QUICK, *overrides])
 
 
 @pytest.mark.parametrize("overrides, error, message", [

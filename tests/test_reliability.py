@@ -10,20 +10,14 @@ import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from tests.conftest import ROOT
-from tests.test_job import KILL_STEPS, QUICK, copy_run, job, launcher_env, metrics
+from tests.jobs import KILL_STEPS, QUICK, cfg, copy_run, job, launcher_env, metrics
 from train.checkpoint import DamagedCheckpoint
 from train.distill import _claim_run_dir, prepare
 from train.run_dir import LOCK, RunDirInUse, hold_run_lock
 
 CPU = torch.device("cpu")
-
-
-def cfg(*overrides, hydra=False):
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=[*QUICK, *overrides], return_hydra_config=hydra)
 
 
 def test_run_names_say_what_defines_the_run():
@@ -125,7 +119,6 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intac
     named as damaged with the previous good one offered; resume=auto falls back to it, says so, and the resumed
     run logs each step once and prunes only its own checkpoints."""
     run_dir = copy_run(killed_in_save_run, tmp_path)  # SIGKILLed while writing step_6; latest: step_4
-    steps = KILL_STEPS
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text() == "step_4" and [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     foreign = root / "step_1"  # a checkpoint of another run in the same folder
@@ -136,14 +129,14 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intac
                          ("indexers.safetensors", lambda b: b[:100]), ("meta.json", lambda b: b"{garbage")):
         original = (step_4 / name).read_bytes()
         (step_4 / name).write_bytes(damage(original))
-        assert prepare(cfg(*steps), str(run_dir), 1, CPU)[2] == str(root / "step_2")
+        assert prepare(cfg(*KILL_STEPS), str(run_dir), 1, CPU)[2] == str(root / "step_2")
         said = capsys.readouterr().out
         assert "step_4' is damaged" in said and name in said and "Resuming from" in said and "step_2" in said
         with pytest.raises(DamagedCheckpoint, match=rf"step_4' is damaged: .*{name}.*resume={root / 'step_2'}"):
-            prepare(cfg(*steps, f"resume={step_4}"), str(run_dir), 1, CPU)
+            prepare(cfg(*KILL_STEPS, f"resume={step_4}"), str(run_dir), 1, CPU)
         (step_4 / name).write_bytes(original)
     (step_4 / "mp_rank_00_model_states.pt").write_bytes(b"")
-    out = job(tmp_path, run_dir, *steps)
+    out = job(tmp_path, run_dir, *KILL_STEPS)
     assert "Resuming from" in out and "resumed at step 2" in out
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]  # replayed steps 3-6 once, then 7-8
     assert sorted(p.name for p in root.glob("step_*")) == ["step_1", "step_6", "step_8"]  # keep_checkpoints=2 of ours

@@ -9,7 +9,6 @@ files no longer match their recorded hashes is damaged: `newest_intact_checkpoin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from distill.files import files_under, sha256_file
 from train import faults
 
 LATEST = "latest"
@@ -71,7 +71,7 @@ def verify_checkpoint(path: str) -> dict:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise DamagedCheckpoint(f"checkpoint {path!r} is damaged: {name} is missing")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise DamagedCheckpoint(f"checkpoint {path!r} is damaged: {name} does not match the sha256 recorded in "
                                     f"{META} (truncated or overwritten)")
     return meta
@@ -139,7 +139,7 @@ def save_checkpoint(engine, distiller, run_dir: str, step: int, meta: dict, keep
         dist.barrier()  # every rank's DeepSpeed files are written before rank 0 hashes them
     if _rank() == 0:
         save_file(state, os.path.join(path, INDEXERS))
-        files = {name: _sha256(os.path.join(path, name)) for name in _files_under(path) if name != META}
+        files = {name: sha256_file(os.path.join(path, name)) for name in files_under(path) if name != META}
         _write_atomic(os.path.join(path, META), json.dumps({**meta, "step": step, "files": files}, indent=2,
                                                            default=str))
         _write_atomic(os.path.join(root, LATEST), tag)
@@ -164,15 +164,6 @@ def _run_id_of(path: str) -> str | None:
         return read_meta(path).get("run_id")
     except CheckpointError:
         return "<unreadable>"
-
-
-def _files_under(root: str) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_meta(path: str) -> dict:

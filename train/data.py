@@ -31,6 +31,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from datasets.arrow_writer import ArrowWriter
 from datasets.exceptions import DatasetGenerationError
 
+from distill.containers import plain
 from train.tokenizer import encode_batch, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def packed_datasets(data_cfg: Mapping, tokenizer, seq_len: int, cache_dir: str |
     corpus = build_corpus(data_cfg, root)
     key_fields = {"format": CACHE_FORMAT, "corpus": corpus_fingerprint(corpus),
                   "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
-                  "data": {k: v for k, v in _plain(data_cfg).items() if k not in NON_CONTENT_KEYS}}
+                  "data": {k: v for k, v in plain(data_cfg).items() if k not in NON_CONTENT_KEYS}}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()
     path = os.path.join(root, f"{data_cfg.get('source')}-{seq_len}-{key[:20]}")
     if os.path.isdir(path):
@@ -387,15 +388,6 @@ def _save_atomically(dataset: DatasetDict, path: str) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _plain(cfg: Mapping) -> dict:
-    """A data config as plain Python containers (OmegaConf resolved)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:
-        return dict(cfg)
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def _cache_root(data_cfg: Mapping, cache_dir: str | None) -> str:

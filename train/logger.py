@@ -1,4 +1,5 @@
 """Metrics from rank 0: to wandb (offline by default: files in the run dir) and to <run_dir>/metrics.jsonl.
+wandb is imported only where a wandb run starts (rank 0, logger.mode not disabled).
 
 One wandb run per distillation run: its id is the run id kept in the checkpoints, so a resumed run continues
 the same wandb run and a fresh one (resume=never) starts another. A resumed run drops the rows of
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-
-import wandb
 
 MODES = ("offline", "online", "disabled")
 
@@ -24,6 +23,7 @@ class Logger:
             _truncate_after(self.jsonl, resume_step)
         if rank != 0 or cfg.mode == "disabled":
             return
+        import wandb  # here, not at the top: a job without a wandb run does not pay for importing it
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, mode=cfg.mode,
                               dir=run_dir, config=config, resume="allow",
                               id=run_id, settings=wandb.Settings(silent=True))
