@@ -17,9 +17,9 @@ the JSON as they finish, so a run cut short keeps what it measured; rows whose e
 
 FLOPs per causal key pair (pairs = T (T + 1) / 2 per batch row; a multiply-add counts 2):
   * SDPA forward: 2 H (Dq + Dv) = 81,920;
-  * fused dense centroid KL: G * 2 H Dq (target tile: every served layer's head scores) = G * 49,152, plus
+  * fused dense centroid KL: G * 2 H Dq (centroid tiles: every served layer's head scores) = G * 49,152, plus
     G * 49,152 for the per-head LSE pass unless main_lse is given, plus the indexer side: six 2 HI D dots
-    (the indexer LSE, the logits in the target tile, recompute + product for d qI, the same for d kI)
+    (the indexer LSE, the logits in the target tiles, recompute + product for d qI, the same for d kI)
     = 98,304;
   * top-k scoring: 2 HI D + 2 HI = 16,512 (bench.bench_topk).
 Each row carries its FLOP count ("flops") and achieved TFLOP/s ("tflops").

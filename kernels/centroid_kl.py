@@ -137,6 +137,19 @@ def _main_scores(qa, qb, k_base, keys, key_ok, stride_t, stride_d,
 
 
 @triton.jit
+def _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_h,
+                DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, DOT: tl.constexpr):
+    """(qa [M, DA], qb [M, DB] (qa when DB = 0): head h of served layer g's queries at `rows`, in two column pieces;
+    the base pointer of its keys)."""
+    q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+    qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
+    qb = qa
+    if DB > 0:
+        qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+    return qa, qb, mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
+
+
+@triton.jit
 def _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D: tl.constexpr, sq_t, sq_h, sq_d, sw_t, sw_h,
                   BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """I [M, N] fp32 = sum_j w_j relu(qI_j . kI) for the rows of one block against the key tile ki [N, DI]."""
@@ -175,12 +188,8 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
     g = ghb // (H * B)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
-    k_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
-    qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
-    qb = qa
-    if DB > 0:
-        qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+    qa, qb, k_base = _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_h,
+                                 DA, DB, DQ, DOT)
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
@@ -259,26 +268,33 @@ def _index_lse_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr,
 
 
 @triton.jit
-def _grouped_tile(pid, n_rb, n_kb, GROUP: tl.constexpr):
-    """(row block, key block) of program pid in grouped launch order: GROUP row blocks walk the key blocks
-    together, so that concurrent programs share q and k tiles in L2."""
+def _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                GROUP: tl.constexpr, SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr):
+    """This program's (row block, key block) tile of chunk rows r0 .. r0+R of batch row b, in grouped launch order
+    (GROUP row blocks walk the key blocks together, so that concurrent programs share tiles in L2):
+    (rb, kb, rows [M], keys [N], row_ok, key_ok, allowed [M, N] bool: causal, in the row's document, in its top-k
+    set when SPARSE (keys_ptr: sorted lists); all False for a tile above the diagonal)."""
+    pid = tl.program_id(0)
     width = GROUP * n_kb
     first = (pid // width) * GROUP
     size = tl.minimum(n_rb - first, GROUP)
-    return first + (pid % width) % size, (pid % width) // size
-
-
-@triton.jit
-def _tile_allowed(rows, keys, row_ok, doc, last_row, keys_ptr, K, n0, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
-                  LOG2K: tl.constexpr, RATIO: tl.constexpr):
-    """[M, N] bool: which (row, key) pairs of a tile count (causal, in the row's document, in its top-k set when
-    SPARSE; keys_ptr: the batch row's sorted lists); all False for a tile above the diagonal."""
+    rb = first + (pid % width) % size
+    kb = (pid % width) // size
+    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_end = tl.minimum(r0 + R, T)
+    row_ok = rows < row_end
+    key_ok = keys < T // RATIO
+    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
         & row_ok[:, None]
     if SPARSE:
+        n0 = kb * BLOCK_N
+        last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
         if (_last_token(n0, RATIO) <= last_row) & (n0 + BLOCK_N > tl.min(doc, 0)):
-            allowed = allowed & (_sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N, LOG2K) != 0)
-    return allowed
+            sel = _sparse_tile_mask(keys_ptr + b.to(tl.int64) * T * K, rows, row_ok, n0, K, BLOCK_N, LOG2K)
+            allowed = allowed & (sel != 0)
+    return rb, kb, rows, keys, row_ok, key_ok, allowed
 
 
 @triton.jit
@@ -290,29 +306,17 @@ def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, pbar_ptr,
                      PREC: tl.constexpr, DOT: tl.constexpr):
     """One (row block, key block) tile of chunk rows r0 .. r0+R: the centroid pbar = 1/(G H) sum_{g,h}
     exp2(scale_log2 q.k - lse2) into the scratch [B, R, S] fp32 at the tile's allowed pairs (nothing elsewhere)."""
-    rb, kb = _grouped_tile(tl.program_id(0), n_rb, n_kb, GROUP)
     b = tl.program_id(1)
     S = T // RATIO
-    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_end = tl.minimum(r0 + R, T)
-    row_ok = rows < row_end
-    key_ok = keys < S
-    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
-    last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
-    allowed = _tile_allowed(rows, keys, row_ok, doc, last_row, keys_ptr + b.to(tl.int64) * T * K, K, kb * BLOCK_N,
-                            BLOCK_N, SPARSE, LOG2K, RATIO)
+    rb, kb, rows, keys, row_ok, key_ok, allowed = _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M,
+                                                              BLOCK_N, GROUP, SPARSE, LOG2K, RATIO)
     if tl.max(allowed.to(tl.int32)) > 0:
         pbar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for gh in range(G * H):
             g = gh // H
             h = gh % H
-            q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
-            k_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
-            qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
-            qb = qa
-            if DB > 0:
-                qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+            qa, qb, k_base = _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b,
+                                         sk_h, DA, DB, DQ, DOT)
             s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
             lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
             pbar += tl.exp2(s * scale_log2 - lse[:, None])
@@ -330,18 +334,10 @@ def _target_kernel(iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, grad_ptr, flag_ptr, 
     """One (row block, key block) tile of chunk rows r0 .. r0+R: with pbar read from the scratch [B, R, S]
     (`_centroid_kernel`), the KL terms into loss [B, T] and (WRITE_GRAD) dL/dI over pbar in the scratch, a flag
     for each non-empty tile."""
-    rb, kb = _grouped_tile(tl.program_id(0), n_rb, n_kb, GROUP)
     b = tl.program_id(1)
     S = T // RATIO
-    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_end = tl.minimum(r0 + R, T)
-    row_ok = rows < row_end
-    key_ok = keys < S
-    doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
-    last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
-    allowed = _tile_allowed(rows, keys, row_ok, doc, last_row, keys_ptr + b.to(tl.int64) * T * K, K, kb * BLOCK_N,
-                            BLOCK_N, SPARSE, LOG2K, RATIO)
+    rb, kb, rows, keys, row_ok, key_ok, allowed = _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M,
+                                                              BLOCK_N, GROUP, SPARSE, LOG2K, RATIO)
     if tl.max(allowed.to(tl.int32)) > 0:
         ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
         pbar = tl.load(ptrs, mask=allowed, other=0.0)
