@@ -9,26 +9,21 @@ every F layer) is cached for the current pattern and only layers c.. are recompu
 Baselines: uniform patterns, and a similarity pick (merge the most overlapping adjacent layers first,
 by the all-F top-k overlap), which the paper reports does not predict loss.
 
-`python -m distill.search` (conf/search.yaml) writes search.json (patterns per retention, usable as
-`distill.pattern=...`) and search.png (loss against retention) into the Hydra run directory.
+The command-line app is `python -m train.search` (conf/search.yaml).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from torch import nn
 
 from distill.adapters import family_of
 from distill.capture import KeepTopk
-from distill.evaluate import (batch_parts, check_batches, lm_nll_sum, load_model_and_batches, log_run, shifted_tokens,
-                              topk_overlap)
+from distill.evaluate import batch_parts, check_batches, lm_nll_sum, shifted_tokens, topk_overlap
 from distill.pattern import Pattern
 
 log = logging.getLogger(__name__)
@@ -252,28 +247,3 @@ def plot_search(result: dict, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def run_search(cfg, run_dir: str) -> dict:
-    """The `python -m distill.search` job: search.json + search.png in run_dir, logged to wandb."""
-    model, batches = load_model_and_batches(cfg)
-    result = search(model, batches, cfg.target_retention, compare_naive=cfg.compare_naive)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "search.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    figure = plot_search(result, os.path.join(run_dir, "search.png"))
-    metrics = {f"{name}/loss@{s['retention']:.4f}": s["loss"]
-               for name in ("greedy", "uniform", "similarity") for s in result[name]}
-    metrics.update({f"cost/{mode}/{k}": v for mode, c in result["cost"].items() if isinstance(c, dict)
-                    for k, v in c.items()})
-    log_run(cfg, run_dir, metrics, {"search": figure})
-    return result
-
-
-@hydra.main(config_path="../conf", config_name="search", version_base="1.3")
-def main(cfg) -> None:
-    run_search(cfg, HydraConfig.get().runtime.output_dir)
-
-
-if __name__ == "__main__":
-    main()

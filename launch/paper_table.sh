@@ -10,9 +10,9 @@ out=${1:-runs/paper_table}
 export PYTHON=${PYTHON:-python}  # launch/distill.sh uses it too
 eval_args=(model=reference data=stdlib batches.seq_len=${SEQ_LEN:-1024} batches.batch_size=${BATCH:-8}
            batches.max_batches=${BATCHES:-4} ${EVAL_ARGS:-})
-"$PYTHON" -m distill.search "${eval_args[@]}" batches.split=train target_retention=0.125 "hydra.run.dir=$out/search"
-patterns=$("$PYTHON" -m distill.paper_table patterns "$out")
+"$PYTHON" -m train.search "${eval_args[@]}" batches.split=train target_retention=0.125 "hydra.run.dir=$out/search"
+patterns=$("$PYTHON" -m train.paper_table patterns "$out")
 bash launch/distill.sh -m experiment=paper_table "distill.pattern=$patterns" distill.target=own,centroid \
   "hydra.sweep.dir=$out/runs" ${DISTILL_ARGS:-}
-"$PYTHON" -m distill.paper_table summarize "$out" --prefill-len "${PREFILL_LEN:-8192}" "${eval_args[@]}"
+"$PYTHON" -m train.paper_table summarize "$out" --prefill-len "${PREFILL_LEN:-8192}" "${eval_args[@]}"
 

@@ -2,7 +2,7 @@
 # Reproduce the reference DSA model (models/reference/MODEL_CARD.md) from scratch on one GPU:
 #   1. dense pretraining: python -m train.pretrain (trains the BPE tokenizer into $MODEL_DIR first if it has none)
 #   2. indexer warm-up: the distillation job at pattern all-F, dense stage then sparse stage (launch/distill.sh)
-#   3. evaluation (python -m distill.evaluate): held-out LM loss with dense attention, DSA all-F and DSA at
+#   3. evaluation (python -m train.evaluate): held-out LM loss with dense attention, DSA all-F and DSA at
 #      retention 1/8 (uniform pattern, untrained sharing), per-layer top-k recall; also before the warm-up
 #   4. $MODEL_DIR: the warmed-up model, held-out tokens, stage records, reference_outputs.json (CPU fp32)
 # Extra Hydra overrides (whitespace-separated): DATA_ARGS for every stage, PRETRAIN_ARGS, WARMUP_ARGS, EVAL_ARGS.
@@ -36,9 +36,9 @@ bash launch/distill.sh model=reference model.path="$RUNS/pretrain/model" model.d
   distill.eval_every=100 distill.eval_batches=4 distill.save_every=100000 \
   export.enabled=true export.full_model=true "${data_args[@]}" "${warmup_args[@]}"
 
-"$PYTHON" -m distill.evaluate model=reference model.path="$RUNS/pretrain/model" 'anchors=[]' \
+"$PYTHON" -m train.evaluate model=reference model.path="$RUNS/pretrain/model" 'anchors=[]' \
   hydra.run.dir="$RUNS/evaluate_pretrained" "${evaluation[@]}" "${eval_args[@]}"
-"$PYTHON" -m distill.evaluate model=reference model.path="$RUNS/warmup/export/model" freq=8 'anchors=[dense,full]' \
+"$PYTHON" -m train.evaluate model=reference model.path="$RUNS/warmup/export/model" freq=8 'anchors=[dense,full]' \
   hydra.run.dir="$RUNS/evaluate" "${evaluation[@]}" "${eval_args[@]}"
 
 mkdir -p "$MODEL_DIR"

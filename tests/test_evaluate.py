@@ -185,7 +185,7 @@ def test_plot_overlap_writes_png(tmp_path):
 
 def test_evaluate_entry_point_writes_metrics_heatmap_and_wandb(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "distill.evaluate", "pattern=FSSFSSFS", "batches.seq_len=48", "batches.batch_size=2",
+    cmd = [sys.executable, "-m", "train.evaluate", "pattern=FSSFSSFS", "batches.seq_len=48", "batches.batch_size=2",
            "batches.max_batches=2", "overlap_batches=1", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
            "logger=offline", f"hydra.run.dir={run_dir}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,

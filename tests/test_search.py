@@ -1,4 +1,5 @@
-"""distill.search on tiny models: prefix-cached and naive greedy search agree, and match distill.evaluate."""
+"""distill.search on tiny models: prefix-cached and naive greedy search agree, and match distill.evaluate;
+the train.search app writes its files."""
 import json
 import os
 
@@ -8,9 +9,9 @@ from hydra import compose, initialize_config_dir
 
 from distill.evaluate import CalibrationError, evaluate
 from distill.pattern import Pattern, PatternError
-from distill.search import (SearchError, calibration_loss, greedy_search, run_search, similarity_search,
-                            uniform_patterns)
+from distill.search import SearchError, calibration_loss, greedy_search, similarity_search, uniform_patterns
 from tests.conftest import ROOT
+from train.search import run_search
 
 @pytest.fixture(scope="module")
 def batches():

@@ -1,7 +1,7 @@
 """The paper's table on a model (issue 7): held-out LM loss as retention falls, per pattern and method.
 
-    python -m distill.paper_table patterns OUT            # the uniform and greedy patterns, comma-separated
-    python -m distill.paper_table summarize OUT [overrides]   # the table, plots, prefill timing, wandb
+    python -m train.paper_table patterns OUT            # the uniform and greedy patterns, comma-separated
+    python -m train.paper_table summarize OUT [overrides]   # the table, plots, prefill timing, wandb
 
 `launch/paper_table.sh` runs the whole experiment: greedy search (OUT/search/search.json), one distillation
 run per (pattern, target) cell (Hydra multirun, experiment=paper_table, OUT/runs/*), then `summarize`.
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from distill.evaluate import evaluate, load_model_and_batches, log_run, plot_overlap, topk_overlap
+from distill.evaluate import evaluate, pattern_applied, plot_overlap, topk_overlap
 from distill.export import load_indexers_into
 from distill.pattern import Pattern
+from train.evaluate import load_model_and_batches, log_run
 
 RATIOS = (0.5, 0.25, 0.125)
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -61,7 +62,6 @@ def adjacent_overlap(matrix: torch.Tensor) -> float:
 @torch.no_grad()
 def prefill_seconds(model, pattern: Pattern, seq_len: int, repeats: int = 3) -> float:
     """Median wall time of one transformers forward of [1, seq_len] tokens under `pattern` (GlmMoeDsa sharing)."""
-    from distill.evaluate import pattern_applied
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device,
                         generator=torch.Generator(device).manual_seed(0))
@@ -177,7 +177,7 @@ def write(out: str, rows: list[dict], prefill_len: int, cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m distill.paper_table", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m train.paper_table", description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["patterns", "summarize"])
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=None, help="patterns: the model's layer count (default: from "

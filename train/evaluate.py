@@ -1,0 +1,108 @@
+"""What a pattern costs in quality, as a command: `python -m train.evaluate pattern=FSSSFSSS` (conf/evaluate.yaml).
+
+Loads cfg.model and the batches of cfg.batches, measures the pattern and the anchors with `distill.evaluate`,
+writes metrics.json and topk_overlap.png into the Hydra run directory and logs them to wandb.
+`load_model_and_batches` and `log_run` serve the other apps too (`train.search`, `train.paper_table`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from torch import nn
+
+from distill.evaluate import CalibrationError, evaluate, plot_overlap, topk_overlap
+from distill.model import dsa_attentions
+from distill.pattern import Pattern, resolve_pattern
+from train.data import eval_batches, packed_datasets
+from train.logger import Logger
+from train.model import build_model
+from train.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_model_and_batches(cfg) -> tuple[nn.Module, list]:
+    """The model of cfg.model on cfg.device and the batches of cfg.batches (split, batch_size, max_batches, seq_len)."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, device)
+    data = packed_datasets(cfg.data, load_tokenizer(cfg.model), cfg.batches.seq_len, os.path.join(cfg.cache_dir, "data"))
+    split = cfg.batches.split
+    if split not in data:
+        raise CalibrationError(f"batches.split {split!r} is not one of the data splits {sorted(data)}")
+    return model, eval_batches(data[split], cfg.batches.batch_size, cfg.batches.max_batches, documents=cfg.data)
+
+
+def log_run(cfg, run_dir: str, metrics: Mapping, images: Mapping[str, str],
+            tables: Mapping[str, list[dict]] | None = None) -> None:
+    """Log metrics (wandb and run_dir/metrics.jsonl, via train.logger), PNG images and tables (rows as dicts,
+    wandb) for cfg.logger."""
+    logger = Logger(cfg.logger, run_dir, cfg.logger.get("name") or os.path.basename(run_dir),
+                    OmegaConf.to_container(cfg, resolve=True), rank=0, run_id=uuid.uuid4().hex)
+    logger.log(dict(metrics), step=0)
+    logger.summary(dict(metrics))
+    if logger.run is not None:
+        import wandb
+
+        logger.run.log({name: wandb.Image(path) for name, path in images.items()}, step=0)
+        for name, rows in (tables or {}).items():
+            columns = sorted({k for r in rows for k in r})
+            logger.run.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+                           step=0)
+    logger.finish()
+
+
+def _flat(prefix: str, metrics: Mapping) -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            out.update({f"{prefix}/{key}/{i}": v for i, v in enumerate(value)})
+        else:
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
+def run_evaluation(cfg, run_dir: str) -> dict:
+    """The `python -m train.evaluate` job: metrics of cfg's pattern and anchors, overlap heatmap, wandb."""
+    unknown = [a for a in cfg.anchors if a not in ("dense", "full")]
+    if unknown:
+        raise ValueError(f"unknown anchors {unknown}: use 'dense' (all causal keys) and/or 'full' (all-F DSA)")
+    model, batches = load_model_and_batches(cfg)
+    num_layers = len(dsa_attentions(model))
+    pattern = resolve_pattern(num_layers, cfg.pattern, cfg.retention, cfg.freq)
+    results = {"pattern": evaluate(model, pattern, batches, topk=cfg.topk)}
+    if "dense" in cfg.anchors:
+        results["dense"] = evaluate(model, None, batches)
+    if "full" in cfg.anchors:
+        results["full"] = evaluate(model, Pattern.all_full(num_layers), batches, topk=cfg.topk)
+    overlap = topk_overlap(model, batches[: cfg.overlap_batches], topk=cfg.topk)
+    results["topk_overlap"] = overlap.tolist()
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    heatmap = plot_overlap(overlap, os.path.join(run_dir, "topk_overlap.png"))
+    flat = {k: v for name, m in results.items() if name != "topk_overlap" for k, v in _flat(name, m).items()}
+    log_run(cfg, run_dir, flat, {"topk_overlap": heatmap})
+    for name, m in results.items():
+        if name != "topk_overlap":
+            log.info("%s: loss %.4f ppl %.3f%s", name, m["loss"], m["perplexity"],
+                     f" recall {m['mean_topk_recall']:.4f} ({m['pattern']})" if "pattern" in m else "")
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg) -> None:
+    run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
