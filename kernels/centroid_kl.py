@@ -55,25 +55,26 @@ SCRATCH_BYTES = 1 << 30  # budget of the R x S dL/dI scratch
 # Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
 # block_*/warps/stages: the per-chunk indexer kernels (target, dq, dk) and the indexer LSE; centroid_*: the
 # centroid kernel's tiles, warps and stages; lse_*: the main LSE pass; group: row blocks per launch group of the
-# tile kernels; min_dot: smallest dot dimension; index_lse_split: keys per program of the indexer LSE (split over
-# programs, then joined); topk_*: kernels.indexer_topk's key tile, query rows per block, selection chunk, programs
-# per SM, warps; sparse_*: kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs
-# per SM of its persistent grid and entries per step of its probability pass; sparse_kl_*:
-# kernels.sparse_centroid_kl's gathered keys per block and warps.
+# tile kernels; min_dot: smallest dot dimension; index_lse_split / index_lse_splits: the least keys per program
+# and the most programs per row of the indexer LSE (split over programs, then joined); topk_*:
+# kernels.indexer_topk's key tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
+# kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs per SM of its persistent
+# grid and entries per step of its probability pass; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
+# block and warps.
 TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, centroid_block_m=128, centroid_block_n=128,
                       centroid_warps=8, centroid_stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
                       lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_block_t=2, topk_select=1024,
                       topk_programs=2, topk_warps=4,
                       sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
                       sparse_prob_block=256,
-                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=2048),
+                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=2048, index_lse_splits=16),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
                      centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
                      lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
                      topk_programs=3, topk_warps=4,
                      sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1, sparse_programs=3,
                      sparse_prob_block=8,
-                     sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=32)}
+                     sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=16, index_lse_splits=2)}
 
 
 @triton.jit
@@ -477,8 +478,11 @@ def index_lse(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot) -> torch.
     key): `_index_lse_kernel`'s partials over key splits (one split in the sparse stage), joined here."""
     B, T, HI, D = iq.shape
     bm, bn = cfg["block_m"], cfg["block_n"]
-    split_keys = cfg["index_lse_split"]
-    splits = 1 if sparse else max(1, triton.cdiv(T // ratio, split_keys))
+    # at least index_lse_split keys per program, at most index_lse_splits partials per row (memory O(T), not T^2):
+    # whole key blocks, so that no block straddles two splits
+    S = T // ratio
+    split_keys = triton.cdiv(max(cfg["index_lse_split"], triton.cdiv(S, cfg["index_lse_splits"])), bn) * bn
+    splits = 1 if sparse else max(1, triton.cdiv(S, split_keys))
     m = torch.empty(splits, B, T, device=iq.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _index_lse_kernel[(triton.cdiv(T, bm), splits, B)](
