@@ -9,6 +9,7 @@ import sys
 import torch
 
 from bench.common import DSA, dsa_inputs, flash_lse
+from bench.real_scale import real_scale_run
 from kernels.reference import allowed_keys
 from kernels import reference
 from kernels.centroid_kl import centroid_kl
@@ -162,6 +163,29 @@ def check_dense_attention(T, *, B=1, H=DSA["H"], docs=None, dtype=torch.bfloat16
     return ok
 
 
+def check_offload(T=4096, layers=4, tol=2e-2):
+    """The Distiller's offload of saved tensors (copies to pinned host memory on a side stream, back in backward)
+    changes no gradient: a dense and a sparse forward + backward of the real-scale model with it off twice (the
+    run-to-run spread of the fp32 atomics, rounded to the bf16 weights' gradients) and on."""
+    _, _, distiller, ids = real_scale_run(layers, T)
+    params = {n: p for n, p in distiller.named_parameters() if p.requires_grad}
+    spread, errors = [], []
+    for sparse in (False, True):
+        grads = []
+        for offload in (False, False, True):
+            distiller.offload_saved = offload
+            distiller(ids, sparse=sparse).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in params.items()})
+            for p in params.values():
+                p.grad = None
+        spread += [relative_error(grads[1][n], grads[0][n]) for n in params]
+        errors += [relative_error(grads[2][n], grads[0][n]) for n in params]
+    ok = max(errors) < tol
+    print(f"offloaded saved tensors, {layers} layers T={T} dense+sparse: max rel.err of {len(errors)} gradients "
+          f"{max(errors):.1e} (off against off: {max(spread):.1e})" + ("  ok" if ok else "  FAIL"), flush=True)
+    return ok
+
+
 def main() -> int:
     print(torch.cuda.get_device_name(), flush=True)
     results = [
@@ -183,6 +207,7 @@ def main() -> int:
         check_sparse(1500, B=2, H=20, docs=[0, 700, 1900, 3000]),
         check_sparse(777, H=16, dtype=torch.float32, tol=1e-4),
         check_compressed(2048),
+        check_offload(),
     ]
     return 0 if all(results) else 1
 

@@ -2,11 +2,12 @@
 DeepSeek-V3.2 shape, each against the current defaults measured in the same run.
 
     python -m bench.tune_tiles --seq-len 16384 --groups 1 4
-    python -m bench.tune_tiles --ops sparse --sparse-seq-lens 32768 131072
+    python -m bench.tune_tiles --ops sparse sparse_kl --sparse-seq-lens 32768 131072
 
 The sparse attention (MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its
 achieved TFLOP/s: per valid (row, head, entry) 2 * 576 + 2 * 512 FLOPs, with or without the probabilities (they
-come from the same dots), and checks that every configuration gives the defaults' output.
+come from the same dots), and checks that every configuration gives the defaults' output. The sparse centroid KL
+(one F layer's loss and gradients over the same top-k lists) prints its time and gradient agreement likewise.
 """
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ from bench.common import DSA, dsa_inputs, fwd_bwd, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
+from kernels.sparse_centroid_kl import sparse_centroid_kl
 
 CANDIDATES = [dict(), dict(centroid_block_m=128, centroid_block_n=64, centroid_warps=8),
               dict(centroid_block_m=128, centroid_block_n=128, centroid_warps=8),
               dict(centroid_block_m=64, centroid_block_n=128, centroid_warps=4), dict(centroid_stages=3),
               dict(block_m=128, block_n=64, warps=8), dict(group=16)]
 TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
-SPARSE_CANDIDATES = [dict(), dict(sparse_prob_block=64), dict(sparse_prob_block=128), dict(sparse_prob_block=512),
-                     dict(sparse_programs=1)]
+SPARSE_CANDIDATES = [dict(), dict(sparse_block_k=32), dict(sparse_block_k=32, sparse_stages=3),
+                     dict(sparse_block_k=32, sparse_prob_block=128), dict(sparse_prob_block=512), dict(sparse_programs=1)]
+SPARSE_KL_CANDIDATES = [dict(), dict(sparse_kl_block_k=16), dict(sparse_kl_warps=8),
+                        dict(sparse_kl_block_k=64, sparse_kl_warps=8), dict(sparse_kl_block_k=16, sparse_kl_warps=8)]
 
 
 def time_candidates(label: str, candidates: list[dict], defaults: dict, run, flops: float | None = None,
@@ -65,8 +69,11 @@ def sparse_rows(T: int, defaults: dict) -> None:
     entries = (topk >= 0).sum().item() * DSA["H"]
     prob = torch.zeros(topk.shape, device="cuda")
 
-    def agree(first, result):
-        return f"max |out - defaults'| {(first[0].float() - result[0].float()).abs().max().item():.1e}"
+    def agree(first, result):  # out on every 61st row (all of it in fp32 would take 32 GiB at 128K), lse on all
+        rows = slice(None, None, 61)
+        out = (first[0][:, rows].float() - result[0][:, rows].float()).abs().max().item()
+        lse = (first[1] - result[1]).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item()
+        return f"max |out - defaults'| {out:.1e}, |lse - defaults'| {lse:.1e}"
 
     for with_prob in (False, True):
         def run(with_prob=with_prob):
@@ -78,18 +85,42 @@ def sparse_rows(T: int, defaults: dict) -> None:
                         agree)
 
 
+def sparse_kl_rows(T: int, defaults: dict) -> None:
+    """The sparse centroid KL of one F layer at T, forward + backward (the gradients come from the forward), over
+    the fused top-k's lists of random indexer projections against a random normalised target."""
+    index, _, _ = dsa_inputs(T, 1, H=1)
+    index[2] = index[2].detach().float().requires_grad_()  # the Distiller's head weights are fp32
+    topk = indexer_topk(*[t.detach() for t in index], DSA["k"])
+    g = torch.Generator(device="cuda").manual_seed(T)
+    target = torch.rand(topk.shape, generator=g, device="cuda").masked_fill_(topk < 0, 0.0)
+    target /= target.sum(-1, keepdim=True).clamp_min(1e-30)
+    run = fwd_bwd(lambda: sparse_centroid_kl(*index, target, topk), index)
+
+    def grads():
+        run()
+        return [t.grad.clone() for t in index]
+
+    def agree(first, result):
+        return "max rel. |grad - defaults'| " + " ".join(
+            f"{((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}" for a, b in zip(result, first))
+
+    time_candidates(f"sparse_centroid_kl T={T}", SPARSE_KL_CANDIDATES, defaults, grads, check=agree)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--topk-seq-len", type=int, default=32768)
-    parser.add_argument("--ops", nargs="+", default=["centroid", "topk"], choices=["centroid", "topk", "sparse"])
+    parser.add_argument("--ops", nargs="+", default=["centroid", "topk"], choices=["centroid", "topk", "sparse", "sparse_kl"])
     parser.add_argument("--sparse-seq-lens", type=int, nargs="+", default=[32768])
     args = parser.parse_args()
     defaults = dict(TILES["cuda"])
-    if "sparse" in args.ops:
-        for T in args.sparse_seq_lens:
+    for T in args.sparse_seq_lens:
+        if "sparse" in args.ops:
             sparse_rows(T, defaults)
+        if "sparse_kl" in args.ops:
+            sparse_kl_rows(T, defaults)
     if "centroid" in args.ops:
         index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
         for G in args.groups:

@@ -84,6 +84,35 @@ class Distiller(nn.Module):
         return {name: p.detach() for name, p in self.backbone.named_parameters() if p.requires_grad}
 
 
+class PinnedOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Autograd's saved CUDA tensors go to pinned host memory until backward, copied on a side stream, so the
+    copy overlaps the forward's next kernels instead of stalling the host (torch's save_on_cpu copies
+    synchronously). A saved tensor's GPU memory is not reused before its copy is done (record_stream); backward
+    waits for the copy, then copies it back on its own stream. Tensors not on CUDA (or no stream: a CPU run)
+    are kept as they are."""
+
+    def __init__(self, stream: torch.cuda.Stream | None):
+        def pack(tensor: torch.Tensor):
+            if stream is None or tensor.device.type != "cuda":
+                return tensor
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                host.copy_(tensor, non_blocking=True)
+                copied = stream.record_event()
+            tensor.record_stream(stream)
+            return tensor.device, host, copied
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host, copied = packed
+            torch.cuda.current_stream(device).wait_event(copied)
+            return host.to(device, non_blocking=True)
+
+        super().__init__(pack, unpack)
+
+
 class GroupLosses(Capture):
     """The objective's capture: records each group while it runs and turns it into the group's loss."""
 
@@ -95,6 +124,8 @@ class GroupLosses(Capture):
         self.feeds = {m: f for f, members in self.served.items() for m in members}  # layer -> the target it feeds
         self.with_recall = with_recall
         self.offload = offload and grad
+        # the copies to the host run on it, beside the forward (CUDA only)
+        self.offload_stream = torch.cuda.Stream(device) if self.offload and device.type == "cuda" else None
         self.centroid_kl = centroid_kl_fn(distiller.kernel, device)
         self.sparse_centroid_kl = sparse_centroid_kl_fn(distiller.kernel, device)
         self.projections: dict[int, Projections] = {}
@@ -108,7 +139,9 @@ class GroupLosses(Capture):
 
     def projections_context(self):
         """Where the projections' autograd keeps what their backward needs: pinned CPU memory when offloading."""
-        return torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload else contextlib.nullcontext()
+        if not self.offload:
+            return contextlib.nullcontext()
+        return PinnedOffload(self.offload_stream)
 
     def indexed(self, layer: int, projections: Projections, topk: torch.Tensor | None) -> None:
         self.projections[layer] = projections

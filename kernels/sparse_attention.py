@@ -16,8 +16,8 @@ blocks with fp32 accumulation. The grid is persistent (a few programs per SM, ea
 ...), so that each program owns a scratch: with prob_out, every key block's p = exp2(s - m) (m the head's running
 max after the block) goes to the program's [BLOCK_H, K] scratch (fp16 for 16-bit inputs, fp32 for fp32) and m to a
 [K / BLOCK_K, BLOCK_H] one; once the row's LSE is known, one pass over the scratch adds
-sum_h p * exp2(m - lse) (fp32 atomics across head blocks). No key is gathered and no dot recomputed for the
-probabilities. Compute O(T K H Dk), memory the inputs, outputs and programs x BLOCK_H x K scratch: no T x T.
+sum_h p * exp2(m - lse) (one exp2 per head and key block; fp32 atomics across head blocks). No key is gathered
+and no dot recomputed for the probabilities. Compute O(T K H Dk), memory the inputs, outputs and programs x BLOCK_H x K scratch: no T x T.
 """
 from __future__ import annotations
 
@@ -100,18 +100,21 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr, p_sc
         tl.store(lse_ptrs, tl.where(has_keys, lse2 / _LOG2E, float("-inf")), mask=head_ok)
         if WRITE_PROB:
             tl.debug_barrier()  # every thread's stores to the scratch are visible
-            # prob(j) = sum_h exp2(s_hj - lse2_h) = sum_h p_hj exp2(m_use_h(block of j) - lse2_h), PROB_BLOCK entries
-            # at a time (wide steps: the pass waits on the scratch's latency, not on arithmetic)
+            # prob(j) = sum_h exp2(s_hj - lse2_h) = sum_h p_hj exp2(m_use_h(block of j) - lse2_h): one factor per
+            # (head, key block), PROB_BLOCK entries (NB key blocks) per step
+            NB: tl.constexpr = PROB_BLOCK // BLOCK_K
             for j0 in range(0, K, PROB_BLOCK):
                 j = j0 + tl.arange(0, PROB_BLOCK)
                 key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
                 ok = (key >= start) & (key <= t)
                 p = tl.load(p_base + heads_local[:, None] * W + j[None, :], mask=ok[None, :], other=0.0)
-                m_block = tl.load(m_base + (j // BLOCK_K)[None, :] * BLOCK_H + heads_local[:, None], mask=ok[None, :],
-                                  other=0.0)
-                rescale = tl.where((head_ok & has_keys)[:, None], tl.exp2(m_block - lse2[:, None]), 0.0)
-                tl.atomic_add(prob_ptr + r.to(tl.int64) * K + j, tl.sum(p.to(tl.float32) * rescale, 0) * prob_scale,
-                              mask=ok, sem="relaxed")
+                blocks = j0 // BLOCK_K + tl.arange(0, NB)
+                m_block = tl.load(m_base + blocks[None, :] * BLOCK_H + heads_local[:, None],
+                                  mask=(blocks < n_kb)[None, :], other=float("-inf"))
+                factor = tl.where((head_ok & has_keys)[:, None], tl.exp2(m_block - lse2[:, None]), 0.0)
+                weighted = tl.reshape(p.to(tl.float32), (BLOCK_H, NB, BLOCK_K)) * factor[:, :, None]
+                prob = tl.reshape(tl.sum(weighted, 0), (PROB_BLOCK,))
+                tl.atomic_add(prob_ptr + r.to(tl.int64) * K + j, prob * prob_scale, mask=ok, sem="relaxed")
 
 
 def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.Tensor, scale: float, v_dim: int,

@@ -44,6 +44,13 @@ ROPE_AT = ("front", "back")              # where the rope dims sit in an indexer
 OUTPUT_GATES = (None, "gate_proj", "q_gate_proj")
 
 
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, D] whose B and T dims merge (a contiguous tensor, or a column slice of one) -> the view
+    [H, B*T, D] that a batched GEMM over heads reads or writes in place (view raises rather than copy)."""
+    B, T, H, D = x.shape
+    return x.view(B * T, H, D).transpose(0, 1)
+
+
 @dataclass
 class IndexerInputs:
     """What an indexer reads."""
@@ -90,15 +97,25 @@ class MlaForms:
         return self._kv_b
 
     def absorbed(self):
-        nope = self.q_nope.shape[-1]
+        """(q, kv) of the absorbed form, each written once: the folded nope part goes straight into q's first
+        kv_lora_rank columns (one batched GEMM over heads on strided views), the rope part after it."""
+        B, T, H, nope = self.q_nope.shape
+        C = self.latent_dim
         w_uk = self._kv_b_weight()[:, :nope]  # [H, nope, C]
-        q = torch.cat([torch.einsum("bthn,hnc->bthc", self.q_nope, w_uk), self.q_rot], dim=-1)
+        q = self.q_nope.new_empty(B, T, H, C + self.q_rot.shape[-1])
+        torch.bmm(_heads_first(self.q_nope), w_uk, out=_heads_first(q[..., :C]))
+        q[..., C:].copy_(self.q_rot)
         kv = torch.cat([self.latent, self.k_rot[:, :, 0]], dim=-1)
         return q, kv
 
     def output(self, latent_out: torch.Tensor) -> torch.Tensor:
+        """latent_out [B, T, H, kv_lora_rank] -> the heads' output [B, T, H, Dv] (contiguous), through the
+        value half of kv_b_proj, written once."""
+        B, T, H, _ = latent_out.shape
         w_uv = self._kv_b_weight()[:, self.q_nope.shape[-1]:]  # [H, Dv, C]
-        return torch.einsum("bthc,hvc->bthv", latent_out, w_uv)
+        out = latent_out.new_empty(B, T, H, self.v_dim)
+        torch.bmm(_heads_first(latent_out), w_uv.transpose(1, 2), out=_heads_first(out))
+        return out
 
     @property
     def tokens(self) -> tuple[int, int]:
