@@ -27,8 +27,8 @@ CANDIDATES = [dict(), dict(centroid_block_m=128, centroid_block_n=64, centroid_w
               dict(centroid_block_m=64, centroid_block_n=128, centroid_warps=4), dict(centroid_stages=3),
               dict(block_m=128, block_n=64, warps=8), dict(group=16)]
 TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
-SPARSE_CANDIDATES = [dict(), dict(sparse_block_k=32), dict(sparse_block_k=32, sparse_stages=3),
-                     dict(sparse_block_k=32, sparse_prob_block=128), dict(sparse_prob_block=512), dict(sparse_programs=1)]
+SPARSE_CANDIDATES = [dict(), dict(sparse_prob_block=256), dict(sparse_prob_heads=64), dict(sparse_prob_warps=8),
+                     dict(sparse_scratch_bytes=1 << 32), dict(sparse_programs=1)]
 SPARSE_KL_CANDIDATES = [dict(), dict(sparse_kl_block_k=16), dict(sparse_kl_warps=8),
                         dict(sparse_kl_block_k=64, sparse_kl_warps=8), dict(sparse_kl_block_k=16, sparse_kl_warps=8)]
 

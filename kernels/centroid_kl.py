@@ -59,21 +59,23 @@ SCRATCH_BYTES = 1 << 30  # budget of the R x S dL/dI scratch
 # and the most programs per row of the indexer LSE (split over programs, then joined); topk_*:
 # kernels.indexer_topk's key tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
 # kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs per SM of its persistent
-# grid and entries per step of its probability pass; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
+# grid, the byte budget of its probability scratch (rows per chunk), and the probability kernel's entries per
+# program, heads per step and warps; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
 # block and warps.
 TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, centroid_block_m=128, centroid_block_n=128,
                       centroid_warps=8, centroid_stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
                       lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_block_t=2, topk_select=1024,
                       topk_programs=2, topk_warps=4,
                       sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
-                      sparse_prob_block=256,
+                      sparse_scratch_bytes=SCRATCH_BYTES, sparse_prob_block=512, sparse_prob_heads=32,
+                      sparse_prob_warps=4,
                       sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=2048, index_lse_splits=16),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
                      centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
                      lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
                      topk_programs=3, topk_warps=4,
                      sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1, sparse_programs=3,
-                     sparse_prob_block=8,
+                     sparse_scratch_bytes=512, sparse_prob_block=8, sparse_prob_heads=2, sparse_prob_warps=4,
                      sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=16, index_lse_splits=2)}
 
 

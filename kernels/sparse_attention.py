@@ -1,4 +1,4 @@
-"""Sparse MQA attention forward with LSE (DESIGN.md section 3, "Sparse stage at scale"): the Triton kernel.
+"""Sparse MQA attention forward with LSE (DESIGN.md section 3, "Sparse stage at scale"): the Triton kernels.
 
     out_{t,h}   = sum_j softmax_j(scale q_{t,h} . kv_{idx_j}) kv_{idx_j}[:v_dim]      over row t's valid entries j
     lse_{h,t}   = log sum_j exp(scale q_{t,h} . kv_{idx_j})
@@ -12,12 +12,13 @@ fp32 (-inf where a row has no valid entry, out 0 there), prob_out [B, T, K] fp32
 As FlashMLA's sparse prefill: the heads are the rows of the products, [BLOCK_H, Dk] queries of one (query row,
 head block) against [BLOCK_K, Dk] keys gathered by index, Dk split into two power-of-two column pieces (576 = 512 +
 64); when v_dim is the first piece, the gathered key tile is the value tile. Online softmax over the row's key
-blocks with fp32 accumulation. The grid is persistent (a few programs per SM, each taking items pid, pid + programs,
-...), so that each program owns a scratch: with prob_out, every key block's p = exp2(s - m) (m the head's running
-max after the block) goes to the program's [BLOCK_H, K] scratch (fp16 for 16-bit inputs, fp32 for fp32) and m to a
-[K / BLOCK_K, BLOCK_H] one; once the row's LSE is known, one pass over the scratch adds
-sum_h p * exp2(m - lse) (one exp2 per head and key block; fp32 atomics across head blocks). No key is gathered
-and no dot recomputed for the probabilities. Compute O(T K H Dk), memory the inputs, outputs and programs x BLOCK_H x K scratch: no T x T.
+blocks with fp32 accumulation, on a persistent grid (a few programs per SM, each taking items pid, pid + programs,
+...). With prob_out the rows go in chunks of R (a scratch budget): `_sparse_mqa_kernel` also writes every key
+block's p = exp2(s - m) (m the head's running max after the block) into a [R, H, K] scratch (fp16 for 16-bit
+inputs, fp32 for fp32) and m into a [R, K / BLOCK_K, H] one; then `_sparse_prob_kernel`, one program per (row,
+PROB_BLOCK entries) with many programs per SM, adds sum_h p exp2(m - lse) (one exp2 per head and key block; the
+row's entries are its own, so plain stores). No key is gathered and no dot recomputed for the probabilities.
+Compute O(T K H Dk), memory the inputs, outputs and the R x H x K scratch: no T x T.
 """
 from __future__ import annotations
 
@@ -30,27 +31,29 @@ from kernels.reference import check_sparse_attention, document_starts
 
 
 @triton.jit
-def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr, p_scratch, m_scratch,
+def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_scratch,
                        q_b, q_t, q_h, q_d, kv_b, kv_t, kv_d, i_b, i_t, i_k, o_b, o_t, o_h, o_d,
-                       T, H, K, n_hb, n_kb, W, n_items, scale_log2, prob_scale,
+                       T, H, K, n_hb, n_kb, W, row0, n_items, scale_log2,
                        DK: tl.constexpr, V: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PROB_BLOCK: tl.constexpr,
-                       V_IS_A: tl.constexpr, WRITE_PROB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
-    """Persistent: program pid takes the (query row, head block) items pid, pid + programs, ... (the head blocks
-    of a row adjacent; item = (b*T + t) * n_hb + hb). Per item: out, lse and (WRITE_PROB) the probabilities added
-    into prob [B*T, K]; p_scratch [programs, BLOCK_H, W] and m_scratch [programs, W // BLOCK_K, BLOCK_H] (W >= K a
-    multiple of PROB_BLOCK, itself a multiple of BLOCK_K) are this program's own."""
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, V_IS_A: tl.constexpr, WRITE_PROB: tl.constexpr,
+                       PREC: tl.constexpr, DOT: tl.constexpr):
+    """Persistent: program pid takes the (query row, head block) items pid, pid + programs, ... of rows row0 ..
+    (the head blocks of a row adjacent; item = (b*T + t - row0) * n_hb + hb). Per item: out, lse and (WRITE_PROB)
+    p into p_scratch [R, n_hb * BLOCK_H, W] and m into m_scratch [R, n_kb, n_hb * BLOCK_H] at row b*T + t - row0
+    (W >= K)."""
     pid = tl.program_id(0)
     heads_local = tl.arange(0, BLOCK_H)
-    p_base = p_scratch + pid.to(tl.int64) * BLOCK_H * W
-    m_base = m_scratch + pid.to(tl.int64) * (W // BLOCK_K) * BLOCK_H
+    H_PAD = n_hb * BLOCK_H
     for item in range(pid, n_items, tl.num_programs(0)):
         hb = item % n_hb
-        r = item // n_hb  # flattened row b*T + t
+        i = item // n_hb  # the row in this launch's chunk
+        r = row0 + i  # flattened row b*T + t
         b = r // T
         t = r % T
         heads = hb * BLOCK_H + heads_local
         head_ok = heads < H
+        p_base = p_scratch + (i.to(tl.int64) * H_PAD + heads[:, None]) * W
+        m_base = m_scratch + i.to(tl.int64) * n_kb * H_PAD + heads
         q_base = q + b.to(tl.int64) * q_b + t.to(tl.int64) * q_t
         qa = _load_rows(q_base, heads, head_ok, q_h, q_d, 0, DA, DK, DOT)
         qb = qa
@@ -62,8 +65,6 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr, p_sc
         m = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # base-2 running max of each head
         l = tl.zeros((BLOCK_H,), tl.float32)
         acc = tl.zeros((BLOCK_H, DV), tl.float32)
-        if WRITE_PROB:
-            tl.debug_barrier()  # the previous item's reads of the scratch are done
         for kb in range(0, n_kb):
             j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
@@ -80,9 +81,8 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr, p_sc
             p = tl.exp2(s - m_use[:, None])
             l = l * alpha + tl.sum(p, 1)
             if WRITE_PROB:  # this block's p relative to its running max, rescaled once the row's LSE is known
-                tl.store(p_base + heads_local[:, None] * W + j[None, :],
-                         p.to(p_scratch.dtype.element_ty))
-                tl.store(m_base + kb * BLOCK_H + heads_local, m_use)
+                tl.store(p_base + j[None, :], p.to(p_scratch.dtype.element_ty))
+                tl.store(m_base + kb * H_PAD, m_use)
             if V_IS_A:
                 v = ka
             else:
@@ -98,23 +98,39 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, prob_ptr, p_sc
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols < V)[None, :])
         lse_ptrs = lse_ptr + (b * H + heads).to(tl.int64) * T + t
         tl.store(lse_ptrs, tl.where(has_keys, lse2 / _LOG2E, float("-inf")), mask=head_ok)
-        if WRITE_PROB:
-            tl.debug_barrier()  # every thread's stores to the scratch are visible
-            # prob(j) = sum_h exp2(s_hj - lse2_h) = sum_h p_hj exp2(m_use_h(block of j) - lse2_h): one factor per
-            # (head, key block), PROB_BLOCK entries (NB key blocks) per step
-            NB: tl.constexpr = PROB_BLOCK // BLOCK_K
-            for j0 in range(0, K, PROB_BLOCK):
-                j = j0 + tl.arange(0, PROB_BLOCK)
-                key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
-                ok = (key >= start) & (key <= t)
-                p = tl.load(p_base + heads_local[:, None] * W + j[None, :], mask=ok[None, :], other=0.0)
-                blocks = j0 // BLOCK_K + tl.arange(0, NB)
-                m_block = tl.load(m_base + blocks[None, :] * BLOCK_H + heads_local[:, None],
-                                  mask=(blocks < n_kb)[None, :], other=float("-inf"))
-                factor = tl.where((head_ok & has_keys)[:, None], tl.exp2(m_block - lse2[:, None]), 0.0)
-                weighted = tl.reshape(p.to(tl.float32), (BLOCK_H, NB, BLOCK_K)) * factor[:, :, None]
-                prob = tl.reshape(tl.sum(weighted, 0), (PROB_BLOCK,))
-                tl.atomic_add(prob_ptr + r.to(tl.int64) * K + j, prob * prob_scale, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _sparse_prob_kernel(idx_ptr, doc_ptr, lse_ptr, prob_ptr, p_scratch, m_scratch, i_b, i_t, i_k,
+                        T, H, K, H_PAD, n_kb, W, row0, prob_scale,
+                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PROB_BLOCK: tl.constexpr):
+    """prob [B*T, K] of row row0 + program_id(0), entries program_id(1) * PROB_BLOCK ...: += prob_scale x
+    sum_h exp2(s_hj - lse2_h) = sum_h p_hj exp2(m_h(block of j) - lse2_h), one factor per (head, key block), from
+    the scratches _sparse_mqa_kernel wrote for the chunk and the row's lse [B, H, T]; BLOCK_H heads per step."""
+    i = tl.program_id(0)
+    r = row0 + i
+    b = r // T
+    t = r % T
+    NB: tl.constexpr = PROB_BLOCK // BLOCK_K  # key blocks per program
+    j = tl.program_id(1) * PROB_BLOCK + tl.arange(0, PROB_BLOCK)
+    key = tl.load(idx_ptr + b.to(tl.int64) * i_b + t.to(tl.int64) * i_t + j * i_k, mask=j < K, other=-1)
+    ok = (key >= tl.load(doc_ptr + r)) & (key <= t)
+    blocks = tl.program_id(1) * NB + tl.arange(0, NB)
+    p_row = p_scratch + i.to(tl.int64) * H_PAD * W
+    m_row = m_scratch + i.to(tl.int64) * n_kb * H_PAD
+    prob = tl.zeros((NB, BLOCK_K), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        head_ok = heads < H
+        lse = tl.load(lse_ptr + (b * H + heads).to(tl.int64) * T + t, mask=head_ok, other=float("-inf"))
+        use = (head_ok & (lse > float("-inf")))[:, None] & (blocks < n_kb)[None, :]
+        m = tl.load(m_row + blocks[None, :] * H_PAD + heads[:, None], mask=use, other=0.0)
+        factor = tl.where(use, tl.exp2(m - lse[:, None] * _LOG2E), 0.0)  # [BLOCK_H, NB]
+        p = tl.load(p_row + heads[:, None] * W + j[None, :], mask=head_ok[:, None] & ok[None, :], other=0.0)
+        prob += tl.sum(tl.reshape(p.to(tl.float32), (BLOCK_H, NB, BLOCK_K)) * factor[:, :, None], 0)
+    prob_ptrs = prob_ptr + r.to(tl.int64) * K + j
+    added = tl.load(prob_ptrs, mask=ok, other=0.0) + tl.reshape(prob, (PROB_BLOCK,)) * prob_scale
+    tl.store(prob_ptrs, added, mask=ok)
 
 
 def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.Tensor, scale: float, v_dim: int,
@@ -145,21 +161,34 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
     block_k = cfg["sparse_block_k"]
     prob_block = cfg["sparse_prob_block"]  # a multiple of block_k
     n_hb, n_kb, width = triton.cdiv(H, block_h), triton.cdiv(K, block_k), triton.cdiv(K, prob_block) * prob_block
-    n_items = B * T * n_hb
-    programs = max(1, min(n_items, cfg["sparse_programs"] * sm_count(dev)))
+    programs = max(1, cfg["sparse_programs"] * sm_count(dev))
+    rows = B * T
+    chunk = rows
     if prob_out is None:
         p_scratch = m_scratch = lse  # unused placeholder pointers
-    else:  # each program's p of one item: fp16 for 16-bit inputs (p is in [0, 1]), fp32 for fp32 inputs
+    else:  # p of a chunk of rows: fp16 for 16-bit inputs (p is in [0, 1]), fp32 for fp32 inputs; whole waves
         p_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
-        p_scratch = torch.empty(programs, block_h, width, device=dev, dtype=p_dtype)
-        m_scratch = torch.empty(programs, width // block_k, block_h, device=dev, dtype=torch.float32)
-    _sparse_mqa_kernel[(programs,)](
-        q, kv, idx, doc, out, lse, out if prob_out is None else prob_out, p_scratch, m_scratch,
-        *q.stride(), *kv.stride(), *idx.stride(), *out.stride(),
-        T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, n_items=n_items, scale_log2=float(scale) * LOG2E,
-        prob_scale=float(prob_weight) / H,
-        DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, PROB_BLOCK=prob_block,
-        V_IS_A=v_dim == da,
-        WRITE_PROB=prob_out is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot_dtype(q),
-        num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
+        row_bytes = n_hb * block_h * (width * p_dtype.itemsize + n_kb * 4)
+        wave = max(1, programs // n_hb)  # rows whose items fill the programs once
+        chunk = max(1, min(rows, cfg["sparse_scratch_bytes"] // row_bytes // wave * wave or wave))
+        p_scratch = torch.empty(chunk, n_hb * block_h, width, device=dev, dtype=p_dtype)
+        m_scratch = torch.empty(chunk, n_kb, n_hb * block_h, device=dev, dtype=torch.float32)
+    for row0 in range(0, rows, chunk):
+        n_rows = min(chunk, rows - row0)
+        n_items = n_rows * n_hb
+        _sparse_mqa_kernel[(min(programs, n_items),)](
+            q, kv, idx, doc, out, lse, p_scratch, m_scratch,
+            *q.stride(), *kv.stride(), *idx.stride(), *out.stride(),
+            T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, row0=row0, n_items=n_items,
+            scale_log2=float(scale) * LOG2E,
+            DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, V_IS_A=v_dim == da,
+            WRITE_PROB=prob_out is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot_dtype(q),
+            num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
+        if prob_out is not None:
+            _sparse_prob_kernel[(n_rows, triton.cdiv(K, prob_block))](
+                idx, doc, lse, prob_out, p_scratch, m_scratch, *idx.stride(),
+                T=T, H=H, K=K, H_PAD=n_hb * block_h, n_kb=n_kb, W=width, row0=row0,
+                prob_scale=float(prob_weight) / H,
+                BLOCK_H=min(cfg["sparse_prob_heads"], block_h), BLOCK_K=block_k, PROB_BLOCK=prob_block,
+                num_warps=cfg["sparse_prob_warps"])
     return out, lse
