@@ -88,8 +88,8 @@ class PinnedOffload(torch.autograd.graph.saved_tensors_hooks):
     """Autograd's saved CUDA tensors go to pinned host memory until backward, copied on a side stream, so the
     copy overlaps the forward's next kernels instead of stalling the host (torch's save_on_cpu copies
     synchronously). A saved tensor's GPU memory is not reused before its copy is done (record_stream); backward
-    waits for the copy, then copies it back on its own stream. Tensors not on CUDA (or no stream: a CPU run)
-    are kept as they are."""
+    waits for the copy, then copies it back on the stream it runs on. Tensors not on CUDA (or no stream: a CPU
+    run) are kept as they are."""
 
     def __init__(self, stream: torch.cuda.Stream | None):
         def pack(tensor: torch.Tensor):

@@ -170,7 +170,8 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
         p_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
         row_bytes = n_hb * block_h * (width * p_dtype.itemsize + n_kb * 4)
         wave = max(1, programs // n_hb)  # rows whose items fill the programs once
-        chunk = max(1, min(rows, cfg["sparse_scratch_bytes"] // row_bytes // wave * wave or wave))
+        fit = cfg["sparse_scratch_bytes"] // row_bytes  # rows the budget holds
+        chunk = min(rows, max(wave, fit // wave * wave))
         p_scratch = torch.empty(chunk, n_hb * block_h, width, device=dev, dtype=p_dtype)
         m_scratch = torch.empty(chunk, n_kb, n_hb * block_h, device=dev, dtype=torch.float32)
     for row0 in range(0, rows, chunk):
