@@ -8,6 +8,10 @@ backward + AdamW on the F indexers), its peak memory and tokens/s in the steady 
 a warm-up step.
 
     python -m bench.real_scale --layers 61 --seq-len 131072 --out results/     (one call per configuration)
+    python -m bench.real_scale --layers 16 --seq-len 131072 --tiles topk_select=2048 --out results/
+
+--tiles overrides entries of kernels.centroid_kl.TILES['cuda'] for the run (recorded in the JSON), so that a tile
+choice timed on one kernel by bench.tune_tiles can be timed on the whole step before it becomes a default.
 
 Writes real_scale-<layers>x<seq_len>.json; docs/BENCHMARKS.md gathers the rows with the GPU and the command.
 """
@@ -20,6 +24,7 @@ import os
 import torch
 
 from bench.common import measure
+from kernels.centroid_kl import TILES
 from distill.objective import Distiller
 from distill.pattern import Pattern
 from train.model import build_model
@@ -101,6 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[2],
                         help="timed steps per stage, one number for all or one per --stages entry (a row reports the "
                              "last)")
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="KEY=INT",
+                        help="overrides of kernels.centroid_kl.TILES['cuda'] for this run")
     parser.add_argument("--offload-saved", choices=("auto", "on", "off"), default="auto",
                         help="keep the indexer projections' saved inputs in pinned CPU memory until backward")
     args = parser.parse_args()
@@ -109,6 +116,13 @@ def main() -> None:
         parser.error(f"--steps: one number, or one per stage of {stages}")
     steps = args.steps * len(stages) if len(args.steps) == 1 else args.steps
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
+    tiles = {}
+    for item in args.tiles:
+        key, _, value = item.partition("=")
+        if key not in TILES["cuda"] or not value.lstrip("-").isdigit():
+            parser.error(f"--tiles {item!r}: KEY=INT with KEY one of {sorted(TILES['cuda'])}")
+        tiles[key] = int(value)
+    TILES["cuda"].update(tiles)
     config, pattern, distiller, ids = real_scale_run(args.layers, args.seq_len, offload)
     rows = []
     # the warm-up at 4K compiles every kernel (the same specialisations as at T) at a fraction of a step at T
@@ -120,7 +134,7 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, model=config, pattern=str(pattern),
                        groups=len(pattern.full_layers), seq_len=args.seq_len, offload_saved=args.offload_saved,
-                       rows=rows), f, indent=1)
+                       tiles=tiles, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
