@@ -71,14 +71,14 @@ def optimizer_step(distiller: Distiller, optimizer: torch.optim.Optimizer, ids: 
 
 def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "sparse"), warm_tokens: int | None = None,
                 steps: int | list[int] = 2):
-    """Yield one row per stage: `steps` optimizer steps (or steps[i] for stages[i]) (streamed forward + backward + AdamW on the F indexers) on
-    ids [B, T], each timed, after a warm-up forward + backward of every stage on ids[:, :warm_tokens] (all of T by
-    default) that compiles every kernel. The first step at T also allocates what later steps reuse (the pinned host
-    buffers of the offloaded saved tensors, the caching allocator's blocks); the row's `seconds` is the last step
-    (the steady state a run sees), `seconds_first` the first; the stages share those buffers (the same sizes), so a
-    stage after another one is warm from its first step. A row: stage, steps, seconds (or 'OOM'), seconds_first,
-    tokens/s, peak GiB above the allocation before the last step (the model, the optimizer state) and peak GiB in
-    all."""
+    """Yield one row per stage: `steps` optimizer steps (or steps[i] for stages[i]; streamed forward + backward +
+    AdamW on the F indexers) on ids [B, T], each timed, after a warm-up forward + backward of every stage on
+    ids[:, :warm_tokens] (all of T by default) that compiles every kernel. The first step at T also allocates what
+    later steps reuse (the pinned host buffers of the offloaded saved tensors, the caching allocator's blocks); the
+    row's `seconds` is the last step (the steady state a run sees), `seconds_first` the first; the stages share
+    those buffers (the same sizes), so a stage after another one is warm from its first step. A row: stage, steps,
+    seconds (or 'OOM'), seconds_first, tokens/s, peak GiB above the allocation before the last step (the model, the
+    optimizer state) and peak GiB in all."""
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for sparse in (False, True):
@@ -93,8 +93,8 @@ def timed_steps(distiller: Distiller, ids: torch.Tensor, stages=("dense", "spars
                 break
         seconds = timings[-1]
         tokens_per_s = None if isinstance(seconds, str) else ids.numel() / seconds
-        yield dict(stage=stage, steps=len(timings), seconds=seconds, seconds_first=timings[0], tokens_per_s=tokens_per_s, peak_gib=peak,
-                   peak_total_gib=torch.cuda.max_memory_allocated() / 2**30)
+        yield dict(stage=stage, steps=len(timings), seconds=seconds, seconds_first=timings[0],
+                   tokens_per_s=tokens_per_s, peak_gib=peak, peak_total_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from bench.bench_topk import SWEEP
+from bench.check_kernels import relative_error
 from bench.common import DSA, dsa_inputs, fwd_bwd, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
@@ -101,8 +102,7 @@ def sparse_kl_rows(T: int, defaults: dict) -> None:
         return [t.grad.clone() for t in index]
 
     def agree(first, result):
-        return "max rel. |grad - defaults'| " + " ".join(
-            f"{((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}" for a, b in zip(result, first))
+        return "max rel. |grad - defaults'| " + " ".join(f"{relative_error(a, b):.1e}" for a, b in zip(result, first))
 
     time_candidates(f"sparse_centroid_kl T={T}", SPARSE_KL_CANDIDATES, defaults, grads, check=agree)
 
@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--topk-seq-len", type=int, default=32768)
-    parser.add_argument("--ops", nargs="+", default=["centroid", "topk"], choices=["centroid", "topk", "sparse", "sparse_kl"])
+    parser.add_argument("--ops", nargs="+", default=["centroid", "topk"],
+                        choices=["centroid", "topk", "sparse", "sparse_kl"])
     parser.add_argument("--sparse-seq-lens", type=int, nargs="+", default=[32768])
     args = parser.parse_args()
     defaults = dict(TILES["cuda"])
