@@ -4,7 +4,7 @@ DeepSeek-V3.2 shape, each against the current defaults measured in the same run.
     python -m bench.tune_tiles --seq-len 16384 --groups 1 4
     python -m bench.tune_tiles --ops sparse sparse_kl --sparse-seq-lens 32768 131072
 
-The sparse attention (MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its
+The centroid KL is timed forward + backward with the per-head LSE given (as the job runs it). The sparse attention (MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its
 achieved TFLOP/s: per valid (row, head, entry) 2 * 576 + 2 * 512 FLOPs, with or without the probabilities (they
 come from the same dots), and checks that every configuration gives the defaults' output. The sparse centroid KL
 (one F layer's loss and gradients over the same top-k lists) prints its time and gradient agreement likewise.
@@ -17,19 +17,19 @@ import torch
 
 from bench.bench_topk import SWEEP
 from bench.check_kernels import relative_error
-from bench.common import DSA, dsa_inputs, fwd_bwd, measure
+from bench.common import DSA, dsa_inputs, flash_lse, fwd_bwd, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
 from kernels.sparse_centroid_kl import sparse_centroid_kl
 
-CANDIDATES = [dict(), dict(centroid_block_m=128, centroid_block_n=64, centroid_warps=8),
-              dict(centroid_block_m=128, centroid_block_n=128, centroid_warps=8),
-              dict(centroid_block_m=64, centroid_block_n=128, centroid_warps=4), dict(centroid_stages=3),
+CANDIDATES = [dict(), dict(centroid_block_n=64, centroid_stages=3), dict(centroid_block_n=64),
+              dict(centroid_block_m=64, centroid_warps=4, centroid_stages=3),
+              dict(centroid_block_m=64, centroid_block_n=64, centroid_warps=4, centroid_stages=3), dict(stages=3),
               dict(block_m=128, block_n=64, warps=8), dict(group=16)]
 TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
-SPARSE_CANDIDATES = [dict(), dict(sparse_prob_block=256), dict(sparse_prob_heads=64), dict(sparse_prob_warps=8),
-                     dict(sparse_scratch_bytes=1 << 32), dict(sparse_programs=1)]
+SPARSE_CANDIDATES = [dict(), dict(sparse_split_scores=0), dict(sparse_programs=1), dict(sparse_stages=1),
+                     dict(sparse_prob_block=256)]
 SPARSE_KL_CANDIDATES = [dict(), dict(sparse_kl_block_k=16), dict(sparse_kl_warps=8),
                         dict(sparse_kl_block_k=64, sparse_kl_warps=8), dict(sparse_kl_block_k=16, sparse_kl_warps=8)]
 
@@ -124,10 +124,12 @@ def main() -> None:
             sparse_kl_rows(T, defaults)
     if "centroid" in args.ops:
         index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
+        scale = DSA["Dq"] ** -0.5
+        lse = flash_lse(main_q, main_k, scale)  # as the job runs it: the backbone's attention hands over its LSE
         for G in args.groups:
-            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], DSA["Dq"] ** -0.5), index)
+            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], scale, main_lse=lse[:G]), index)
             time_candidates(f"centroid_kl T={args.seq_len} G={G}", CANDIDATES, defaults, run)
-        index, main_q, main_k = None, None, None
+        index, main_q, main_k, lse = None, None, None, None
         torch.cuda.empty_cache()
     if "topk" in args.ops:
         iq, ik, iw = [t.detach() for t in dsa_inputs(args.topk_seq_len, 1, H=1)[0]]

@@ -59,16 +59,17 @@ SCRATCH_BYTES = 1 << 30  # budget of the R x S dL/dI scratch
 # and the most programs per row of the indexer LSE (split over programs, then joined); topk_*:
 # kernels.indexer_topk's key tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
 # kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs per SM of its persistent
-# grid, the byte budget of its probability scratch (rows per chunk), and the probability kernel's entries per
-# program, heads per step and warps; sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
+# grid, the byte budget of its probability scratch (rows per chunk), the probability kernel's entries per
+# program, heads per step and warps, and whether the warpgroups split the score tile's keys (1) or both compute
+# it (0: Triton's own choice for chained dots); sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
 # block and warps.
-TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, centroid_block_m=128, centroid_block_n=128,
+TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=3, centroid_block_m=128, centroid_block_n=128,
                       centroid_warps=8, centroid_stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
                       lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_block_t=2, topk_select=1024,
                       topk_programs=2, topk_warps=4,
                       sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
                       sparse_scratch_bytes=SCRATCH_BYTES, sparse_prob_block=512, sparse_prob_heads=32,
-                      sparse_prob_warps=4,
+                      sparse_prob_warps=4, sparse_split_scores=1,
                       sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=2048, index_lse_splits=16),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
                      centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
@@ -76,7 +77,8 @@ TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=2, centroid_block_
                      topk_programs=3, topk_warps=4,
                      sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1, sparse_programs=3,
                      sparse_scratch_bytes=512, sparse_prob_block=8, sparse_prob_heads=2, sparse_prob_warps=4,
-                     sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=16, index_lse_splits=2)}
+                     sparse_split_scores=1, sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=16,
+                     index_lse_splits=2)}
 
 
 @triton.jit
@@ -320,8 +322,8 @@ def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, pbar_ptr,
             h = gh % H
             qa, qb, k_base = _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b,
                                          sk_h, DA, DB, DQ, DOT)
-            s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
             lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+            s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
             pbar += tl.exp2(s * scale_log2 - lse[:, None])
         ptrs = pbar_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
         tl.store(ptrs, pbar * inv_gh, mask=allowed)

@@ -31,12 +31,25 @@ from kernels.reference import check_sparse_attention, document_starts
 
 
 @triton.jit
+def _unchained(x, always, SPLIT: tl.constexpr):
+    """x (always is true at run time). With SPLIT, x passes through a runtime branch that Triton's choice of dot
+    layouts does not look through: a dot whose result reaches another dot (the scores reach the P.V product) is
+    laid out with every warp on its rows, so the two warpgroups of 8 warps both compute a 64-row score tile;
+    through the branch it is laid out as an unchained dot, the warpgroups splitting its columns (the keys),
+    as FlashMLA does. The branch yields a value it computes (x + 0), so canonicalisation keeps it."""
+    if SPLIT:
+        if always:
+            x = x + 0.0
+    return x
+
+
+@triton.jit
 def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_scratch,
                        q_b, q_t, q_h, q_d, kv_b, kv_t, kv_d, i_b, i_t, i_k, o_b, o_t, o_h, o_d,
                        T, H, K, n_hb, n_kb, W, row0, n_items, scale_log2,
                        DK: tl.constexpr, V: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, V_IS_A: tl.constexpr, WRITE_PROB: tl.constexpr,
-                       PREC: tl.constexpr, DOT: tl.constexpr):
+                       SPLIT_S: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """Persistent: program pid takes the (query row, head block) items pid, pid + programs, ... of rows row0 ..
     (the head blocks of a row adjacent; item = (b*T + t - row0) * n_hb + hb). Per item: out, lse and (WRITE_PROB)
     p into p_scratch [R, n_hb * BLOCK_H, W] and m into m_scratch [R, n_kb, n_hb * BLOCK_H] at row b*T + t - row0
@@ -72,6 +85,7 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
             ka = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DA, DK, DOT)
             s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
             if DB > 0:
+                s = _unchained(s, T > 0, SPLIT_S)
                 kb_tile = _load_rows(kv_base, key, ok, kv_t, kv_d, DA, DB, DK, DOT)
                 s += tl.dot(qb, tl.trans(kb_tile), input_precision=PREC)
             s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
@@ -87,7 +101,9 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
                 v = ka
             else:
                 v = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DV, V, DOT)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PREC)
+            p_dot = _unchained(p, T > 0, SPLIT_S).to(DOT)
+            alpha_dot = _unchained(alpha, T > 0, SPLIT_S)
+            acc = acc * alpha_dot[:, None] + tl.dot(p_dot, v, input_precision=PREC)
             m = m_new
         has_keys = l > 0
         lse2 = m + tl.log2(tl.where(has_keys, l, 1.0))
@@ -183,7 +199,8 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
             T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, row0=row0, n_items=n_items,
             scale_log2=float(scale) * LOG2E,
             DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, V_IS_A=v_dim == da,
-            WRITE_PROB=prob_out is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot_dtype(q),
+            WRITE_PROB=prob_out is not None, SPLIT_S=bool(cfg["sparse_split_scores"]),
+            PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot_dtype(q),
             num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
         if prob_out is not None:
             _sparse_prob_kernel[(n_rows, triton.cdiv(K, prob_block))](

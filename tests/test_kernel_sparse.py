@@ -9,6 +9,7 @@ from kernels import enable_cpu_interpreter
 enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
 
 from kernels import reference, sparse_attention_fn, sparse_centroid_kl_fn  # noqa: E402
+from kernels.centroid_kl import TILES  # noqa: E402
 from kernels.reference import allowed_keys  # noqa: E402
 from kernels.sparse_attention import sparse_mqa_attention  # noqa: E402
 from kernels.sparse_centroid_kl import sparse_centroid_kl  # noqa: E402
@@ -155,7 +156,9 @@ def test_grad_output_scaling_and_no_grad():
         torch.testing.assert_close(sparse_centroid_kl(*index, target, topk), loss.detach())
 
 
-def test_sparse_attention_without_prob_out():
+@pytest.mark.parametrize("split_scores", [0, 1])
+def test_sparse_attention_without_prob_out(split_scores, monkeypatch):
+    monkeypatch.setitem(TILES["cpu"], "sparse_split_scores", split_scores)  # both layouts of the score tile
     B, T, H, Dk, K = 1, 9, 3, 8, 3
     g = torch.Generator().manual_seed(13)
     q, kv = torch.randn(B, T, H, Dk, generator=g), torch.randn(B, T, Dk, generator=g)
