@@ -13,7 +13,8 @@ As FlashMLA's sparse prefill: the heads are the rows of the products, [BLOCK_H, 
 head block) against [BLOCK_K, Dk] keys gathered by index, Dk split into two power-of-two column pieces (576 = 512 +
 64); when v_dim is the first piece, the gathered key tile is the value tile. Online softmax over the row's key
 blocks with fp32 accumulation, on a persistent grid (a few programs per SM, each taking items pid, pid + programs,
-...). With prob_out the rows go in chunks of R (a scratch budget): `_sparse_mqa_kernel` also writes every key
+...). With 8 warps the two warpgroups split each score tile's keys and the P.V tile's value columns (see
+`_unchained`: Triton would otherwise have both compute the whole 64-row score tile). With prob_out the rows go in chunks of R (a scratch budget): `_sparse_mqa_kernel` also writes every key
 block's p = exp2(s - m) (m the head's running max after the block) into a [R, H, K] scratch (fp16 for 16-bit
 inputs, fp32 for fp32) and m into a [R, K / BLOCK_K, H] one; then `_sparse_prob_kernel`, one program per (row,
 PROB_BLOCK entries) with many programs per SM, adds sum_h p exp2(m - lse) (one exp2 per head and key block; the
