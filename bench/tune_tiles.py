@@ -4,10 +4,11 @@ DeepSeek-V3.2 shape, each against the current defaults measured in the same run.
     python -m bench.tune_tiles --seq-len 16384 --groups 1 4
     python -m bench.tune_tiles --ops sparse sparse_kl --sparse-seq-lens 32768 131072
 
-The centroid KL is timed forward + backward with the per-head LSE given (as the job runs it). The sparse attention (MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its
-achieved TFLOP/s: per valid (row, head, entry) 2 * 576 + 2 * 512 FLOPs, with or without the probabilities (they
-come from the same dots), and checks that every configuration gives the defaults' output. The sparse centroid KL
-(one F layer's loss and gradients over the same top-k lists) prints its time and gradient agreement likewise.
+The centroid KL is timed forward + backward with the per-head LSE given (as the job runs it). The sparse attention
+(MLA's absorbed form: 128 heads, 576-wide latent key, v 512, top-2048) also prints its achieved TFLOP/s: per valid
+(row, head, entry) 2 * 576 + 2 * 512 FLOPs, with or without the probabilities (they come from the same dots), and
+checks that every configuration gives the defaults' output. The sparse centroid KL (one F layer's loss and gradients
+over the same top-k lists) prints its time and gradient agreement likewise.
 """
 from __future__ import annotations
 

@@ -322,6 +322,7 @@ def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, pbar_ptr,
             h = gh % H
             qa, qb, k_base = _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b,
                                          sk_h, DA, DB, DQ, DOT)
+            # before the dots, so that its latency hides behind them (one program fills the SM)
             lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
             s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
             pbar += tl.exp2(s * scale_log2 - lse[:, None])

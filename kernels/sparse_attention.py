@@ -9,16 +9,17 @@ v_dim columns are the value), topk_indices [B, T, K] (-1 = no key; entry j is va
 doc_start(t) <= idx_j <= t), cu_seqlens int [num_docs + 1] -> out [B, T, H, v_dim] (q's dtype), lse [B, H, T]
 fp32 (-inf where a row has no valid entry, out 0 there), prob_out [B, T, K] fp32.
 
-As FlashMLA's sparse prefill: the heads are the rows of the products, [BLOCK_H, Dk] queries of one (query row,
-head block) against [BLOCK_K, Dk] keys gathered by index, Dk split into two power-of-two column pieces (576 = 512 +
-64); when v_dim is the first piece, the gathered key tile is the value tile. Online softmax over the row's key
-blocks with fp32 accumulation, on a persistent grid (a few programs per SM, each taking items pid, pid + programs,
-...). With 8 warps the two warpgroups split each score tile's keys and the P.V tile's value columns (see
-`_unchained`: Triton would otherwise have both compute the whole 64-row score tile). With prob_out the rows go in chunks of R (a scratch budget): `_sparse_mqa_kernel` also writes every key
-block's p = exp2(s - m) (m the head's running max after the block) into a [R, H, K] scratch (fp16 for 16-bit
-inputs, fp32 for fp32) and m into a [R, K / BLOCK_K, H] one; then `_sparse_prob_kernel`, one program per (row,
-PROB_BLOCK entries) with many programs per SM, adds sum_h p exp2(m - lse) (one exp2 per head and key block; the
-row's entries are its own, so plain stores). No key is gathered and no dot recomputed for the probabilities.
+As FlashMLA's sparse prefill: the heads are the rows of the products, [BLOCK_H, Dk] queries of one (query row, head
+block) against [BLOCK_K, Dk] keys gathered by index, Dk split into two power-of-two column pieces (576 = 512 + 64);
+when v_dim is the first piece, the gathered key tile is the value tile. Online softmax over the row's key blocks
+with fp32 accumulation, on a persistent grid (a few programs per SM, each taking items pid, pid + programs, ...).
+With 8 warps the two warpgroups split each score tile's keys and the P.V tile's value columns (see `_unchained`:
+Triton would otherwise have both compute the whole 64-row score tile). With prob_out the rows go in chunks of R (a
+scratch budget): `_sparse_mqa_kernel` also writes every key block's p = exp2(s - m) (m the head's running max after
+the block) into a [R, H, K] scratch (fp16 for 16-bit inputs, fp32 for fp32) and m into a [R, K / BLOCK_K, H] one;
+then `_sparse_prob_kernel`, one program per (row, PROB_BLOCK entries) with many programs per SM, adds
+sum_h p exp2(m - lse) (one exp2 per head and key block; the row's entries are its own, so plain stores). No key is
+gathered and no dot recomputed for the probabilities.
 Compute O(T K H Dk), memory the inputs, outputs and the R x H x K scratch: no T x T.
 """
 from __future__ import annotations
