@@ -1,6 +1,12 @@
 """The sparse-stage kernels (CPU interpreter) against their plain-PyTorch references, and the references against
 materialised T x T computations: sparse MQA attention (out, lse, prob_out) and sparse centroid KL (loss and the
 gradients of index_q, index_k, index_w); neither path builds a T x T tensor."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -207,3 +213,17 @@ def test_dispatch_and_bad_inputs():
         sparse_centroid_kl(*index, torch.zeros(1, 5, 4), topk)
     with pytest.raises(ValueError, match="index_k"):
         reference.sparse_centroid_kl(index[0], torch.zeros(1, 6, 8), index[2], torch.zeros(1, 5, 3), topk)
+
+
+def test_score_tile_split_between_warpgroups_on_hopper():
+    """The layout the GPU compiler gives the sparse attention's dots, compiled for sm_90 without a GPU (in a process
+    without the interpreter): with the split, both score dots ([64 heads, 64 keys]) put the two warpgroups side by
+    side on the keys ([4, 2]); without it, Triton's chained-dot rule stacks all 8 warps on the 64 rows ([8, 1]), so
+    both warpgroups compute the whole tile. The P.V dot splits the value columns either way."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "bench.kernel_layouts", "--json"], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    layouts = json.loads(run.stdout.splitlines()[-1])
+    assert layouts["split"] == [{"shape": [64, 64], "warps": [4, 2]}] * 2 + [{"shape": [64, 512], "warps": [4, 2]}]
+    assert [dot["warps"] for dot in layouts["unsplit"][:2]] == [[8, 1]] * 2
