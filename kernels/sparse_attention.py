@@ -196,8 +196,9 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
         n_rows = min(chunk, rows - row0)
         n_items = n_rows * n_hb
         _sparse_mqa_kernel[(min(programs, n_items),)](
-            q, kv, idx, doc, out, lse, p_scratch, m_scratch,
-            *q.stride(), *kv.stride(), *idx.stride(), *out.stride(),
+            q=q, kv=kv, idx_ptr=idx, doc_ptr=doc, out_ptr=out, lse_ptr=lse, p_scratch=p_scratch, m_scratch=m_scratch,
+            **dict(zip(("q_b", "q_t", "q_h", "q_d"), q.stride())), **dict(zip(("kv_b", "kv_t", "kv_d"), kv.stride())),
+            **dict(zip(("i_b", "i_t", "i_k"), idx.stride())), **dict(zip(("o_b", "o_t", "o_h", "o_d"), out.stride())),
             T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, row0=row0, n_items=n_items,
             scale_log2=float(scale) * LOG2E,
             DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, V_IS_A=v_dim == da,
@@ -206,7 +207,8 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
             num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
         if prob_out is not None:
             _sparse_prob_kernel[(n_rows, triton.cdiv(K, prob_block))](
-                idx, doc, lse, prob_out, p_scratch, m_scratch, *idx.stride(),
+                idx_ptr=idx, doc_ptr=doc, lse_ptr=lse, prob_ptr=prob_out, p_scratch=p_scratch, m_scratch=m_scratch,
+                **dict(zip(("i_b", "i_t", "i_k"), idx.stride())),
                 T=T, H=H, K=K, H_PAD=n_hb * block_h, n_kb=n_kb, W=width, row0=row0,
                 prob_scale=float(prob_weight) / H,
                 BLOCK_H=min(cfg["sparse_prob_heads"], block_h), BLOCK_K=block_k, PROB_BLOCK=prob_block,
