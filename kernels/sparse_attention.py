@@ -59,6 +59,7 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
     pid = tl.program_id(0)
     heads_local = tl.arange(0, BLOCK_H)
     H_PAD = n_hb * BLOCK_H
+    always = T > 0  # true, but known only at run time (see _unchained)
     for item in range(pid, n_items, tl.num_programs(0)):
         hb = item % n_hb
         i = item // n_hb  # the row in this launch's chunk
@@ -87,7 +88,7 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
             ka = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DA, DK, DOT)
             s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
             if DB > 0:
-                s = _unchained(s, T > 0, SPLIT_S)
+                s = _unchained(s, always, SPLIT_S)
                 kb_tile = _load_rows(kv_base, key, ok, kv_t, kv_d, DA, DB, DK, DOT)
                 s += tl.dot(qb, tl.trans(kb_tile), input_precision=PREC)
             s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
@@ -103,8 +104,8 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
                 v = ka
             else:
                 v = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DV, V, DOT)
-            p_dot = _unchained(p, T > 0, SPLIT_S).to(DOT)
-            alpha_dot = _unchained(alpha, T > 0, SPLIT_S)
+            p_dot = _unchained(p, always, SPLIT_S).to(DOT)
+            alpha_dot = _unchained(alpha, always, SPLIT_S)
             acc = acc * alpha_dot[:, None] + tl.dot(p_dot, v, input_precision=PREC)
             m = m_new
         has_keys = l > 0
@@ -192,13 +193,14 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
         chunk = min(rows, max(wave, fit // wave * wave))
         p_scratch = torch.empty(chunk, n_hb * block_h, width, device=dev, dtype=p_dtype)
         m_scratch = torch.empty(chunk, n_kb, n_hb * block_h, device=dev, dtype=torch.float32)
+    idx_strides = dict(zip(("i_b", "i_t", "i_k"), idx.stride()))
     for row0 in range(0, rows, chunk):
         n_rows = min(chunk, rows - row0)
         n_items = n_rows * n_hb
         _sparse_mqa_kernel[(min(programs, n_items),)](
             q=q, kv=kv, idx_ptr=idx, doc_ptr=doc, out_ptr=out, lse_ptr=lse, p_scratch=p_scratch, m_scratch=m_scratch,
             **dict(zip(("q_b", "q_t", "q_h", "q_d"), q.stride())), **dict(zip(("kv_b", "kv_t", "kv_d"), kv.stride())),
-            **dict(zip(("i_b", "i_t", "i_k"), idx.stride())), **dict(zip(("o_b", "o_t", "o_h", "o_d"), out.stride())),
+            **idx_strides, **dict(zip(("o_b", "o_t", "o_h", "o_d"), out.stride())),
             T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, row0=row0, n_items=n_items,
             scale_log2=float(scale) * LOG2E,
             DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, V_IS_A=v_dim == da,
@@ -208,7 +210,7 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
         if prob_out is not None:
             _sparse_prob_kernel[(n_rows, triton.cdiv(K, prob_block))](
                 idx_ptr=idx, doc_ptr=doc, lse_ptr=lse, prob_ptr=prob_out, p_scratch=p_scratch, m_scratch=m_scratch,
-                **dict(zip(("i_b", "i_t", "i_k"), idx.stride())),
+                **idx_strides,
                 T=T, H=H, K=K, H_PAD=n_hb * block_h, n_kb=n_kb, W=width, row0=row0,
                 prob_scale=float(prob_weight) / H,
                 BLOCK_H=min(cfg["sparse_prob_heads"], block_h), BLOCK_K=block_k, PROB_BLOCK=prob_block,
