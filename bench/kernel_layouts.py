@@ -29,8 +29,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.centroid_kl import TILES, _centroid_kernel, _pow2_pieces
-from kernels.sparse_attention import _sparse_mqa_kernel
+from kernels.centroid_kl import TILES, _centroid_kernel, _pow2_pieces, wide_head_tiles
+from kernels.sparse_attention import _sparse_mqa_kernel, attention_tiles
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 
@@ -97,22 +97,22 @@ def sparse_attention(split: bool, *, T: int = 131072, H: int = 128, K: int = 204
                      with_prob: bool = True):
     """`_sparse_mqa_kernel` compiled for sm_90 at DeepSeek-V3.2's absorbed MLA shapes with TILES['cuda']."""
     cfg = TILES["cuda"]
-    da, db = _pow2_pieces(dk, cfg["min_dot"])
-    block_h, block_k = cfg["sparse_block_h"], cfg["sparse_block_k"]
-    n_hb, n_kb = triton.cdiv(H, block_h), triton.cdiv(K, block_k)
+    tiles = attention_tiles(cfg, H, K, dk, v)
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))
     args = dict(q=bf16, kv=bf16, idx_ptr=i32, doc_ptr=i32, out_ptr=bf16, lse_ptr=f32,
                 p_scratch=torch.empty(1, dtype=torch.float16), m_scratch=f32,
                 q_b=T * H * dk, q_t=H * dk, q_h=dk, q_d=1, kv_b=T * dk, kv_t=dk, kv_d=1, i_b=T * K, i_t=K, i_k=1,
-                o_b=T * H * v, o_t=H * v, o_h=v, o_d=1, T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=K, row0=0,
-                n_items=T * n_hb, scale_log2=0.1, DK=dk, V=v, DA=da, DB=db, DV=v, BLOCK_H=block_h, BLOCK_K=block_k,
-                V_IS_A=v == da, WRITE_PROB=with_prob, SPLIT_S=split, PREC="tf32", DOT=tl.bfloat16)
+                o_b=T * H * v, o_t=H * v, o_h=v, o_d=1, T=T, H=H, K=K, n_hb=tiles.n_hb, n_kb=tiles.n_kb,
+                W=tiles.width, row0=0, n_items=T * tiles.n_hb, scale_log2=0.1, DK=dk, V=v, DA=tiles.da, DB=tiles.db,
+                DV=tiles.dv, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, V_IS_A=v == tiles.da,
+                WRITE_PROB=with_prob, SPLIT_S=split, PREC="tf32", DOT=tl.bfloat16)
     return compile_for(_sparse_mqa_kernel, args, num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
 
 
 def centroid(*, T: int = 16384, G: int = 1, H: int = 128, dq: int = 192):
-    """`_centroid_kernel` compiled for sm_90 at DeepSeek-V3.2's MLA shapes (dense stage) with TILES['cuda']."""
-    cfg = TILES["cuda"]
+    """`_centroid_kernel` compiled for sm_90 at DeepSeek-V3.2's MLA shapes (dense stage) with TILES['cuda'] as the
+    launcher adapts them to dq."""
+    cfg = wide_head_tiles(TILES["cuda"], dq)
     da, db = _pow2_pieces(dq, cfg["min_dot"])
     bm, bn = cfg["centroid_block_m"], cfg["centroid_block_n"]
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))

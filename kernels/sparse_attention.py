@@ -24,6 +24,8 @@ Compute O(T K H Dk), memory the inputs, outputs and the R x H x K scratch: no T 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -152,6 +154,31 @@ def _sparse_prob_kernel(idx_ptr, doc_ptr, lse_ptr, prob_ptr, p_scratch, m_scratc
     tl.store(prob_ptrs, added, mask=ok)
 
 
+class AttentionTiles(NamedTuple):
+    """`_sparse_mqa_kernel`'s tiles: the key's two power-of-two column pieces (da, db), the padded value width dv,
+    heads and gathered keys per block, head blocks and key blocks per row, and the scratch row width (K rounded up
+    to whole probability programs)."""
+
+    da: int
+    db: int
+    dv: int
+    block_h: int
+    block_k: int
+    n_hb: int
+    n_kb: int
+    width: int
+
+
+def attention_tiles(cfg: dict, H: int, K: int, DK: int, v_dim: int) -> AttentionTiles:
+    """The tiles for H heads of DK columns (v_dim of them the value) and K entries per row under tile config cfg."""
+    da, db = _pow2_pieces(DK, cfg["min_dot"])
+    block_h = min(cfg["sparse_block_h"], max(cfg["min_dot"], triton.next_power_of_2(H)))
+    block_k = cfg["sparse_block_k"]
+    prob_block = cfg["sparse_prob_block"]  # a multiple of block_k
+    return AttentionTiles(da, db, max(cfg["min_dot"], triton.next_power_of_2(v_dim)), block_h, block_k,
+                          triton.cdiv(H, block_h), triton.cdiv(K, block_k), triton.cdiv(K, prob_block) * prob_block)
+
+
 def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.Tensor, scale: float, v_dim: int,
                          *, prob_out: torch.Tensor | None = None, prob_weight: float = 1.0,
                          cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,12 +201,8 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
     idx = topk_indices.to(torch.int32)
     out = torch.empty(B, T, H, v_dim, device=dev, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-    da, db = _pow2_pieces(DK, cfg["min_dot"])
-    dv = max(cfg["min_dot"], triton.next_power_of_2(v_dim))
-    block_h = min(cfg["sparse_block_h"], max(cfg["min_dot"], triton.next_power_of_2(H)))
-    block_k = cfg["sparse_block_k"]
-    prob_block = cfg["sparse_prob_block"]  # a multiple of block_k
-    n_hb, n_kb, width = triton.cdiv(H, block_h), triton.cdiv(K, block_k), triton.cdiv(K, prob_block) * prob_block
+    da, db, dv, block_h, block_k, n_hb, n_kb, width = attention_tiles(cfg, H, K, DK, v_dim)
+    prob_block = cfg["sparse_prob_block"]
     programs = max(1, cfg["sparse_programs"] * sm_count(dev))
     rows = B * T
     chunk = rows
