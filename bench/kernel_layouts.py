@@ -117,11 +117,11 @@ def centroid(*, T: int = 16384, G: int = 1, H: int = 128, dq: int = 192):
     bm, bn = cfg["centroid_block_m"], cfg["centroid_block_n"]
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))
     strides = dict(g=T * H * dq, b=T * H * dq, t=H * dq, h=dq, d=1)
-    args = dict(mq=bf16, mk=bf16, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, pbar_ptr=f32,
+    args = dict(mq=bf16, mk=bf16, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, grad_ptr=f32, ilse_ptr=f32, loss_ptr=f32,
                 **{f"s{x}_{k}": v for x in "qk" for k, v in strides.items()},
                 B=1, T=T, G=G, H=H, K=1, DQ=dq, r0=0, R=T, n_rb=triton.cdiv(T, bm), n_kb=triton.cdiv(T, bn),
                 scale_log2=0.1, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"],
-                SPARSE=False, LOG2K=1, RATIO=1, PREC="tf32", DOT=tl.bfloat16)
+                SPARSE=False, LOG2K=1, RATIO=1, WRITE_GRAD=True, PREC="tf32", DOT=tl.bfloat16)
     return compile_for(_centroid_kernel, args, num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
 
 

@@ -24,10 +24,8 @@ from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
 from kernels.sparse_centroid_kl import sparse_centroid_kl
 
-CANDIDATES = [dict(), dict(centroid_block_n=64, centroid_stages=3), dict(centroid_block_n=64),
-              dict(centroid_block_m=64, centroid_warps=4, centroid_stages=3),
-              dict(centroid_block_m=64, centroid_block_n=64, centroid_warps=4, centroid_stages=3), dict(stages=3),
-              dict(block_m=128, block_n=64, warps=8), dict(group=16)]
+CANDIDATES = [dict(), dict(index_lse_split=2048, index_lse_splits=16), dict(index_lse_split=256, index_lse_splits=128),
+              dict(centroid_block_n=64, centroid_stages=3), dict(stages=2), dict(block_n=128), dict(group=16)]
 TOPK_CANDIDATES = [dict()] + SWEEP[1:]  # the defaults, then bench.bench_topk's other tile choices
 SPARSE_CANDIDATES = [dict(), dict(sparse_split_scores=0), dict(sparse_programs=1), dict(sparse_stages=1),
                      dict(sparse_prob_block=256)]

@@ -14,23 +14,23 @@ constexpr (RATIO) of every kernel, so that token keys (RATIO 1) compile to a tok
 
 The loss is terminal, so dL/dI = softmax(I) - pbar is known in the forward and the forward computes
 the gradients of index_q/k/w right away; backward only scales them by grad_output. No T x T tensor is
-ever built: besides inputs and gradients the memory is the per-row LSEs and one R x S fp32 scratch (pbar, then
+ever built: besides inputs and gradients the memory is the per-row LSEs and one R x S fp32 scratch (I, then
 dL/dI) for a chunk of R query rows (R from a 1 GiB budget, or `chunk_size`). Passes:
 
 1. `_main_lse_kernel`, grid (row blocks, G*B*H): flash-style online LSE of each head of each served
-   layer (skipped when main_lse is given); `_index_lse_kernel`, grid (row blocks, key splits, B): partial
-   online LSEs of I, joined by `index_lse`.
+   layer (skipped when main_lse is given).
 2. For each chunk of R query rows:
-   a. `_centroid_kernel`, one program per (row block, key block) tile (grouped launch order so that
-      concurrent programs share q and k tiles in L2): pbar (G*H dots) written to the scratch.
-   b. `_target_kernel`, the same over its own tiles: I (HI dots), the rows' KL terms against the scratch's pbar,
-      and dL/dI written over it; a flag marks each non-empty tile.
-   c. `_index_dq_kernel`, grid (row blocks, HI, B): recompute qI_j . kI on the flagged tiles; d qI_j
+   a. `_index_logits_kernel`, grid (key splits, row blocks, B): I (HI dots) written to the scratch, a flag for
+      each non-empty tile, and partial online LSEs of I, joined by `index_logits`.
+   b. `_centroid_kernel`, one program per (row block, key block) tile (grouped launch order so that
+      concurrent programs share q and k tiles in L2): pbar (G*H dots), the rows' KL terms against the scratch's
+      I, and dL/dI written over it.
+   c. `_index_dq_kernel`, grid (HI, row blocks, B): recompute qI_j . kI on the flagged tiles; d qI_j
       and d w_j of a row block are complete in one program (registers, no atomics).
    d. `_index_dk_kernel`, grid (key blocks, row splits, B): recompute kI . qI_j; d kI summed over
       the chunk's rows and all HI heads in registers, one fp32 atomic add per program.
 The centroid tiles and the indexer tiles are sized apart (TILES): the first is G*H dots of Dq per pair, the
-others HI dots of D.
+others HI dots of D. The indexer logits are computed three times per pair (a, c, d), their gradient dots twice.
 Dense stage: every causal key of the row's document. Sparse stage: the same tiles masked to the rows'
 top-k sets (sorted once; a tile's mask is a binary search plus a merge walk), empty tiles skipped.
 Dots take the input dtype (bf16/fp16/fp32) and accumulate in fp32; fp32 inputs use IEEE dots. dL/dI
@@ -51,13 +51,12 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # globals that kernels read must be constexpr
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 NO_KEY = tl.constexpr(2**31 - 1)  # sorted top-k lists put invalid entries last
-SCRATCH_BYTES = 1 << 30  # budget of the R x S dL/dI scratch
+SCRATCH_BYTES = 1 << 30  # budget of the R x S scratch (I, then dL/dI)
 # Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
-# block_*/warps/stages: the per-chunk indexer kernels (target, dq, dk) and the indexer LSE; centroid_*: the
-# centroid kernel's tiles, warps and stages; lse_*: the main LSE pass; group: row blocks per launch group of the
-# tile kernels; min_dot: smallest dot dimension; index_lse_split / index_lse_splits: the least keys per program
-# and the most programs per row of the indexer LSE (split over programs, then joined); topk_*:
-# kernels.indexer_topk's key tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
+# block_*/warps/stages: the per-chunk indexer kernels (logits, dq, dk); centroid_*: the centroid kernel's tiles,
+# warps and stages; lse_*: the main LSE pass; group: row blocks per launch group of the tile kernels; min_dot:
+# smallest dot dimension; index_lse_split / index_lse_splits: the least keys per program and the most programs per
+# row of the indexer logits pass (its LSE split over programs, then joined); topk_*: kernels.indexer_topk's key tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
 # kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs per SM of its persistent
 # grid, the byte budget of its probability scratch (rows per chunk), the probability kernel's entries per
 # program, heads per step and warps, and whether the warpgroups split the score tile's keys (1) or both compute
@@ -70,7 +69,7 @@ TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=3, centroid_block_
                       sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
                       sparse_scratch_bytes=SCRATCH_BYTES, sparse_prob_block=512, sparse_prob_heads=32,
                       sparse_prob_warps=4, sparse_split_scores=1,
-                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=2048, index_lse_splits=16),
+                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=512, index_lse_splits=64),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
                      centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
                      lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
@@ -222,24 +221,29 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
 
 
 @triton.jit
-def _index_lse_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr,
-                      sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_t, sw_h,
-                      B, T, HI, D: tl.constexpr, K, split_keys,
-                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
-                      DOT: tl.constexpr):
-    """Partial online LSE (base-2 max m, sum l; [splits, B, T] each) of the indexer logits over each row's allowed
-    keys among keys split * split_keys .. + split_keys (dense; SPARSE: one split walks the row's top-k list);
-    grid (row blocks, splits, B). `index_lse` joins the splits."""
-    rb = tl.program_id(0)
-    split = tl.program_id(1)
+def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr, flag_ptr,
+                         sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_t, sw_h,
+                         B, T, HI, D: tl.constexpr, K, r0, R, n_kb, split_keys,
+                         DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
+                         DOT: tl.constexpr):
+    """The indexer logits I of chunk rows r0 .. r0+R at their allowed keys among keys split * split_keys ..
+    + split_keys (dense; SPARSE: one split walks the rows' top-k lists): into the scratch [B, R, S] fp32, a flag
+    [B, row blocks, n_kb] for each tile with an allowed pair, and the partial online LSE (base-2 max m, sum l;
+    [splits, B, R] each) that `index_logits` joins. Grid (splits, row blocks, B): every key block reloads the row
+    block's queries of all HI heads, so the splits of one row block run side by side (split fastest), sharing them
+    in L2, and the row blocks with the most keys run first."""
+    split = tl.program_id(0)
+    rb = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
     S = T // RATIO
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
+    rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.minimum(r0 + R, T)
     iq_base = iq + b.to(tl.int64) * sq_b
     iw_base = iw + b.to(tl.int64) * sw_b
     k_base = ik + b.to(tl.int64) * sk_b
+    out_rows = logit_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S
+    flags = flag_ptr + (b * tl.num_programs(1) + rb).to(tl.int64) * n_kb
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
@@ -251,25 +255,36 @@ def _index_lse_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr,
         while nxt < T:
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
-            keys = n0 + tl.arange(0, BLOCK_N)
-            ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
-            s = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
-                              BLOCK_N, DI, PREC, DOT)
-            m, l = _online_lse(m, l, tl.where(sel != 0, s * _LOG2E, float("-inf")))
+            m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, sel != 0, m, l, out_rows, flags,
+                                      HI, D, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h, BLOCK_N, DI, PREC, DOT)
             nxt = tl.min(v, 0)
     else:
         lo = tl.maximum((tl.min(doc, 0) // BLOCK_N) * BLOCK_N, split * split_keys)
-        hi = tl.minimum(tl.minimum((rb + 1) * BLOCK_M, T) // RATIO, (split + 1) * split_keys)  # block's last row
+        hi = tl.minimum(tl.minimum(r0 + (rb + 1) * BLOCK_M, T) // RATIO, (split + 1) * split_keys)  # last row's
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
-            s = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
-                              BLOCK_N, DI, PREC, DOT)
-            allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
-            m, l = _online_lse(m, l, tl.where(allowed, s * _LOG2E, float("-inf")))
-    out = (split * B + b).to(tl.int64) * T + rows
+            allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
+                & row_ok[:, None]
+            m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
+                                      HI, D, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h, BLOCK_N, DI, PREC, DOT)
+    out = (split * B + b).to(tl.int64) * R + rows - r0
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, l, mask=row_ok)
+
+
+@triton.jit
+def _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
+                       HI, D: tl.constexpr, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h,
+                       BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """One key tile n0 .. n0+N of `_index_logits_kernel`: I at the allowed pairs [M, N] into the scratch rows
+    out_rows, the tile's flag, and the online LSE (m, l) advanced over them."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
+    logits = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
+                           BLOCK_N, DI, PREC, DOT)
+    tl.store(out_rows + keys[None, :], logits, mask=allowed)
+    tl.store(flags + n0 // BLOCK_N, tl.max(allowed.to(tl.int8)))
+    return _online_lse(m, l, tl.where(allowed, logits * _LOG2E, float("-inf")))
 
 
 @triton.jit
@@ -303,14 +318,16 @@ def _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M: tl.const
 
 
 @triton.jit
-def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, pbar_ptr,
+def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, loss_ptr,
                      sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
                      B, T, G, H, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
                      DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      GROUP: tl.constexpr, SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr,
-                     PREC: tl.constexpr, DOT: tl.constexpr):
+                     WRITE_GRAD: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """One (row block, key block) tile of chunk rows r0 .. r0+R: the centroid pbar = 1/(G H) sum_{g,h}
-    exp2(scale_log2 q.k - lse2) into the scratch [B, R, S] fp32 at the tile's allowed pairs (nothing elsewhere)."""
+    exp2(scale_log2 q.k - lse2), and against the indexer logits I in the scratch [B, R, S] fp32
+    (`_index_logits_kernel`) and their LSE ilse [B, R]: the rows' KL terms into loss [B, T], and (WRITE_GRAD)
+    dL/dI = softmax(I) - pbar over I in the scratch (0 at the tile's pairs that are not allowed)."""
     b = tl.program_id(1)
     S = T // RATIO
     rb, kb, rows, keys, row_ok, key_ok, allowed = _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M,
@@ -326,39 +343,14 @@ def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, pbar_ptr,
             lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
             s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
             pbar += tl.exp2(s * scale_log2 - lse[:, None])
-        ptrs = pbar_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
-        tl.store(ptrs, pbar * inv_gh, mask=allowed)
-
-
-@triton.jit
-def _target_kernel(iq, ik, iw, ilse_ptr, doc_ptr, keys_ptr, grad_ptr, flag_ptr, loss_ptr,
-                   iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
-                   T, HI, D: tl.constexpr, K, r0, R, n_rb, n_kb,
-                   DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                   SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                   PREC: tl.constexpr, DOT: tl.constexpr):
-    """One (row block, key block) tile of chunk rows r0 .. r0+R: with pbar read from the scratch [B, R, S]
-    (`_centroid_kernel`), the KL terms into loss [B, T] and (WRITE_GRAD) dL/dI over pbar in the scratch, a flag
-    for each non-empty tile."""
-    b = tl.program_id(1)
-    S = T // RATIO
-    rb, kb, rows, keys, row_ok, key_ok, allowed = _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M,
-                                                              BLOCK_N, GROUP, SPARSE, LOG2K, RATIO)
-    if tl.max(allowed.to(tl.int32)) > 0:
+        pbar = tl.where(allowed, pbar * inv_gh, 0.0)
         ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
-        pbar = tl.load(ptrs, mask=allowed, other=0.0)
-        ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
-        logits = _index_logits(iq + b.to(tl.int64) * iq_b, iw + b.to(tl.int64) * iw_b, ki, rows, row_ok,
-                               HI, D, iq_t, iq_h, iq_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
-        ilse = tl.load(ilse_ptr + b * T + rows, mask=row_ok, other=0.0)
-        log_q = logits - ilse[:, None]
-        entropy = tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0)
-        kl = tl.where(allowed, entropy - pbar * log_q, 0.0)
-        tl.atomic_add(loss_ptr + b * T + rows, tl.sum(kl, 1), mask=row_ok, sem="relaxed")
+        ilse = tl.load(ilse_ptr + b.to(tl.int64) * R + rows - r0, mask=row_ok, other=0.0)
+        log_q = tl.load(ptrs, mask=allowed, other=0.0) - ilse[:, None]
         if WRITE_GRAD:
-            grad = tl.where(allowed, tl.exp(log_q) - pbar, 0.0)
-            tl.store(ptrs, grad, mask=row_ok[:, None] & key_ok[None, :])
-            tl.store(flag_ptr + (b * n_rb + rb) * n_kb + kb, 1)
+            tl.store(ptrs, tl.where(allowed, tl.exp(log_q) - pbar, 0.0), mask=row_ok[:, None] & key_ok[None, :])
+        kl = tl.where(pbar > 0, pbar * (tl.log(tl.where(pbar > 0, pbar, 1.0)) - log_q), 0.0)  # pbar is 0 off the mask
+        tl.atomic_add(loss_ptr + b * T + rows, tl.sum(kl, 1), mask=row_ok, sem="relaxed")
 
 
 @triton.jit
@@ -367,9 +359,11 @@ def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, inv_rows,
                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                      GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
-    """d index_q [B, T, HI, D] and d index_w [B, T, HI] of one (row block, indexer head); grid (row blocks, HI, B)."""
-    rb = tl.program_id(0)
-    j = tl.program_id(1)
+    """d index_q [B, T, HI, D] and d index_w [B, T, HI] of one (row block, indexer head); grid (HI, row blocks, B):
+    the HI heads of a row block run side by side (head fastest), so that its dL/dI rows come from HBM once and
+    from L2 for the other heads, and the row blocks with the most keys run first."""
+    j = tl.program_id(0)
+    rb = n_rb - 1 - tl.program_id(1)
     b = tl.program_id(2)
     S = T // RATIO
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -406,7 +400,9 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, rb_per_split, inv_rows,
                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                      GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
-    """Adds one key block's d index_k over a split of the chunk's row blocks into dk [B, S, D] fp32."""
+    """Adds one key block's d index_k over a split of the chunk's row blocks into dk [B, S, D] fp32. Each row block
+    loads its queries of all HI heads; the split's programs walk its row blocks from the last down, in step, so
+    that they share them in L2 (ascending, each key block would start at its own diagonal)."""
     kb = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -418,7 +414,9 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
     iw_base = iw + b.to(tl.int64) * iw_b
     dk = tl.zeros((BLOCK_N, DI), dtype=tl.float32)
     rb_lo = split * rb_per_split
-    for rb in range(rb_lo, tl.minimum(rb_lo + rb_per_split, n_rb)):
+    rb_hi = tl.minimum(rb_lo + rb_per_split, n_rb)
+    for i in range(rb_hi - rb_lo):
+        rb = rb_hi - 1 - i
         if tl.load(flag_ptr + (b * n_rb + rb) * n_kb + kb) != 0:
             rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < tl.minimum(r0 + R, T)
@@ -477,23 +475,30 @@ def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor, ratio: int)
     return torch.where(valid, idx, NO_KEY.value).sort(dim=-1).values.contiguous()
 
 
-def index_lse(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot) -> torch.Tensor:
-    """Natural-log LSE [B, T] fp32 of the indexer logits over each row's allowed keys (0 for a row without keys,
-    so that its masked-out terms stay finite: compressed keys' rows t < ratio - 1, top-k lists without a valid
-    key): `_index_lse_kernel`'s partials over key splits (one split in the sparse stage), joined here."""
+def index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch, flags) -> torch.Tensor:
+    """The indexer logits of chunk rows r0 .. r0+R into scratch [B, R, S] fp32 at their allowed pairs, flags
+    [B, row blocks, key blocks] int8 set on the indexer tiles that hold one; returns their natural-log LSE [B, R]
+    fp32 over each row's allowed keys (0 for a row without keys, so that its masked-out terms stay finite:
+    compressed keys' rows t < ratio - 1, top-k lists without a valid key): `_index_logits_kernel`'s partials over
+    key splits (one split in the sparse stage), joined here."""
     B, T, HI, D = iq.shape
     bm, bn = cfg["block_m"], cfg["block_n"]
+    rows_per_chunk = scratch.shape[1]
     # at least index_lse_split keys per program, at most index_lse_splits partials per row (memory O(T), not T^2):
     # whole key blocks, so that no block straddles two splits
-    S = T // ratio
-    split_keys = triton.cdiv(max(cfg["index_lse_split"], triton.cdiv(S, cfg["index_lse_splits"])), bn) * bn
-    splits = 1 if sparse else max(1, triton.cdiv(S, split_keys))
-    m = torch.empty(splits, B, T, device=iq.device, dtype=torch.float32)
+    chunk_keys = (r0 + R) // ratio
+    split_keys = triton.cdiv(max(cfg["index_lse_split"], triton.cdiv(chunk_keys, cfg["index_lse_splits"])), bn) * bn
+    splits = 1 if sparse else max(1, triton.cdiv(chunk_keys, split_keys))
+    m = torch.empty(splits, B, rows_per_chunk, device=iq.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    _index_lse_kernel[(triton.cdiv(T, bm), splits, B)](
-        iq, ik, iw, m, l, doc, keys, *iq.stride(), *ik.stride(), *iw.stride(), B, T, HI, D, K, split_keys,
-        DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse,
-        LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    _index_logits_kernel[(splits, triton.cdiv(R, bm), B)](
+        iq=iq, ik=ik, iw=iw, m_ptr=m, l_ptr=l, doc_ptr=doc, keys_ptr=keys, logit_ptr=scratch, flag_ptr=flags,
+        sq_b=iq.stride(0), sq_t=iq.stride(1), sq_h=iq.stride(2), sq_d=iq.stride(3),
+        sk_b=ik.stride(0), sk_t=ik.stride(1), sk_d=ik.stride(2), sw_b=iw.stride(0), sw_t=iw.stride(1),
+        sw_h=iw.stride(2), B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
+        split_keys=split_keys, DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
+        SPARSE=sparse, LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     top = m.amax(0)
     top = torch.where(torch.isinf(top), 0.0, top)
     total = (l * torch.exp2(m - top)).sum(0)
@@ -536,7 +541,6 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
     iq_s, ik_s, iw_s = iq.stride(), ik.stride(), iw.stride()
-    ilse = index_lse(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot)
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
@@ -547,7 +551,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     else:
         rows_per_chunk = max(1, min(T, chunk_size))
     loss_rows = torch.zeros(B, T, device=dev, dtype=torch.float32)
-    scratch = torch.empty(B, rows_per_chunk, S, device=dev, dtype=torch.float32)  # pbar, then dL/dI
+    scratch = torch.empty(B, rows_per_chunk, S, device=dev, dtype=torch.float32)  # I, then dL/dI
     if need_grad:
         d_iq = torch.empty_like(iq, memory_format=torch.contiguous_format)
         d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
@@ -556,24 +560,23 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
         chunk_keys = (r0 + R) // ratio  # the keys the chunk's rows can see (rows seeing none: one empty block)
-        n_rb, n_kb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
-        _centroid_kernel[(n_rb * n_kb, B)](
-            mq, mk, lse, doc, keys, scratch, *mq.stride(), *mk.stride(),
-            B, T, G, H, K, DQ, r0, rows_per_chunk, n_rb, n_kb, scale_log2, 1.0 / (G * H),
-            DA=da, DB=db, BLOCK_M=cbm, BLOCK_N=cbn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k, RATIO=ratio,
-            PREC=prec, DOT=dot, num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
         n_rb, n_kb = triton.cdiv(R, bm), max(1, triton.cdiv(chunk_keys, bn))
         flags = torch.zeros(B, n_rb, n_kb, device=dev, dtype=torch.int8)
-        _target_kernel[(n_rb * n_kb, B)](
-            iq, ik, iw, ilse, doc, keys, scratch, flags, loss_rows, *iq_s, *ik_s, *iw_s,
-            T, HI, D, K, r0, rows_per_chunk, n_rb, n_kb,
-            DI=di, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k,
-            RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot, **common)
+        ilse = index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch, flags)
+        n_crb, n_ckb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
+        _centroid_kernel[(n_crb * n_ckb, B)](
+            mq=mq, mk=mk, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch, ilse_ptr=ilse,
+            loss_ptr=loss_rows, sq_g=mq.stride(0), sq_b=mq.stride(1), sq_t=mq.stride(2), sq_h=mq.stride(3),
+            sq_d=mq.stride(4), sk_g=mk.stride(0), sk_b=mk.stride(1), sk_t=mk.stride(2), sk_h=mk.stride(3),
+            sk_d=mk.stride(4), B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk, n_rb=n_crb, n_kb=n_ckb,
+            scale_log2=scale_log2, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=cbm, BLOCK_N=cbn,
+            GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k, RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot,
+            num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
         if not need_grad:
             continue
         count = flags.sum(-1, dtype=torch.int32)
         order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
-        _index_dq_kernel[(n_rb, HI, B)](
+        _index_dq_kernel[(HI, n_rb, B)](
             iq, ik, iw, scratch, order, count, d_iq, d_iw, *iq_s, *ik_s, *iw_s,
             T, HI, D, r0, rows_per_chunk, n_rb, n_kb, inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)

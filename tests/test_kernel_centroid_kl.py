@@ -1,4 +1,9 @@
 """The fused Triton centroid KL (CPU interpreter) against the plain-PyTorch reference: values and gradients."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -152,3 +157,15 @@ def test_bad_inputs_and_dispatch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         indexer_topk_fn("triton", "cpu")
+
+
+def test_centroid_head_loop_compiles_for_hopper():
+    """`bench.kernel_layouts --centroid` compiles the GPU centroid kernel for sm_90 without a GPU (what
+    docs/BENCHMARKS.md reads its head-loop schedule from): at DeepSeek-V3.2's Dq = 192 each head is two score dots
+    (128 + 64 columns) then its exps, in one loop over the heads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "bench.kernel_layouts", "--centroid"], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loop = run.stdout.split("head loop:", 1)[1].splitlines()[0]
+    assert [step for step in loop.split(", ") if step in ("dot", "exp")] == ["dot", "dot", "exp"], loop
