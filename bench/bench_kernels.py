@@ -11,16 +11,16 @@ Per sequence length T (B=1, H=128, Dq=192, Dv=128, HI=64, D=128, k=2048, bf16):
     and the reference where asked; the fused sparse stage on the fused top-k at a few T;
   * fused top-k against materialised fp32 scores + torch.topk (bench.bench_topk: GPU correctness checks at
     the real shapes first, a tile sweep, then the rows).
-Time is the median of CUDA-event timings, memory the peak allocated above the inputs. Rows are written to
-the JSON as they finish, so a run cut short keeps what it measured; rows whose estimated time would pass
---budget-s are skipped (and listed under "skipped").
+Time is the median of CUDA-event timings after one untimed call at the same shapes (it compiles the kernels for
+those shapes and strides, and grows the allocator's segments), memory the peak allocated above the inputs. Rows
+are written to the JSON as they finish, so a run cut short keeps what it measured; rows whose estimated time would
+pass --budget-s are skipped (and listed under "skipped").
 
 FLOPs per causal key pair (pairs = T (T + 1) / 2 per batch row; a multiply-add counts 2):
   * SDPA forward: 2 H (Dq + Dv) = 81,920;
   * fused dense centroid KL: G * 2 H Dq (centroid tiles: every served layer's head scores) = G * 49,152, plus
-    G * 49,152 for the per-head LSE pass unless main_lse is given, plus the indexer side: six 2 HI D dots
-    (the indexer LSE, the logits in the target tiles, recompute + product for d qI, the same for d kI)
-    = 98,304;
+    G * 49,152 for the per-head LSE pass unless main_lse is given, plus the indexer side: five 2 HI D dots
+    (the logits with their LSE, recompute + product for d qI, the same for d kI) = 81,920;
   * top-k scoring: 2 HI D + 2 HI = 16,512 (bench.bench_topk).
 Each row carries its FLOP count ("flops") and achieved TFLOP/s ("tflops").
 """
@@ -43,7 +43,7 @@ from kernels.indexer_topk import indexer_topk
 
 DV = 128  # MLA's value head dim
 SDPA_FLOPS_PER_PAIR = 2 * DSA["H"] * (DSA["Dq"] + DV)
-INDEXER_FLOPS_PER_PAIR = 6 * 2 * DSA["HI"] * DSA["D"]
+INDEXER_FLOPS_PER_PAIR = 5 * 2 * DSA["HI"] * DSA["D"]
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
             "math": "MATH"}
 
@@ -98,15 +98,6 @@ def backbone_lse(main_q: torch.Tensor, main_k: torch.Tensor, scale: float) -> to
     return torch.stack([causal_attention(q, k, k[..., :DV].contiguous(), scale)[1] for q, k in zip(main_q, main_k)])
 
 
-def compile_for(index, main_q, main_k, scale, topk=None, lse=None) -> None:
-    """One small fused call on views of the timed tensors, in two row chunks: it compiles the kernels for
-    these strides, G and chunking (int32 or int64 offsets, ...) so that no timing includes a compile."""
-    n = min(index[0].shape[1], 2048)
-    centroid_kl(*[t[:, :n] for t in index], main_q[:, :, :n], main_k[:, :, :n], scale,
-                None if topk is None else topk[:, :n], n // 2,
-                main_lse=None if lse is None else lse[..., :n]).backward()
-
-
 def centroid_rows(T: int, groups: list[int], reps: int, reference_max: int, sparse: bool) -> list[dict]:
     torch.cuda.empty_cache()
     index, main_q, main_k = dsa_inputs(T, max(groups))
@@ -120,15 +111,13 @@ def centroid_rows(T: int, groups: list[int], reps: int, reference_max: int, spar
 
     for G in groups:
         mq, mk = main_q[:G], main_k[:G]
-        compile_for(index, mq, mk, scale)
-        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale), index), reps=reps)
+        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale), index), reps=reps, warmup=1)
         add(dict(op="fused_dense_fwd_bwd", T=T, G=G, seconds=seconds, peak_gib=peak), centroid_flops_per_pair(G, False))
     lse = backbone_lse(main_q, main_k, scale)
     for G in groups:
         mq, mk, lse_g = main_q[:G], main_k[:G], lse[:G]
-        compile_for(index, mq, mk, scale, lse=lse_g)
         seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, main_lse=lse_g), index),
-                                reps=reps)
+                                reps=reps, warmup=1)
         add(dict(op="fused_dense_fwd_bwd_given_lse", T=T, G=G, seconds=seconds, peak_gib=peak),
             centroid_flops_per_pair(G, True))
     del lse
@@ -141,8 +130,8 @@ def centroid_rows(T: int, groups: list[int], reps: int, reference_max: int, spar
     if sparse:
         topk = indexer_topk(*[t.detach() for t in index], DSA["k"])
         mq, mk = main_q[:1], main_k[:1]
-        compile_for(index, mq, mk, scale, topk=topk)
-        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, topk), index), reps=reps)
+        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, topk), index), reps=reps,
+                                warmup=1)
         rows.append(dict(op="fused_sparse_fwd_bwd", T=T, G=1, seconds=seconds, peak_gib=peak))
         print(rows[-1], flush=True)
     return rows
@@ -171,9 +160,9 @@ def main() -> None:
                   shapes=dict(DSA, Dv=DV, B=1, dtype="bf16"), rows=[], skipped=[],
                   flops_per_pair=dict(
                       sdpa_fwd=f"2*H*(Dq+Dv) = {SDPA_FLOPS_PER_PAIR}",
-                      fused_dense=f"G*2*H*Dq*2 + 6*2*HI*D = G*{2 * 2 * DSA['H'] * DSA['Dq']} + "
+                      fused_dense=f"G*2*H*Dq*2 + 5*2*HI*D = G*{2 * 2 * DSA['H'] * DSA['Dq']} + "
                                   f"{INDEXER_FLOPS_PER_PAIR}",
-                      fused_dense_given_lse=f"G*2*H*Dq + 6*2*HI*D = G*{2 * DSA['H'] * DSA['Dq']} + "
+                      fused_dense_given_lse=f"G*2*H*Dq + 5*2*HI*D = G*{2 * DSA['H'] * DSA['Dq']} + "
                                             f"{INDEXER_FLOPS_PER_PAIR}",
                       pairs="T*(T+1)/2 per batch row (causal)"))
 
