@@ -451,6 +451,11 @@ def wide_head_tiles(cfg: dict, width: int) -> dict:
     return cfg
 
 
+def strides(x: torch.Tensor, prefix: str, dims: str) -> dict:
+    """A kernel's stride arguments for x: {prefix + dim: stride}, e.g. strides(q, "sq_", "bthd") -> sq_b ... sq_d."""
+    return {prefix + dim: stride for dim, stride in zip(dims, x.stride(), strict=True)}
+
+
 def tile_config(device: torch.device) -> dict:
     """TILES for the device; the CPU only under the Triton interpreter."""
     if device.type == "cuda":
@@ -493,9 +498,8 @@ def index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R,
     l = torch.empty_like(m)
     _index_logits_kernel[(splits, triton.cdiv(R, bm), B)](
         iq=iq, ik=ik, iw=iw, m_ptr=m, l_ptr=l, doc_ptr=doc, keys_ptr=keys, logit_ptr=scratch, flag_ptr=flags,
-        sq_b=iq.stride(0), sq_t=iq.stride(1), sq_h=iq.stride(2), sq_d=iq.stride(3),
-        sk_b=ik.stride(0), sk_t=ik.stride(1), sk_d=ik.stride(2), sw_b=iw.stride(0), sw_t=iw.stride(1),
-        sw_h=iw.stride(2), B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
+        **strides(iq, "sq_", "bthd"), **strides(ik, "sk_", "btd"), **strides(iw, "sw_", "bth"),
+        B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
         split_keys=split_keys, DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
         SPARSE=sparse, LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"],
         num_stages=cfg["stages"])
@@ -517,6 +521,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     cfg = wide_head_tiles(tile_config(iq.device), DQ)
     S = ik.shape[1]
     mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
+    main_strides = dict(**strides(mq, "sq_", "gbthd"), **strides(mk, "sk_", "gbthd"))
     dev = iq.device
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
     sparse = topk_indices is not None
@@ -535,12 +540,12 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         lse = torch.empty(G, B, H, T, device=dev, dtype=torch.float32)
         bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
         _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
-            mq, mk, lse, doc, keys, *mq.stride(), *mk.stride(), B, T, H, K, DQ, scale_log2,
-            DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot,
-            num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
+            mq=mq, mk=mk, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, **main_strides, B=B, T=T, H=H, K=K, DQ=DQ,
+            scale_log2=scale_log2, DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio,
+            PREC=prec, DOT=dot, num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
-    iq_s, ik_s, iw_s = iq.stride(), ik.stride(), iw.stride()
+    index_strides = dict(**strides(iq, "iq_", "bthd"), **strides(ik, "ik_", "btd"), **strides(iw, "iw_", "bth"))
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
@@ -566,9 +571,8 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         n_crb, n_ckb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
         _centroid_kernel[(n_crb * n_ckb, B)](
             mq=mq, mk=mk, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch, ilse_ptr=ilse,
-            loss_ptr=loss_rows, sq_g=mq.stride(0), sq_b=mq.stride(1), sq_t=mq.stride(2), sq_h=mq.stride(3),
-            sq_d=mq.stride(4), sk_g=mk.stride(0), sk_b=mk.stride(1), sk_t=mk.stride(2), sk_h=mk.stride(3),
-            sk_d=mk.stride(4), B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk, n_rb=n_crb, n_kb=n_ckb,
+            loss_ptr=loss_rows, **main_strides, B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk,
+            n_rb=n_crb, n_kb=n_ckb,
             scale_log2=scale_log2, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=cbm, BLOCK_N=cbn,
             GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k, RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot,
             num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
@@ -577,14 +581,14 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         count = flags.sum(-1, dtype=torch.int32)
         order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
         _index_dq_kernel[(HI, n_rb, B)](
-            iq, ik, iw, scratch, order, count, d_iq, d_iw, *iq_s, *ik_s, *iw_s,
-            T, HI, D, r0, rows_per_chunk, n_rb, n_kb, inv_rows,
+            iq=iq, ik=ik, iw=iw, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq, dw_ptr=d_iw,
+            **index_strides, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
         splits = max(1, min(n_rb, triton.cdiv(4 * sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
         _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
-            iq, ik, iw, scratch, flags, d_ik, *iq_s, *ik_s, *iw_s,
-            T, HI, D, r0, rows_per_chunk, n_rb, n_kb, rb_per_split, inv_rows,
+            iq=iq, ik=ik, iw=iw, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, **index_strides, T=T, HI=HI, D=D,
+            r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, rb_per_split=rb_per_split, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
     loss = loss_rows.sum() * inv_rows
     return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
