@@ -32,7 +32,8 @@ from triton.compiler import ASTSource
 from kernels.centroid_kl import TILES, _centroid_kernel, _pow2_pieces, wide_head_tiles
 from kernels.sparse_attention import _sparse_mqa_kernel, attention_tiles
 
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+                 torch.int8: "*i8"}
 
 
 def compile_for(fn, args: dict, *, num_warps: int, num_stages: int, arch: int = 90):

@@ -97,6 +97,21 @@ def _last_token(keys, RATIO: tl.constexpr):
 
 
 @triton.jit
+def _causal_in_document(keys, rows, doc, RATIO: tl.constexpr):
+    """[M, N] bool: row t sees key s (its last token causal, not before the row's document start doc [M])."""
+    return (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
+
+
+@triton.jit
+def _walk_start(keys_ptr, b, T, rows, row_ok, K):
+    """The merge walk over rows' sorted top-k lists ([B, T, K]) from their first entries: (base, cur, v) for
+    `_walk`."""
+    base = keys_ptr + (b * T + rows).to(tl.int64) * K
+    cur = tl.zeros_like(rows)
+    return base, cur, tl.load(base, mask=row_ok, other=NO_KEY)
+
+
+@triton.jit
 def _walk(base, cur, v, row_ok, n0, K, BLOCK_N: tl.constexpr):
     """Advance each row's cursor over its sorted keys in [n0, n0 + BLOCK_N); return (mask [M, N] int32, cur, v)."""
     keys = n0 + tl.arange(0, BLOCK_N)
@@ -198,9 +213,7 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     if SPARSE:
-        base = keys_ptr + (b * T + rows).to(tl.int64) * K
-        cur = tl.zeros_like(rows)
-        v = tl.load(base, mask=row_ok, other=NO_KEY)
+        base, cur, v = _walk_start(keys_ptr, b, T, rows, row_ok, K)
         nxt = tl.min(v, 0)
         while nxt < T:
             n0 = (nxt // BLOCK_N) * BLOCK_N
@@ -215,7 +228,7 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
             s = _main_scores(qa, qb, k_base, keys, keys < S, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
-            allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None])
+            allowed = _causal_in_document(keys, rows, doc, RATIO)
             m, l = _online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
     tl.store(lse_ptr + ghb.to(tl.int64) * T + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
 
@@ -248,9 +261,7 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     if SPARSE:
-        base = keys_ptr + (b * T + rows).to(tl.int64) * K
-        cur = tl.zeros_like(rows)
-        v = tl.load(base, mask=row_ok, other=NO_KEY)
+        base, cur, v = _walk_start(keys_ptr, b, T, rows, row_ok, K)
         nxt = tl.min(v, 0)
         while nxt < T:
             n0 = (nxt // BLOCK_N) * BLOCK_N
@@ -263,8 +274,7 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
         hi = tl.minimum(tl.minimum(r0 + (rb + 1) * BLOCK_M, T) // RATIO, (split + 1) * split_keys)  # last row's
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
-                & row_ok[:, None]
+            allowed = _causal_in_document(keys, rows, doc, RATIO) & row_ok[:, None]
             m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
                                       HI, D, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h, BLOCK_N, DI, PREC, DOT)
     out = (split * B + b).to(tl.int64) * R + rows - r0
@@ -306,8 +316,7 @@ def _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M: tl.const
     row_ok = rows < row_end
     key_ok = keys < T // RATIO
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
-    allowed = (_last_token(keys, RATIO)[None, :] <= rows[:, None]) & (keys[None, :] >= doc[:, None]) \
-        & row_ok[:, None]
+    allowed = _causal_in_document(keys, rows, doc, RATIO) & row_ok[:, None]
     if SPARSE:
         n0 = kb * BLOCK_N
         last_row = tl.minimum(r0 + (rb + 1) * BLOCK_M, row_end) - 1
