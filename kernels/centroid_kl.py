@@ -56,7 +56,8 @@ SCRATCH_BYTES = 1 << 30  # budget of the R x S scratch (I, then dL/dI)
 # block_*/warps/stages: the per-chunk indexer kernels (logits, dq, dk); centroid_*: the centroid kernel's tiles,
 # warps and stages; lse_*: the main LSE pass; group: row blocks per launch group of the tile kernels; min_dot:
 # smallest dot dimension; index_lse_split / index_lse_splits: the least keys per program and the most programs per
-# row of the indexer logits pass (its LSE split over programs, then joined); topk_*: kernels.indexer_topk's key tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
+# row of the indexer logits pass (its LSE split over programs, then joined); topk_*: kernels.indexer_topk's key
+# tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
 # kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs per SM of its persistent
 # grid, the byte budget of its probability scratch (rows per chunk), the probability kernel's entries per
 # program, heads per step and warps, and whether the warpgroups split the score tile's keys (1) or both compute
@@ -235,7 +236,7 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
 
 @triton.jit
 def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr, flag_ptr,
-                         sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_t, sw_h,
+                         iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                          B, T, HI, D: tl.constexpr, K, r0, R, n_kb, split_keys,
                          DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
@@ -252,9 +253,9 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
     S = T // RATIO
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < tl.minimum(r0 + R, T)
-    iq_base = iq + b.to(tl.int64) * sq_b
-    iw_base = iw + b.to(tl.int64) * sw_b
-    k_base = ik + b.to(tl.int64) * sk_b
+    iq_base = iq + b.to(tl.int64) * iq_b
+    iw_base = iw + b.to(tl.int64) * iw_b
+    k_base = ik + b.to(tl.int64) * ik_b
     out_rows = logit_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S
     flags = flag_ptr + (b * tl.num_programs(1) + rb).to(tl.int64) * n_kb
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
@@ -267,7 +268,7 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, sel != 0, m, l, out_rows, flags,
-                                      HI, D, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h, BLOCK_N, DI, PREC, DOT)
+                                      HI, D, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
             nxt = tl.min(v, 0)
     else:
         lo = tl.maximum((tl.min(doc, 0) // BLOCK_N) * BLOCK_N, split * split_keys)
@@ -276,7 +277,7 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
             keys = n0 + tl.arange(0, BLOCK_N)
             allowed = _causal_in_document(keys, rows, doc, RATIO) & row_ok[:, None]
             m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
-                                      HI, D, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h, BLOCK_N, DI, PREC, DOT)
+                                      HI, D, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
     out = (split * B + b).to(tl.int64) * R + rows - r0
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, l, mask=row_ok)
@@ -284,13 +285,13 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
 
 @triton.jit
 def _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
-                       HI, D: tl.constexpr, S, sq_t, sq_h, sq_d, sk_t, sk_d, sw_t, sw_h,
+                       HI, D: tl.constexpr, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h,
                        BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """One key tile n0 .. n0+N of `_index_logits_kernel`: I at the allowed pairs [M, N] into the scratch rows
     out_rows, the tile's flag, and the online LSE (m, l) advanced over them."""
     keys = n0 + tl.arange(0, BLOCK_N)
-    ki = _load_rows(k_base, keys, keys < S, sk_t, sk_d, 0, DI, D, DOT)
-    logits = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, sq_t, sq_h, sq_d, sw_t, sw_h,
+    ki = _load_rows(k_base, keys, keys < S, ik_t, ik_d, 0, DI, D, DOT)
+    logits = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, iq_t, iq_h, iq_d, iw_t, iw_h,
                            BLOCK_N, DI, PREC, DOT)
     tl.store(out_rows + keys[None, :], logits, mask=allowed)
     tl.store(flags + n0 // BLOCK_N, tl.max(allowed.to(tl.int8)))
@@ -465,6 +466,11 @@ def strides(x: torch.Tensor, prefix: str, dims: str) -> dict:
     return {prefix + dim: stride for dim, stride in zip(dims, x.stride(), strict=True)}
 
 
+def index_strides(iq: torch.Tensor, ik: torch.Tensor, iw: torch.Tensor) -> dict:
+    """The indexer kernels' stride arguments: iq_b .. iq_d, ik_b .. ik_d, iw_b .. iw_h."""
+    return dict(**strides(iq, "iq_", "bthd"), **strides(ik, "ik_", "btd"), **strides(iw, "iw_", "bth"))
+
+
 def tile_config(device: torch.device) -> dict:
     """TILES for the device; the CPU only under the Triton interpreter."""
     if device.type == "cuda":
@@ -507,8 +513,7 @@ def index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R,
     l = torch.empty_like(m)
     _index_logits_kernel[(splits, triton.cdiv(R, bm), B)](
         iq=iq, ik=ik, iw=iw, m_ptr=m, l_ptr=l, doc_ptr=doc, keys_ptr=keys, logit_ptr=scratch, flag_ptr=flags,
-        **strides(iq, "sq_", "bthd"), **strides(ik, "sk_", "btd"), **strides(iw, "sw_", "bth"),
-        B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
+        **index_strides(iq, ik, iw), B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
         split_keys=split_keys, DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
         SPARSE=sparse, LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"],
         num_stages=cfg["stages"])
@@ -554,7 +559,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
             PREC=prec, DOT=dot, num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
-    index_strides = dict(**strides(iq, "iq_", "bthd"), **strides(ik, "ik_", "btd"), **strides(iw, "iw_", "bth"))
+    indexer_strides = index_strides(iq, ik, iw)
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
@@ -591,12 +596,12 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
         _index_dq_kernel[(HI, n_rb, B)](
             iq=iq, ik=ik, iw=iw, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq, dw_ptr=d_iw,
-            **index_strides, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
+            **indexer_strides, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
         splits = max(1, min(n_rb, triton.cdiv(4 * sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
         _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
-            iq=iq, ik=ik, iw=iw, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, **index_strides, T=T, HI=HI, D=D,
+            iq=iq, ik=ik, iw=iw, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, **indexer_strides, T=T, HI=HI, D=D,
             r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, rb_per_split=rb_per_split, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
     loss = loss_rows.sum() * inv_rows

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.centroid_kl import LOG2E, TL_DTYPES, _LOG2E, _load_rows, _pow2_pieces, dot_dtype, sm_count, tile_config
+from kernels.centroid_kl import (LOG2E, TL_DTYPES, _LOG2E, _load_rows, _pow2_pieces, dot_dtype, sm_count, strides,
+                                 tile_config)
 from kernels.reference import check_sparse_attention, document_starts
 
 
@@ -216,14 +217,13 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
         chunk = min(rows, max(wave, fit // wave * wave))
         p_scratch = torch.empty(chunk, n_hb * block_h, width, device=dev, dtype=p_dtype)
         m_scratch = torch.empty(chunk, n_kb, n_hb * block_h, device=dev, dtype=torch.float32)
-    idx_strides = dict(zip(("i_b", "i_t", "i_k"), idx.stride()))
+    idx_strides = strides(idx, "i_", "btk")
     for row0 in range(0, rows, chunk):
         n_rows = min(chunk, rows - row0)
         n_items = n_rows * n_hb
         _sparse_mqa_kernel[(min(programs, n_items),)](
             q=q, kv=kv, idx_ptr=idx, doc_ptr=doc, out_ptr=out, lse_ptr=lse, p_scratch=p_scratch, m_scratch=m_scratch,
-            **dict(zip(("q_b", "q_t", "q_h", "q_d"), q.stride())), **dict(zip(("kv_b", "kv_t", "kv_d"), kv.stride())),
-            **idx_strides, **dict(zip(("o_b", "o_t", "o_h", "o_d"), out.stride())),
+            **strides(q, "q_", "bthd"), **strides(kv, "kv_", "btd"), **idx_strides, **strides(out, "o_", "bthd"),
             T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, row0=row0, n_items=n_items,
             scale_log2=float(scale) * LOG2E,
             DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, V_IS_A=v_dim == da,

@@ -1,5 +1,20 @@
 """Shared checks of the fused losses against their references (tests/test_kernel_*.py)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+
+def kernel_layouts(*args: str) -> str:
+    """stdout of `python -m bench.kernel_layouts *args` (GPU kernels compiled for sm_90 without a GPU), run in a
+    process without the CPU interpreter; fails the test if it exits non-zero."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "bench.kernel_layouts", *args], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
 
 
 def loss_and_grads(fn, index, *args, **kw):

@@ -1,9 +1,4 @@
 """The fused Triton centroid KL (CPU interpreter) against the plain-PyTorch reference: values and gradients."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,7 +10,7 @@ from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
 from kernels.centroid_kl import centroid_kl  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
-from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
+from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
 
 # (B, T, HI, D, G, H, Dq, cu_seqlens, chunk_size): T not a multiple of the 16-row CPU tile, one head,
 # G = 1..4, B > 1, documents (one crossing the batch-row boundary), several scratch chunks.
@@ -163,9 +158,5 @@ def test_centroid_head_loop_compiles_for_hopper():
     """`bench.kernel_layouts --centroid` compiles the GPU centroid kernel for sm_90 without a GPU (what
     docs/BENCHMARKS.md reads its head-loop schedule from): at DeepSeek-V3.2's Dq = 192 each head is two score dots
     (128 + 64 columns) then its exps, in one loop over the heads."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "bench.kernel_layouts", "--centroid"], env=env, capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    loop = run.stdout.split("head loop:", 1)[1].splitlines()[0]
+    loop = kernel_layouts("--centroid").split("head loop:", 1)[1].splitlines()[0]
     assert [step for step in loop.split(", ") if step in ("dot", "exp")] == ["dot", "dot", "exp"], loop

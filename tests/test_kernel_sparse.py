@@ -2,10 +2,6 @@
 materialised T x T computations: sparse MQA attention (out, lse, prob_out) and sparse centroid KL (loss and the
 gradients of index_q, index_k, index_w); neither path builds a T x T tensor."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,7 @@ from kernels.reference import allowed_keys  # noqa: E402
 from kernels.sparse_attention import sparse_mqa_attention  # noqa: E402
 from kernels.sparse_centroid_kl import sparse_centroid_kl  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
-from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
+from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
 
 
 def topk_lists(kind, B, T, K, cu, seed):
@@ -220,10 +216,6 @@ def test_score_tile_split_between_warpgroups_on_hopper():
     without the interpreter): with the split, both score dots ([64 heads, 64 keys]) put the two warpgroups side by
     side on the keys ([4, 2]); without it, Triton's chained-dot rule stacks all 8 warps on the 64 rows ([8, 1]), so
     both warpgroups compute the whole tile. The P.V dot splits the value columns either way."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "bench.kernel_layouts", "--json"], env=env, capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    layouts = json.loads(run.stdout.splitlines()[-1])
+    layouts = json.loads(kernel_layouts("--json").splitlines()[-1])
     assert layouts["split"] == [{"shape": [64, 64], "warps": [4, 2]}] * 2 + [{"shape": [64, 512], "warps": [4, 2]}]
     assert [dot["warps"] for dot in layouts["unsplit"][:2]] == [[8, 1]] * 2
