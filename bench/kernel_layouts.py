@@ -28,8 +28,10 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.centroid_kl import TILES, _centroid_kernel, _pow2_pieces, wide_head_tiles
+from kernels.centroid_kl import TILES, _centroid_kernel, _pow2_pieces, tma_tiles, wide_head_tiles
 from kernels.sparse_attention import _sparse_mqa_kernel, attention_tiles
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
@@ -37,16 +39,19 @@ POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32:
 
 
 def compile_for(fn, args: dict, *, num_warps: int, num_stages: int, arch: int = 90):
-    """fn compiled for sm_{arch}; args: parameter name -> a tensor (stands for a pointer of its dtype), an int, a
-    float, or the value of a constexpr parameter."""
+    """fn compiled for sm_{arch}; args: parameter name -> a tensor (stands for a pointer of its dtype), a
+    TensorDescriptor, an int, a float, or the value of a constexpr parameter (None included)."""
     constexprs = {p.name for p in fn.params if p.is_constexpr}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = args[name]
-        if name in constexprs or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        if name in constexprs or value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                                   and value == 1):
             signature[name], constants[(i,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name], attrs[(i,)] = POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
+        elif isinstance(value, TensorDescriptor):
+            signature[name] = mangle_type(value)
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0:
@@ -67,16 +72,17 @@ def dot_layouts(compiled) -> list[dict]:
 
 
 def loop_schedule(compiled) -> list[str]:
-    """The innermost loop of the compiled kernel as its waits for copies (with how many copy groups may stay in
-    flight), dots, exps and copies, in order."""
+    """The innermost loop of the compiled kernel as its waits for copies (cp.async: with how many copy groups may
+    stay in flight; TMA: on one copy's barrier), dots, exps and copies, in order."""
     ttgir = compiled.asm["ttgir"]
     loop = ttgir[ttgir.rindex("scf.for"):]
     loop = loop[:loop.index("scf.yield")]
     steps = []
-    for op in re.finditer(r"ttg\.async_wait[^{]*\{num = (\d+)|ttng\.warp_group_dot |math\.exp|"
-                          r"ttg\.async_copy_global_to_local", loop):
+    for op in re.finditer(r"ttg\.async_wait[^{]*\{num = (\d+)|ttng\.wait_barrier|ttng\.warp_group_dot |math\.exp|"
+                          r"ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_local", loop):
         text = op.group(0)
         steps.append(f"wait for copies (up to {op.group(1)} groups in flight)" if text.startswith("ttg.async_wait")
+                     else "wait for a TMA copy" if text == "ttng.wait_barrier"
                      else "dot" if "warp_group_dot" in text else "exp" if text == "math.exp" else "copy")
     return steps
 
@@ -110,15 +116,18 @@ def sparse_attention(split: bool, *, T: int = 131072, H: int = 128, K: int = 204
     return compile_for(_sparse_mqa_kernel, args, num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
 
 
-def centroid(*, T: int = 16384, G: int = 1, H: int = 128, dq: int = 192):
+def centroid(*, T: int = 16384, G: int = 1, H: int = 128, dq: int = 192, tma: bool | None = None):
     """`_centroid_kernel` compiled for sm_90 at DeepSeek-V3.2's MLA shapes (dense stage) with TILES['cuda'] as the
-    launcher adapts them to dq."""
+    launcher adapts them to dq; tma: whether q and k tiles come through TMA descriptors (default: TILES['cuda'])."""
     cfg = wide_head_tiles(TILES["cuda"], dq)
     da, db = _pow2_pieces(dq, cfg["min_dot"])
     bm, bn = cfg["centroid_block_m"], cfg["centroid_block_n"]
+    main = torch.empty(G, 1, T, H, dq, dtype=torch.bfloat16, device="meta")
+    descriptors = tma_tiles(main, main, bm, bn, da, db, cfg["tma"] if tma is None else tma)  # and TMA
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))
     strides = dict(g=T * H * dq, b=T * H * dq, t=H * dq, h=dq, d=1)
-    args = dict(mq=bf16, mk=bf16, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, grad_ptr=f32, ilse_ptr=f32, loss_ptr=f32,
+    args = dict(mq=bf16, mk=bf16, **descriptors, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, grad_ptr=f32,
+                ilse_ptr=f32, loss_ptr=f32,
                 **{f"s{x}_{k}": v for x in "qk" for k, v in strides.items()},
                 B=1, T=T, G=G, H=H, K=1, DQ=dq, r0=0, R=T, n_rb=triton.cdiv(T, bm), n_kb=triton.cdiv(T, bn),
                 scale_log2=0.1, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"],

@@ -2,6 +2,7 @@
 backward at DeepSeek-V3.2 shapes, against the default SDPA forward on MLA's real shapes in the same run.
 
     python -m bench.profile_centroid --seq-len 32768 --groups 1 4
+    python -m bench.profile_centroid --seq-len 16384 --against tma=0 --against lse_stages=3   # A/B in one run
 
 Per kernel, FLOPs per causal key pair (a multiply-add counts 2; H = 128, Dq = 192, HI = 64, D = 128):
   _main_lse_kernel      G * 2 H Dq         (skipped with main_lse)
@@ -11,6 +12,8 @@ Per kernel, FLOPs per causal key pair (a multiply-add counts 2; H = 128, Dq = 19
   _index_dk_kernel      2 * 2 HI D         (recompute, then dS^T . qI)
 The centroid kernel also prints the rate at which it reads its q and k tiles: each (row block, key block) tile
 with a causal pair reads G H (BLOCK_M + BLOCK_N) Dq bf16 values (bench.l2_bandwidth measures the ceiling).
+--against KEY=VALUE[,KEY=VALUE]: also profile under those kernels.centroid_kl.TILES['cuda'] overrides (integer
+values), after the defaults in the same run, each kernel's time printed against the defaults'.
 """
 from __future__ import annotations
 
@@ -51,40 +54,74 @@ def kernel_times(run) -> dict[str, float]:
     return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=32768)
-    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--out", default=None, help="a JSON file for the rows")
-    args = parser.parse_args()
-
-    T = args.seq_len
+def profile_runs(T: int, groups: list[int], sdpa_seconds: float, defaults: dict | None = None) -> list[dict]:
+    """Per-kernel GPU ms of one forward + backward at T for each G in groups, main LSE computed and given; against
+    `defaults` (the rows of the same profile under the default tiles), each kernel's ratio printed too."""
     pairs = T * (T + 1) / 2
-    sdpa = sdpa_default_forward(T, reps=3)
-    print(f"T={T} default SDPA forward: {sdpa['seconds'] * 1e3:.1f} ms, "
-          f"{pairs * SDPA_FLOPS_PER_PAIR / sdpa['seconds'] / 1e12:.0f} TFLOP/s, backend {sdpa.get('backend')}",
-          flush=True)
-    rows = dict(gpu=torch.cuda.get_device_name(), seq_len=T, sdpa=sdpa, runs=[])
-    index, main_q, main_k = dsa_inputs(T, max(args.groups))
+    index, main_q, main_k = dsa_inputs(T, max(groups))
     scale = DSA["Dq"] ** -0.5
-    for G in args.groups:
+    runs = []
+    for G in groups:
         lse = backbone_lse(main_q[:G], main_k[:G], scale)
         for given in (False, True):
             run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], scale,
                                               main_lse=lse if given else None), index)
             times = kernel_times(run)
             total = sum(times.values())
+            base = next((r for r in defaults or [] if (r["G"], r["main_lse_given"]) == (G, given)), None)
+            versus = "" if base is None else f", {base['total_ms'] / total:.2f}x the defaults"
             print(f"T={T} G={G} main_lse {'given' if given else 'computed'}: {total:.1f} ms in all "
-                  f"({total / 1e3 / G / sdpa['seconds']:.2f}x the SDPA forward per served layer)", flush=True)
+                  f"({total / 1e3 / G / sdpa_seconds:.2f}x the SDPA forward per served layer{versus})", flush=True)
             parts = {}
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
                 flops = next((f(G) for key, f in KERNEL_FLOPS.items() if key in name), None)
-                rate = "" if flops is None else f"  {pairs * flops / (ms / 1e3) / 1e12:.0f} TFLOP/s"
+                parts[name[:120]] = dict(ms=ms, flops_per_pair=flops)
+                if flops is None:
+                    continue
+                rate = f"  {pairs * flops / (ms / 1e3) / 1e12:.0f} TFLOP/s"
                 if "_centroid_kernel" in name:
                     rate += f", q/k tiles read at {centroid_tile_bytes(T, G) / (ms / 1e3) / 1e12:.2f} TB/s"
+                if base is not None and name[:120] in base["kernels"]:
+                    rate += f", {base['kernels'][name[:120]]['ms'] / ms:.2f}x the defaults"
                 print(f"    {ms:9.2f} ms  {name[:90]}{rate}", flush=True)
-                parts[name[:120]] = dict(ms=ms, flops_per_pair=flops)
-            rows["runs"].append(dict(G=G, main_lse_given=given, total_ms=total, kernels=parts))
+            other = [part["ms"] for part in parts.values() if part["flops_per_pair"] is None]
+            print(f"    {sum(other):9.2f} ms  {len(other)} other kernels (the LSE joins, casts, fills)", flush=True)
+            runs.append(dict(G=G, main_lse_given=given, total_ms=total, kernels=parts))
+    return runs
+
+
+def parse_override(text: str) -> dict:
+    """"KEY=VALUE,KEY=VALUE" -> {KEY: int(VALUE)}, each KEY a TILES['cuda'] entry."""
+    override = {key: int(value) for key, value in (item.split("=", 1) for item in text.split(","))}
+    unknown = set(override) - set(TILES["cuda"])
+    if unknown:
+        raise SystemExit(f"--against: {sorted(unknown)} are not TILES['cuda'] keys ({sorted(TILES['cuda'])})")
+    return override
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--against", action="append", default=[], type=parse_override, metavar="KEY=VALUE[,...]",
+                        help="also profile under these TILES['cuda'] overrides, in the same run (repeatable)")
+    parser.add_argument("--out", default=None, help="a JSON file for the rows")
+    args = parser.parse_args()
+
+    T = args.seq_len
+    sdpa = sdpa_default_forward(T, reps=3)
+    print(f"T={T} default SDPA forward: {sdpa['seconds'] * 1e3:.1f} ms, "
+          f"{T * (T + 1) / 2 * SDPA_FLOPS_PER_PAIR / sdpa['seconds'] / 1e12:.0f} TFLOP/s, backend "
+          f"{sdpa.get('backend')}", flush=True)
+    rows = dict(gpu=torch.cuda.get_device_name(), seq_len=T, sdpa=sdpa,
+                runs=profile_runs(T, args.groups, sdpa["seconds"]))
+    defaults = dict(TILES["cuda"])
+    for override in args.against:
+        print(f"tiles {override}:", flush=True)
+        TILES["cuda"] = dict(defaults, **override)
+        rows.setdefault("against", []).append(dict(tiles=override, runs=profile_runs(T, args.groups, sdpa["seconds"],
+                                                                                     rows["runs"])))
+    TILES["cuda"] = defaults
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

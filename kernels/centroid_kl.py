@@ -36,14 +36,19 @@ top-k sets (sorted once; a tile's mask is a binary search plus a merge walk), em
 Dots take the input dtype (bf16/fp16/fp32) and accumulate in fp32; fp32 inputs use IEEE dots. dL/dI
 enters the gradient dots as bf16 for bf16 inputs and as fp32 (TF32) for fp16, whose range it would
 underflow. Tile shapes (TILES) were chosen with bench/tune_tiles.py; timings are in docs/BENCHMARKS.md.
+On Hopper GPUs (and the CPU interpreter) bf16/fp16 tiles of main q/k, index q/k and of the scratch (in d qI) are
+read by TMA through TensorDescriptors over the tensors flattened to rows of tokens (`tma_tiles`, `index_tiles`),
+where their strides allow it; otherwise, and with TILES 'tma' off, through pointers.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.reference import _check_shapes, check_ratio, document_starts
 
@@ -70,7 +75,7 @@ TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=3, centroid_block_
                       sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
                       sparse_scratch_bytes=SCRATCH_BYTES, sparse_prob_block=512, sparse_prob_heads=32,
                       sparse_prob_warps=4, sparse_split_scores=1,
-                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=512, index_lse_splits=64),
+                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=512, index_lse_splits=64, tma=True),
          "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
                      centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
                      lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
@@ -78,7 +83,7 @@ TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=3, centroid_block_
                      sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1, sparse_programs=3,
                      sparse_scratch_bytes=512, sparse_prob_block=8, sparse_prob_heads=2, sparse_prob_warps=4,
                      sparse_split_scores=1, sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=16,
-                     index_lse_splits=2)}
+                     index_lse_splits=2, tma=True)}
 
 
 @triton.jit
@@ -144,39 +149,59 @@ def _sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N: tl.constexpr, LOG2
 
 
 @triton.jit
-def _main_scores(qa, qb, k_base, keys, key_ok, stride_t, stride_d,
+def _main_scores(qa, qb, k_base, tk_a, tk_b, k_row, k_col, keys, key_ok, stride_t, stride_d,
                  DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
-                 DOT: tl.constexpr):
-    """q . k for one head: q given as column pieces qa [M, DA], qb [M, DB]; k rows `keys` -> [M, N] fp32."""
-    ka = _load_rows(k_base, keys, key_ok, stride_t, stride_d, 0, DA, DQ, DOT)
+                 DOT: tl.constexpr, TMA: tl.constexpr):
+    """q . k for one head: q given as column pieces qa [M, DA], qb [M, DB]; k rows `keys` -> [M, N] fp32. TMA: k
+    read through the k descriptors tk_a, tk_b at row k_row, column k_col of the flattened keys (`tma_tiles`; rows
+    past the keys hold other rows' keys, which the caller masks), else from k_base."""
+    if TMA:
+        ka = tk_a.load([k_row, k_col]).to(DOT)
+    else:
+        ka = _load_rows(k_base, keys, key_ok, stride_t, stride_d, 0, DA, DQ, DOT)
     s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
     if DB > 0:
-        kb = _load_rows(k_base, keys, key_ok, stride_t, stride_d, DA, DB, DQ, DOT)
+        if TMA:
+            kb = tk_b.load([k_row, k_col + DA]).to(DOT)
+        else:
+            kb = _load_rows(k_base, keys, key_ok, stride_t, stride_d, DA, DB, DQ, DOT)
         s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
     return s
 
 
 @triton.jit
-def _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_h,
-                DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, DOT: tl.constexpr):
-    """(qa [M, DA], qb [M, DB] (qa when DB = 0): head h of served layer g's queries at `rows`, in two column pieces;
-    the base pointer of its keys)."""
-    q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
-    qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
-    qb = qa
-    if DB > 0:
-        qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+def _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_h,
+                DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
+    """(qa [M, DA], qb [M, DB] (qa when DB = 0): head h of served layer g's queries at `rows` (row0 the first), in
+    two column pieces; the base pointer of its keys). TMA: read through the q descriptors tq_a, tq_b."""
+    if TMA:
+        r = (g * B + b) * T + row0
+        qa = tq_a.load([r, h * sq_h]).to(DOT)
+        qb = qa
+        if DB > 0:
+            qb = tq_b.load([r, h * sq_h + DA]).to(DOT)
+    else:
+        q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+        qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
+        qb = qa
+        if DB > 0:
+            qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
     return qa, qb, mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
 
 
 @triton.jit
-def _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D: tl.constexpr, sq_t, sq_h, sq_d, sw_t, sw_h,
-                  BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
-    """I [M, N] fp32 = sum_j w_j relu(qI_j . kI) for the rows of one block against the key tile ki [N, DI]."""
+def _index_logits(iq_base, tq, q_row, iw_base, ki, rows, row_ok, HI, D: tl.constexpr, sq_t, sq_h, sq_d, sw_t, sw_h,
+                  BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                  TMA: tl.constexpr):
+    """I [M, N] fp32 = sum_j w_j relu(qI_j . kI) for the rows of one block against the key tile ki [N, DI]; TMA:
+    qI_j read through the descriptor tq at row q_row (`index_tiles`), else from iq_base."""
     acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
     rows64 = rows.to(tl.int64)
     for j in range(HI):
-        qj = _load_rows(iq_base + j * sq_h, rows, row_ok, sq_t, sq_d, 0, DI, D, DOT)
+        if TMA:
+            qj = tq.load([q_row, j * sq_h]).to(DOT)
+        else:
+            qj = _load_rows(iq_base + j * sq_h, rows, row_ok, sq_t, sq_d, 0, DI, D, DOT)
         wj = tl.load(iw_base + rows64 * sw_t + j * sw_h, mask=row_ok, other=0.0).to(tl.float32)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
         acc += wj[:, None] * tl.maximum(s, 0.0)
@@ -193,12 +218,12 @@ def _online_lse(m, l, s):
 
 
 @triton.jit
-def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
+def _main_lse_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr,
                      sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
                      B, T, H, K, DQ: tl.constexpr, scale_log2,
                      DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, TMA: tl.constexpr):
     """lse2 [G, B, H, T] (base 2) of scale*q.k over each row's allowed keys; grid (row blocks, G*B*H)."""
     rb = tl.program_id(0)
     ghb = tl.program_id(1)
@@ -208,8 +233,9 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
     g = ghb // (H * B)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    qa, qb, k_base = _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_h,
-                                 DA, DB, DQ, DOT)
+    qa, qb, k_base = _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, rb * BLOCK_M, rows, row_ok, sq_g, sq_b, sq_t, sq_h,
+                                 sq_d, sk_g, sk_b, sk_h, DA, DB, DQ, DOT, TMA)
+    k_row = (g * B + b) * S
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
@@ -220,7 +246,8 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             keys = n0 + tl.arange(0, BLOCK_N)
-            s = _main_scores(qa, qb, k_base, keys, keys < S, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            s = _main_scores(qa, qb, k_base, tk_a, tk_b, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, DB, DQ,
+                             PREC, DOT, TMA)
             m, l = _online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
             nxt = tl.min(v, 0)
     else:
@@ -228,19 +255,20 @@ def _main_lse_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr,
         hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            s = _main_scores(qa, qb, k_base, keys, keys < S, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            s = _main_scores(qa, qb, k_base, tk_a, tk_b, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, DB, DQ,
+                             PREC, DOT, TMA)
             allowed = _causal_in_document(keys, rows, doc, RATIO)
             m, l = _online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
     tl.store(lse_ptr + ghb.to(tl.int64) * T + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
 
 
 @triton.jit
-def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr, flag_ptr,
+def _index_logits_kernel(iq, ik, iw, tq, tk, tg, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr, flag_ptr,
                          iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                          B, T, HI, D: tl.constexpr, K, r0, R, n_kb, split_keys,
                          DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
-                         DOT: tl.constexpr):
+                         DOT: tl.constexpr, TMA: tl.constexpr):
     """The indexer logits I of chunk rows r0 .. r0+R at their allowed keys among keys split * split_keys ..
     + split_keys (dense; SPARSE: one split walks the rows' top-k lists): into the scratch [B, R, S] fp32, a flag
     [B, row blocks, n_kb] for each tile with an allowed pair, and the partial online LSE (base-2 max m, sum l;
@@ -267,8 +295,9 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
         while nxt < T:
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
-            m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, sel != 0, m, l, out_rows, flags,
-                                      HI, D, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
+            m, l = _index_logits_tile(iq_base, iw_base, k_base, tq, tk, b * T + r0 + rb * BLOCK_M, b * S, rows,
+                                      row_ok, n0, sel != 0, m, l, out_rows, flags, HI, D, S, iq_t, iq_h, iq_d, ik_t,
+                                      ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT, TMA)
             nxt = tl.min(v, 0)
     else:
         lo = tl.maximum((tl.min(doc, 0) // BLOCK_N) * BLOCK_N, split * split_keys)
@@ -276,23 +305,29 @@ def _index_logits_kernel(iq, ik, iw, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr,
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
             allowed = _causal_in_document(keys, rows, doc, RATIO) & row_ok[:, None]
-            m, l = _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
-                                      HI, D, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT)
+            m, l = _index_logits_tile(iq_base, iw_base, k_base, tq, tk, b * T + r0 + rb * BLOCK_M, b * S, rows,
+                                      row_ok, n0, allowed, m, l, out_rows, flags, HI, D, S, iq_t, iq_h, iq_d, ik_t,
+                                      ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT, TMA)
     out = (split * B + b).to(tl.int64) * R + rows - r0
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, l, mask=row_ok)
 
 
 @triton.jit
-def _index_logits_tile(iq_base, iw_base, k_base, rows, row_ok, n0, allowed, m, l, out_rows, flags,
-                       HI, D: tl.constexpr, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h,
-                       BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+def _index_logits_tile(iq_base, iw_base, k_base, tq, tk, q_row, k_row, rows, row_ok, n0, allowed, m, l, out_rows,
+                       flags, HI, D: tl.constexpr, S, iq_t, iq_h, iq_d, ik_t, ik_d, iw_t, iw_h,
+                       BLOCK_N: tl.constexpr, DI: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                       TMA: tl.constexpr):
     """One key tile n0 .. n0+N of `_index_logits_kernel`: I at the allowed pairs [M, N] into the scratch rows
-    out_rows, the tile's flag, and the online LSE (m, l) advanced over them."""
+    out_rows, the tile's flag, and the online LSE (m, l) advanced over them. TMA: q and k through the descriptors
+    tq, tk from rows q_row and k_row + n0."""
     keys = n0 + tl.arange(0, BLOCK_N)
-    ki = _load_rows(k_base, keys, keys < S, ik_t, ik_d, 0, DI, D, DOT)
-    logits = _index_logits(iq_base, iw_base, ki, rows, row_ok, HI, D, iq_t, iq_h, iq_d, iw_t, iw_h,
-                           BLOCK_N, DI, PREC, DOT)
+    if TMA:
+        ki = tk.load([k_row + n0, 0]).to(DOT)
+    else:
+        ki = _load_rows(k_base, keys, keys < S, ik_t, ik_d, 0, DI, D, DOT)
+    logits = _index_logits(iq_base, tq, q_row, iw_base, ki, rows, row_ok, HI, D, iq_t, iq_h, iq_d, iw_t, iw_h,
+                           BLOCK_N, DI, PREC, DOT, TMA)
     tl.store(out_rows + keys[None, :], logits, mask=allowed)
     tl.store(flags + n0 // BLOCK_N, tl.max(allowed.to(tl.int8)))
     return _online_lse(m, l, tl.where(allowed, logits * _LOG2E, float("-inf")))
@@ -328,12 +363,12 @@ def _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M: tl.const
 
 
 @triton.jit
-def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, loss_ptr,
+def _centroid_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, loss_ptr,
                      sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
                      B, T, G, H, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
                      DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      GROUP: tl.constexpr, SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr,
-                     WRITE_GRAD: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                     WRITE_GRAD: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """One (row block, key block) tile of chunk rows r0 .. r0+R: the centroid pbar = 1/(G H) sum_{g,h}
     exp2(scale_log2 q.k - lse2), and against the indexer logits I in the scratch [B, R, S] fp32
     (`_index_logits_kernel`) and their LSE ilse [B, R]: the rows' KL terms into loss [B, T], and (WRITE_GRAD)
@@ -347,11 +382,12 @@ def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, los
         for gh in range(G * H):
             g = gh // H
             h = gh % H
-            qa, qb, k_base = _head_query(mq, mk, g, b, h, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b,
-                                         sk_h, DA, DB, DQ, DOT)
+            qa, qb, k_base = _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, r0 + rb * BLOCK_M, rows, row_ok, sq_g, sq_b,
+                                         sq_t, sq_h, sq_d, sk_g, sk_b, sk_h, DA, DB, DQ, DOT, TMA)
             # before the dots, so that its latency hides behind them (one program fills the SM)
             lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-            s = _main_scores(qa, qb, k_base, keys, key_ok, sk_t, sk_d, DA, DB, DQ, PREC, DOT)
+            s = _main_scores(qa, qb, k_base, tk_a, tk_b, (g * B + b) * S + kb * BLOCK_N, h * sk_h, keys, key_ok,
+                             sk_t, sk_d, DA, DB, DQ, PREC, DOT, TMA)
             pbar += tl.exp2(s * scale_log2 - lse[:, None])
         pbar = tl.where(allowed, pbar * inv_gh, 0.0)
         ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
@@ -364,11 +400,11 @@ def _centroid_kernel(mq, mk, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, los
 
 
 @triton.jit
-def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
+def _index_dq_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
                      iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, inv_rows,
                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
-                     GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                     GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """d index_q [B, T, HI, D] and d index_w [B, T, HI] of one (row block, indexer head); grid (HI, row blocks, B):
     the HI heads of a row block run side by side (head fastest), so that its dL/dI rows come from HBM once and
     from L2 for the other heads, and the row blocks with the most keys run first."""
@@ -389,9 +425,13 @@ def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
         kb = tl.load(order_ptr + tile.to(tl.int64) * n_kb + i)
         keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < S
-        g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
-        grad = tl.load(g_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-        ki = _load_rows(k_base, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+        if TMA:  # rows past the chunk read other rows (their dq, dw are not stored), keys past S TMA's zeros
+            grad = tg.load([b * R + rb * BLOCK_M, kb * BLOCK_N])
+            ki = tk.load([b * S + kb * BLOCK_N, 0]).to(DOT)
+        else:
+            g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
+            grad = tl.load(g_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
+            ki = _load_rows(k_base, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
         dw += tl.sum(grad * tl.maximum(s, 0.0), 1)
         ds = tl.where(s > 0, grad, 0.0)
@@ -405,11 +445,11 @@ def _index_dq_kernel(iq, ik, iw, grad_ptr, order_ptr, count_ptr, dq_ptr, dw_ptr,
 
 
 @triton.jit
-def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
+def _index_dk_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, flag_ptr, dk_ptr,
                      iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, rb_per_split, inv_rows,
                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
-                     GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                     GRAD_DTYPE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """Adds one key block's d index_k over a split of the chunk's row blocks into dk [B, S, D] fp32. Each row block
     loads its queries of all HI heads; the split's programs walk its row blocks from the last down, in step, so
     that they share them in L2 (ascending, each key block would start at its own diagonal)."""
@@ -433,7 +473,10 @@ def _index_dk_kernel(iq, ik, iw, grad_ptr, flag_ptr, dk_ptr,
             g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[None, :] * S + keys[:, None]
             grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
             for j in range(HI):
-                qj = _load_rows(iq_base + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
+                if TMA:  # rows past the chunk read other rows, whose grad_t and wj are 0
+                    qj = tq.load([b * T + r0 + rb * BLOCK_M, j * iq_h]).to(DOT)
+                else:
+                    qj = _load_rows(iq_base + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
                 wj = tl.load(iw_base + rows.to(tl.int64) * iw_t + j * iw_h, mask=row_ok, other=0.0)
                 s_t = tl.dot(ki, tl.trans(qj), input_precision=PREC)
                 ds_t = tl.where(s_t > 0, grad_t * wj.to(tl.float32)[None, :], 0.0)
@@ -469,6 +512,59 @@ def strides(x: torch.Tensor, prefix: str, dims: str) -> dict:
 def index_strides(iq: torch.Tensor, ik: torch.Tensor, iw: torch.Tensor) -> dict:
     """The indexer kernels' stride arguments: iq_b .. iq_d, ik_b .. ik_d, iw_b .. iw_h."""
     return dict(**strides(iq, "iq_", "bthd"), **strides(ik, "ik_", "btd"), **strides(iw, "iw_", "bth"))
+
+
+def row_tiles(x: torch.Tensor, lead: int, block: tuple[int, int]) -> TensorDescriptor | None:
+    """A TensorDescriptor of `block` tiles of x flattened to [prod(x.shape[:lead]), x.stride(lead - 1)]: one row per
+    index of the first `lead` dims, the others side by side in it (column = their offset, e.g. h * head stride + d),
+    or None where x does not flatten so: the lead dims not evenly spaced, a later dim reaching outside its row, the
+    last dim not contiguous, a row or the data not 16-byte aligned, a tile row narrower than 16 bytes, or no
+    elements. Tiles past the last row or column hold TMA's zeros."""
+    if x.numel() == 0:
+        return None
+    width = x.stride(lead - 1)
+    even = all(x.shape[i] == 1 or x.stride(i) == x.shape[i + 1] * x.stride(i + 1) for i in range(lead - 1))
+    reach = sum((n - 1) * st for n, st in zip(x.shape[lead:], x.stride()[lead:]))
+    inside = x.stride(-1) == 1 and all(st >= 0 for st in x.stride()[lead:]) and reach < width
+    aligned = (width * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and block[1] * x.element_size() >= 16
+    if not (even and inside and aligned):
+        return None
+    return TensorDescriptor(x, [math.prod(x.shape[:lead]), width], [width, 1], list(block))
+
+
+def tma_ready(x: torch.Tensor, enabled: bool) -> bool:
+    """Whether the kernels may read x through TMA: enabled (TILES 'tma'), bf16 or fp16 (fp32 is the checking dtype,
+    whose stages would not fit in shared memory), and on a GPU with TMA (Hopper on) or the CPU interpreter."""
+    return (enabled and x.element_size() == 2
+            and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9))
+
+
+def tma_tiles(mq: torch.Tensor, mk: torch.Tensor, bm: int, bn: int, da: int, db: int, enabled: bool) -> dict:
+    """The main kernels' descriptor arguments and TMA flag: tq_a, tq_b, tk_a, tk_b, `row_tiles` of q [bm, da],
+    q [bm, db], k [bn, da] and k [bn, db] (the `da` ones again when db = 0) over main_q [G, B, T, H, Dq] and main_k
+    [G, B, S, H or 1 (head stride 0), Dq] flattened to [G*B*T, token row]; rows past T (keys past S) read the next
+    layer's or batch row's tokens, which the kernels mask like any pair they do not allow. All None (TMA False: the
+    kernels read through pointers) unless `tma_ready`, the column pieces make up Dq in TMA boxes (<= 256 wide), and
+    both tensors flatten."""
+    pointers = dict(tq_a=None, tq_b=None, tk_a=None, tk_b=None, TMA=False)
+    if not tma_ready(mq, enabled) or da + db != mq.shape[-1] or max(da, db) > 256:
+        return pointers
+    tiles = dict(tq_a=row_tiles(mq, 3, (bm, da)), tq_b=row_tiles(mq, 3, (bm, db or da)),
+                 tk_a=row_tiles(mk, 3, (bn, da)), tk_b=row_tiles(mk, 3, (bn, db or da)))
+    return pointers if None in tiles.values() else dict(tiles, TMA=True)
+
+
+def index_tiles(iq: torch.Tensor, ik: torch.Tensor, scratch: torch.Tensor, bm: int, bn: int, enabled: bool) -> dict:
+    """The indexer kernels' descriptor arguments and TMA flag: tq, tk, tg, `row_tiles` of index_q [B, T, HI, D]
+    as [B*T, HI*D] ([bm, D] tiles, head j at column j * head stride), index_k [B, S, D] as [B*S, D] ([bn, D]) and
+    the dL/dI scratch [B, R, S] fp32 as [B*R, S] ([bm, bn]; read by d qI only: the other two kernels take it unread).
+    All None (TMA False) unless `tma_ready`, D is a power of two <= 256, and all three flatten."""
+    pointers = dict(tq=None, tk=None, tg=None, TMA=False)
+    D = iq.shape[-1]
+    if not tma_ready(iq, enabled) or D & (D - 1) or D > 256:
+        return pointers
+    tiles = dict(tq=row_tiles(iq, 2, (bm, D)), tk=row_tiles(ik, 2, (bn, D)), tg=row_tiles(scratch, 2, (bm, bn)))
+    return pointers if None in tiles.values() else dict(tiles, TMA=True)
 
 
 def tile_config(device: torch.device) -> dict:
@@ -512,8 +608,9 @@ def index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R,
     m = torch.empty(splits, B, rows_per_chunk, device=iq.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _index_logits_kernel[(splits, triton.cdiv(R, bm), B)](
-        iq=iq, ik=ik, iw=iw, m_ptr=m, l_ptr=l, doc_ptr=doc, keys_ptr=keys, logit_ptr=scratch, flag_ptr=flags,
-        **index_strides(iq, ik, iw), B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
+        iq=iq, ik=ik, iw=iw, **index_tiles(iq, ik, scratch, bm, bn, cfg["tma"]), m_ptr=m, l_ptr=l, doc_ptr=doc,
+        keys_ptr=keys, logit_ptr=scratch, flag_ptr=flags, **index_strides(iq, ik, iw), B=B, T=T, HI=HI, D=D, K=K,
+        r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
         split_keys=split_keys, DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
         SPARSE=sparse, LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"],
         num_stages=cfg["stages"])
@@ -554,7 +651,8 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         lse = torch.empty(G, B, H, T, device=dev, dtype=torch.float32)
         bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
         _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
-            mq=mq, mk=mk, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, **main_strides, B=B, T=T, H=H, K=K, DQ=DQ,
+            mq=mq, mk=mk, **tma_tiles(mq, mk, bm, bn, da, db, cfg["tma"]), lse_ptr=lse, doc_ptr=doc, keys_ptr=keys,
+            **main_strides, B=B, T=T, H=H, K=K, DQ=DQ,
             scale_log2=scale_log2, DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio,
             PREC=prec, DOT=dot, num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
     else:
@@ -563,6 +661,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
+    centroid_tma = tma_tiles(mq, mk, cbm, cbn, da, db, cfg["tma"])
     if chunk_size is None:
         row_tile = max(bm, cbm)  # both powers of two: chunks of whole tiles of both kernels
         rows_per_chunk = max(row_tile, min(triton.cdiv(T, row_tile) * row_tile,
@@ -576,6 +675,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
         d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
     inv_rows = 1.0 / (B * T)
+    indexer_tiles = index_tiles(iq, ik, scratch, bm, bn, cfg["tma"])
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
         chunk_keys = (r0 + R) // ratio  # the keys the chunk's rows can see (rows seeing none: one empty block)
@@ -584,7 +684,7 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         ilse = index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch, flags)
         n_crb, n_ckb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
         _centroid_kernel[(n_crb * n_ckb, B)](
-            mq=mq, mk=mk, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch, ilse_ptr=ilse,
+            mq=mq, mk=mk, **centroid_tma, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch, ilse_ptr=ilse,
             loss_ptr=loss_rows, **main_strides, B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk,
             n_rb=n_crb, n_kb=n_ckb,
             scale_log2=scale_log2, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=cbm, BLOCK_N=cbn,
@@ -595,13 +695,15 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         count = flags.sum(-1, dtype=torch.int32)
         order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
         _index_dq_kernel[(HI, n_rb, B)](
-            iq=iq, ik=ik, iw=iw, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq, dw_ptr=d_iw,
+            iq=iq, ik=ik, iw=iw, **indexer_tiles, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq,
+            dw_ptr=d_iw,
             **indexer_strides, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
         splits = max(1, min(n_rb, triton.cdiv(4 * sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
         _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
-            iq=iq, ik=ik, iw=iw, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, **indexer_strides, T=T, HI=HI, D=D,
+            iq=iq, ik=ik, iw=iw, **indexer_tiles, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, **indexer_strides,
+            T=T, HI=HI, D=D,
             r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, rb_per_split=rb_per_split, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
     loss = loss_rows.sum() * inv_rows

@@ -8,7 +8,7 @@ enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules ar
 
 from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
-from kernels.centroid_kl import centroid_kl  # noqa: E402
+from kernels.centroid_kl import TILES, centroid_kl, index_tiles, tma_tiles  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
 from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
 
@@ -74,6 +74,52 @@ def test_chunk_size_is_honoured_exactly():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tma_descriptors_only_where_they_read_the_right_tiles():
+    """Descriptors for bf16/fp16 main q and k that flatten to [G*B*T, token row] (one key head included) with column
+    pieces that make up Dq, and for the indexer's q, k and scratch alike; pointers otherwise."""
+    def tma(mq, mk, enabled=True, dq=None):
+        da, db = {24: (16, 8), 20: (16, 4), 8: (8, 0)}[dq or mq.shape[-1]]
+        return tma_tiles(mq, mk, 8, 32, da, db, enabled)["TMA"]
+
+    mq = torch.zeros(2, 3, 17, 4, 24, dtype=torch.bfloat16)
+    assert tma(mq, mq) and tma(mq, torch.zeros(2, 3, 17, 1, 24, dtype=torch.bfloat16).expand(-1, -1, -1, 4, -1))
+    assert tma(mq.half(), mq.half()) and tma(mq[..., :8], mq[..., :8], dq=8)  # heads inside a wider token row
+    assert not tma(mq, mq, enabled=False) and not tma(mq.float(), mq.float())
+    assert not tma(mq[..., :20], mq[..., :20])  # a 4-column piece: narrower than 16 bytes
+    assert not tma(mq.transpose(2, 3), mq) and not tma(mq, mq[:, :, ::2])  # heads outside rows; uneven tokens
+
+    iq, ik = torch.zeros(2, 20, 3, 8, dtype=torch.bfloat16), torch.zeros(2, 20, 8, dtype=torch.bfloat16)
+    assert index_tiles(iq, ik, torch.empty(2, 16, 20), 16, 16, True)["TMA"]
+    assert not index_tiles(iq, ik, torch.empty(2, 16, 18), 16, 16, True)["TMA"]  # scratch rows of 72 bytes
+    assert not index_tiles(iq[..., :6], ik[..., :6], torch.empty(2, 16, 20), 16, 16, True)["TMA"]  # D = 6
+    assert not index_tiles(iq.float(), ik.float(), torch.empty(2, 16, 20), 16, 16, True)["TMA"]
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_tma_and_pointer_loads_match_the_reference(monkeypatch, tma):
+    """bf16 inputs through TMA descriptors or pointers (TILES 'tma'), main and indexer kernels alike, with one key
+    head broadcast, B = 2, documents, G = 2, scratch chunks and T not a multiple of the tiles (the descriptors read
+    rows past T and past a chunk from the next batch row, layer or chunk row): values and gradients as the
+    reference's, main LSE computed and given."""
+    monkeypatch.setitem(TILES["cpu"], "tma", tma)
+    B, T, HI, D, G, H, Dq, chunk = 2, 28, 2, 8, 2, 3, 24, 16
+    cu = torch.tensor([0, 5, 17, 30, 56], dtype=torch.int32)
+    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.bfloat16, seed=4)
+    mk = mk[:, :, :, :1].clone()
+    assert tma_tiles(mq, mk.expand(-1, -1, -1, H, -1), 8, 32, 16, 8, True)["TMA"]
+    assert index_tiles(*index[:2], torch.empty(B, chunk, T), 16, 16, True)["TMA"]
+    allowed = allowed_keys(B, T, slice(None), None, mq.device, cu_seqlens=cu)
+    scores = torch.einsum("gbthd,gbshd->gbhts", mq.float(), mk.float().expand(-1, -1, -1, H, -1)) * 0.4
+    lse = scores.masked_fill(~allowed[None, :, None], -torch.inf).logsumexp(-1)
+    for main_lse in (None, lse):
+        got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, None, chunk, cu_seqlens=cu,
+                                        main_lse=main_lse)
+        ref_index = [t.detach().float().requires_grad_() for t in index]
+        want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), mk.float(), 0.4, None, None,
+                                          cu_seqlens=cu, main_lse=main_lse)
+        assert_matches_reference(index, got, got_grads, want, want_grads)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
