@@ -31,11 +31,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_centroid_kl(name, T, G, H, dtype, *, B=1, sparse_k=None, docs=None, with_lse=False, fp32_w=False,
-                      tol=2e-2):
-    index, mq, mk = dsa_inputs(T, G, B=B, H=H, dtype=dtype, seed=T)
+                      tol=2e-2, dq=DSA["Dq"]):
+    index, mq, mk = dsa_inputs(T, G, B=B, H=H, Dq=dq, dtype=dtype, seed=T)
     if fp32_w:  # the Distiller's head weights are fp32
         index[2] = index[2].detach().float().requires_grad_()
-    scale = DSA["Dq"] ** -0.5
+    scale = dq ** -0.5
     cu = None if docs is None else torch.tensor(docs, dtype=torch.int32, device="cuda")
     topk = None if sparse_k is None else indexer_topk(*[t.detach() for t in index], sparse_k, cu_seqlens=cu)
     lse = flash_lse(mq, mk, scale) if with_lse else None
@@ -195,6 +195,7 @@ def main() -> int:
         check_topk(4096, DSA["k"]),
         check_topk(1500, 256, B=2, docs=[0, 700, 1900, 3000]),
         check_centroid_kl("dense bf16 T=1500 G=2 H=16", 1500, 2, 16, torch.bfloat16),
+        check_centroid_kl("dense bf16 T=1500 G=2 H=16 Dq=256", 1500, 2, 16, torch.bfloat16, dq=256),  # GLM-5, HY-V4
         check_centroid_kl("dense bf16 T=1100 G=1 H=8 flash-LSE fp32 w", 1100, 1, 8, torch.bfloat16, with_lse=True,
                           fp32_w=True),
         check_centroid_kl("sparse bf16 T=2048 G=4 H=8 k=256", 2048, 4, 8, torch.bfloat16, sparse_k=256),
