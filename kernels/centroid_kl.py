@@ -284,6 +284,7 @@ def _index_logits_kernel(iq, ik, iw, tq, tk, tg, m_ptr, l_ptr, doc_ptr, keys_ptr
     iq_base = iq + b.to(tl.int64) * iq_b
     iw_base = iw + b.to(tl.int64) * iw_b
     k_base = ik + b.to(tl.int64) * ik_b
+    q_row = b * T + r0 + rb * BLOCK_M  # the block's first row in index_q flattened to [B*T, HI*D] (TMA)
     out_rows = logit_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S
     flags = flag_ptr + (b * tl.num_programs(1) + rb).to(tl.int64) * n_kb
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
@@ -295,7 +296,7 @@ def _index_logits_kernel(iq, ik, iw, tq, tk, tg, m_ptr, l_ptr, doc_ptr, keys_ptr
         while nxt < T:
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
-            m, l = _index_logits_tile(iq_base, iw_base, k_base, tq, tk, b * T + r0 + rb * BLOCK_M, b * S, rows,
+            m, l = _index_logits_tile(iq_base, iw_base, k_base, tq, tk, q_row, b * S, rows,
                                       row_ok, n0, sel != 0, m, l, out_rows, flags, HI, D, S, iq_t, iq_h, iq_d, ik_t,
                                       ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT, TMA)
             nxt = tl.min(v, 0)
@@ -305,7 +306,7 @@ def _index_logits_kernel(iq, ik, iw, tq, tk, tg, m_ptr, l_ptr, doc_ptr, keys_ptr
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
             allowed = _causal_in_document(keys, rows, doc, RATIO) & row_ok[:, None]
-            m, l = _index_logits_tile(iq_base, iw_base, k_base, tq, tk, b * T + r0 + rb * BLOCK_M, b * S, rows,
+            m, l = _index_logits_tile(iq_base, iw_base, k_base, tq, tk, q_row, b * S, rows,
                                       row_ok, n0, allowed, m, l, out_rows, flags, HI, D, S, iq_t, iq_h, iq_d, ik_t,
                                       ik_d, iw_t, iw_h, BLOCK_N, DI, PREC, DOT, TMA)
     out = (split * B + b).to(tl.int64) * R + rows - r0
@@ -472,9 +473,10 @@ def _index_dk_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, flag_ptr, dk_ptr,
             row_ok = rows < tl.minimum(r0 + R, T)
             g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[None, :] * S + keys[:, None]
             grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
+            q_row = b * T + r0 + rb * BLOCK_M  # TMA: rows past the chunk read other rows, whose grad_t and wj are 0
             for j in range(HI):
-                if TMA:  # rows past the chunk read other rows, whose grad_t and wj are 0
-                    qj = tq.load([b * T + r0 + rb * BLOCK_M, j * iq_h]).to(DOT)
+                if TMA:
+                    qj = tq.load([q_row, j * iq_h]).to(DOT)
                 else:
                     qj = _load_rows(iq_base + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
                 wj = tl.load(iw_base + rows.to(tl.int64) * iw_t + j * iw_h, mask=row_ok, other=0.0)
@@ -591,8 +593,10 @@ def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor, ratio: int)
     return torch.where(valid, idx, NO_KEY.value).sort(dim=-1).values.contiguous()
 
 
-def index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch, flags) -> torch.Tensor:
-    """The indexer logits of chunk rows r0 .. r0+R into scratch [B, R, S] fp32 at their allowed pairs, flags
+def index_logits(iq, ik, iw, indexer_args, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch,
+                 flags) -> torch.Tensor:
+    """The indexer logits of chunk rows r0 .. r0+R into scratch [B, R, S] fp32 at their allowed pairs (indexer_args:
+    the indexer kernels' strides and descriptors, `index_strides` and `index_tiles`), flags
     [B, row blocks, key blocks] int8 set on the indexer tiles that hold one; returns their natural-log LSE [B, R]
     fp32 over each row's allowed keys (0 for a row without keys, so that its masked-out terms stay finite:
     compressed keys' rows t < ratio - 1, top-k lists without a valid key): `_index_logits_kernel`'s partials over
@@ -608,12 +612,10 @@ def index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R,
     m = torch.empty(splits, B, rows_per_chunk, device=iq.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _index_logits_kernel[(splits, triton.cdiv(R, bm), B)](
-        iq=iq, ik=ik, iw=iw, **index_tiles(iq, ik, scratch, bm, bn, cfg["tma"]), m_ptr=m, l_ptr=l, doc_ptr=doc,
-        keys_ptr=keys, logit_ptr=scratch, flag_ptr=flags, **index_strides(iq, ik, iw), B=B, T=T, HI=HI, D=D, K=K,
-        r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1],
-        split_keys=split_keys, DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
-        SPARSE=sparse, LOG2K=K.bit_length(), RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
+        iq=iq, ik=ik, iw=iw, **indexer_args, m_ptr=m, l_ptr=l, doc_ptr=doc, keys_ptr=keys, logit_ptr=scratch,
+        flag_ptr=flags, B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1], split_keys=split_keys,
+        DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=K.bit_length(),
+        RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"], num_stages=cfg["stages"])
     top = m.amax(0)
     top = torch.where(torch.isinf(top), 0.0, top)
     total = (l * torch.exp2(m - top)).sum(0)
@@ -657,7 +659,6 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
             PREC=prec, DOT=dot, num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
-    indexer_strides = index_strides(iq, ik, iw)
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
@@ -675,13 +676,14 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
         d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
     inv_rows = 1.0 / (B * T)
-    indexer_tiles = index_tiles(iq, ik, scratch, bm, bn, cfg["tma"])
+    indexer_args = dict(**index_strides(iq, ik, iw), **index_tiles(iq, ik, scratch, bm, bn, cfg["tma"]))
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
         chunk_keys = (r0 + R) // ratio  # the keys the chunk's rows can see (rows seeing none: one empty block)
         n_rb, n_kb = triton.cdiv(R, bm), max(1, triton.cdiv(chunk_keys, bn))
         flags = torch.zeros(B, n_rb, n_kb, device=dev, dtype=torch.int8)
-        ilse = index_logits(iq, ik, iw, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch, flags)
+        ilse = index_logits(iq, ik, iw, indexer_args, doc, keys, K, sparse, ratio, cfg, prec, dot, r0, R, scratch,
+                            flags)
         n_crb, n_ckb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
         _centroid_kernel[(n_crb * n_ckb, B)](
             mq=mq, mk=mk, **centroid_tma, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch, ilse_ptr=ilse,
@@ -695,15 +697,13 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         count = flags.sum(-1, dtype=torch.int32)
         order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
         _index_dq_kernel[(HI, n_rb, B)](
-            iq=iq, ik=ik, iw=iw, **indexer_tiles, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq,
-            dw_ptr=d_iw,
-            **indexer_strides, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
+            iq=iq, ik=ik, iw=iw, **indexer_args, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq,
+            dw_ptr=d_iw, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
         splits = max(1, min(n_rb, triton.cdiv(4 * sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
         _index_dk_kernel[(n_kb, triton.cdiv(n_rb, rb_per_split), B)](
-            iq=iq, ik=ik, iw=iw, **indexer_tiles, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, **indexer_strides,
-            T=T, HI=HI, D=D,
+            iq=iq, ik=ik, iw=iw, **indexer_args, grad_ptr=scratch, flag_ptr=flags, dk_ptr=d_ik, T=T, HI=HI, D=D,
             r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, rb_per_split=rb_per_split, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
     loss = loss_rows.sum() * inv_rows
