@@ -8,7 +8,8 @@ Per sequence length T (B=1, H=128, Dq=192, Dv=128, HI=64, D=128, k=2048, bf16):
     profiler (the aten op it dispatched to and its CUDA kernels) and written into the row;
   * fused dense centroid KL forward+backward for G served layers, computing the per-head LSE and with
     `main_lse` given (the LSE the backbone's attention returns: kernels.dense_attention.causal_attention),
-    and the reference where asked; the fused sparse stage on the fused top-k at a few T;
+    and the reference where asked; the fused sparse stage on the fused top-k at a few T. The fused rows take the
+    keys as the job passes them: each head's 128 nope columns and the 64 rope columns once (`main_k_rope`);
   * fused top-k against materialised fp32 scores + torch.topk (bench.bench_topk: GPU correctness checks at
     the real shapes first, a tile sweep, then the rows).
 Time is the median of CUDA-event timings after one untimed call at the same shapes (it compiles the kernels for
@@ -35,7 +36,7 @@ import torch
 import triton
 
 from bench import bench_topk
-from bench.common import DSA, dsa_inputs, materialised_topk, measure, fwd_bwd
+from bench.common import DSA, dsa_inputs, fwd_bwd, job_keys, materialised_topk, measure
 from kernels import reference
 from kernels.centroid_kl import centroid_kl
 from kernels.dense_attention import causal_attention
@@ -101,6 +102,7 @@ def backbone_lse(main_q: torch.Tensor, main_k: torch.Tensor, scale: float) -> to
 def centroid_rows(T: int, groups: list[int], reps: int, reference_max: int, sparse: bool) -> list[dict]:
     torch.cuda.empty_cache()
     index, main_q, main_k = dsa_inputs(T, max(groups))
+    nope, rope = job_keys(main_k)  # the fused rows take the keys as the job passes them
     scale = DSA["Dq"] ** -0.5
     pairs = bench_topk.causal_pairs(T)
     rows = []
@@ -110,14 +112,15 @@ def centroid_rows(T: int, groups: list[int], reps: int, reference_max: int, spar
         print(rows[-1], flush=True)
 
     for G in groups:
-        mq, mk = main_q[:G], main_k[:G]
-        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale), index), reps=reps, warmup=1)
+        mq, mk, mr = main_q[:G], nope[:G], rope[:G]
+        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, main_k_rope=mr), index),
+                                reps=reps, warmup=1)
         add(dict(op="fused_dense_fwd_bwd", T=T, G=G, seconds=seconds, peak_gib=peak), centroid_flops_per_pair(G, False))
     lse = backbone_lse(main_q, main_k, scale)
     for G in groups:
-        mq, mk, lse_g = main_q[:G], main_k[:G], lse[:G]
-        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, main_lse=lse_g), index),
-                                reps=reps, warmup=1)
+        mq, mk, mr, lse_g = main_q[:G], nope[:G], rope[:G], lse[:G]
+        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, main_lse=lse_g, main_k_rope=mr),
+                                        index), reps=reps, warmup=1)
         add(dict(op="fused_dense_fwd_bwd_given_lse", T=T, G=G, seconds=seconds, peak_gib=peak),
             centroid_flops_per_pair(G, True))
     del lse
@@ -129,9 +132,9 @@ def centroid_rows(T: int, groups: list[int], reps: int, reference_max: int, spar
                 centroid_flops_per_pair(G, False))
     if sparse:
         topk = indexer_topk(*[t.detach() for t in index], DSA["k"])
-        mq, mk = main_q[:1], main_k[:1]
-        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, topk), index), reps=reps,
-                                warmup=1)
+        mq, mk, mr = main_q[:1], nope[:1], rope[:1]
+        seconds, peak = measure(fwd_bwd(lambda: centroid_kl(*index, mq, mk, scale, topk, main_k_rope=mr), index),
+                                reps=reps, warmup=1)
         rows.append(dict(op="fused_sparse_fwd_bwd", T=T, G=1, seconds=seconds, peak_gib=peak))
         print(rows[-1], flush=True)
     return rows

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from bench.common import DSA, dsa_inputs, flash_lse
+from bench.common import DSA, dsa_inputs, flash_lse, job_keys
 from bench.real_scale import real_scale_run
 from kernels.reference import allowed_keys
 from kernels import reference
@@ -31,15 +31,18 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_centroid_kl(name, T, G, H, dtype, *, B=1, sparse_k=None, docs=None, with_lse=False, fp32_w=False,
-                      tol=2e-2, dq=DSA["Dq"]):
-    index, mq, mk = dsa_inputs(T, G, B=B, H=H, Dq=dq, dtype=dtype, seed=T)
+                      tol=2e-2, dq=DSA["Dq"], rope=DSA["rope"]):
+    """The fused centroid KL against the reference (fp32) on dsa_inputs; the fused kernels get the keys as the job
+    passes them (`job_keys`: the rope columns once; rope=0: every head's full key)."""
+    index, mq, mk = dsa_inputs(T, G, B=B, H=H, Dq=dq, rope=rope, dtype=dtype, seed=T)
     if fp32_w:  # the Distiller's head weights are fp32
         index[2] = index[2].detach().float().requires_grad_()
     scale = dq ** -0.5
     cu = None if docs is None else torch.tensor(docs, dtype=torch.int32, device="cuda")
     topk = None if sparse_k is None else indexer_topk(*[t.detach() for t in index], sparse_k, cu_seqlens=cu)
     lse = flash_lse(mq, mk, scale) if with_lse else None
-    loss = centroid_kl(*index, mq, mk, scale, topk, cu_seqlens=cu, main_lse=lse)
+    nope, shared = job_keys(mk, rope)
+    loss = centroid_kl(*index, mq, nope, scale, topk, cu_seqlens=cu, main_lse=lse, main_k_rope=shared)
     grads = torch.autograd.grad(loss, index)
     ref_index = [t.detach().float().requires_grad_() for t in index]
     want = reference.centroid_kl(*ref_index, mq.float(), mk.float(), scale, topk, cu_seqlens=cu)
@@ -195,6 +198,7 @@ def main() -> int:
         check_topk(4096, DSA["k"]),
         check_topk(1500, 256, B=2, docs=[0, 700, 1900, 3000]),
         check_centroid_kl("dense bf16 T=1500 G=2 H=16", 1500, 2, 16, torch.bfloat16),
+        check_centroid_kl("dense bf16 T=1500 G=2 H=16 full keys", 1500, 2, 16, torch.bfloat16, rope=0),
         check_centroid_kl("dense bf16 T=1500 G=2 H=16 Dq=256", 1500, 2, 16, torch.bfloat16, dq=256),  # GLM-5, HY-V4
         check_centroid_kl("dense bf16 T=1100 G=1 H=8 flash-LSE fp32 w", 1100, 1, 8, torch.bfloat16, with_lse=True,
                           fp32_w=True),

@@ -6,19 +6,33 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-# DeepSeek-V3.2 / GLM-5 (DESIGN.md section 3): main heads, MLA q/k head dim, indexer heads and dim, top-k.
-DSA = dict(H=128, Dq=192, HI=64, D=128, k=2048)
+# DeepSeek-V3.2 / GLM-5 (DESIGN.md section 3): main heads, MLA q/k head dim and its rope part, indexer heads and dim,
+# top-k.
+DSA = dict(H=128, Dq=192, rope=64, HI=64, D=128, k=2048)
 
 
 def dsa_inputs(T: int, G: int, *, B: int = 1, H: int = DSA["H"], Dq: int = DSA["Dq"], HI: int = DSA["HI"],
-               D: int = DSA["D"], dtype=torch.bfloat16, device="cuda", seed: int = 0):
+               D: int = DSA["D"], rope: int = DSA["rope"], dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """([index_q, index_k, index_w] requiring grad, main_q, main_k [G, B, T, H, Dq]) at the backbone's scales:
-    unit-variance q/k (scores scaled by Dq^-0.5 spread over a few nats), index_w with the HI^-0.5 D^-0.5 fold-in."""
+    unit-variance q/k (scores scaled by Dq^-0.5 spread over a few nats), index_w with the HI^-0.5 D^-0.5 fold-in;
+    main_k's last `rope` columns the same for every head, as MLA's rope keys are (`job_keys` splits them off)."""
     g = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
     index_w = rand(B, T, HI) * (HI ** -0.5 * D ** -0.5)
     index = [rand(B, T, HI, D), rand(B, T, D), index_w]
-    return [t.requires_grad_() for t in index], rand(G, B, T, H, Dq).mul_(1.5), rand(G, B, T, H, Dq).mul_(1.5)
+    main_q, main_k = rand(G, B, T, H, Dq).mul_(1.5), rand(G, B, T, H, Dq).mul_(1.5)
+    if rope:
+        main_k[..., Dq - rope:] = main_k[..., :1, Dq - rope:].clone()
+    return [t.requires_grad_() for t in index], main_q, main_k
+
+
+def job_keys(main_k: torch.Tensor, rope: int = DSA["rope"]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(main_k, main_k_rope) as the job's capture keeps `dsa_inputs`' keys [G, B, T, H, Dq]: each head's first
+    Dq - rope columns [G, B, T, H, Dq - rope] and the rope columns once [G, B, T, 1, rope]; (main_k, None) if rope
+    is 0."""
+    if not rope:
+        return main_k, None
+    return main_k[..., :-rope].contiguous(), main_k[..., :1, -rope:].contiguous()
 
 
 def flash_lse(main_q: torch.Tensor, main_k: torch.Tensor, scale: float) -> torch.Tensor:

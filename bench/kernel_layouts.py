@@ -12,7 +12,8 @@ every tensor-core dot. With `sparse_split_scores` the two score dots ([64 heads,
 on a 64-row tile has both warpgroups compute the whole tile. tests/test_kernel_sparse.py checks both.
 
 --centroid compiles `kernels.centroid_kl._centroid_kernel` (T = 16K, G = 1, TILES['cuda']) and prints the order of
-the copy waits, dots, exps and copies in its head loop: which copies may still be in flight while a head computes.
+the copy waits, dots, exps and copies in its head loop: which copies may still be in flight while a head computes;
+the rope key columns are given once for all heads (main_k_rope) unless --expanded-keys.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.centroid_kl import TILES, _centroid_kernel, _pow2_pieces, tma_tiles, wide_head_tiles
+from kernels.centroid_kl import TILES, _centroid_kernel, key_pieces, tma_tiles, wide_head_tiles
 from kernels.sparse_attention import _sparse_mqa_kernel, attention_tiles
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
@@ -116,21 +117,31 @@ def sparse_attention(split: bool, *, T: int = 131072, H: int = 128, K: int = 204
     return compile_for(_sparse_mqa_kernel, args, num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
 
 
-def centroid(*, T: int = 16384, G: int = 1, H: int = 128, dq: int = 192, tma: bool | None = None):
+def centroid(*, T: int = 16384, G: int = 1, H: int = 128, nope: int = 128, rope: int = 64, tma: bool | None = None,
+             shared_rope: bool = True):
     """`_centroid_kernel` compiled for sm_90 at DeepSeek-V3.2's MLA shapes (dense stage) with TILES['cuda'] as the
-    launcher adapts them to dq; tma: whether q and k tiles come through TMA descriptors (default: TILES['cuda'])."""
+    launcher adapts them to Dq = nope + rope; tma: whether q and k tiles come through TMA descriptors (default:
+    TILES['cuda']); shared_rope: main_k's rope columns given once for all heads (main_k_rope, as the job passes
+    them), else main_k expanded to every head's nope + rope."""
+    dq = nope + rope
     cfg = wide_head_tiles(TILES["cuda"], dq)
-    da, db = _pow2_pieces(dq, cfg["min_dot"])
     bm, bn = cfg["centroid_block_m"], cfg["centroid_block_n"]
-    main = torch.empty(G, 1, T, H, dq, dtype=torch.bfloat16, device="meta")
-    descriptors = tma_tiles(main, main, bm, bn, da, db, cfg["tma"] if tma is None else tma)  # and TMA
+    main_q = torch.empty(G, 1, T, H, dq, dtype=torch.bfloat16, device="meta")
+    if shared_rope:
+        main_k, main_k_rope = main_q[..., :nope], torch.empty(G, 1, T, 1, rope, dtype=torch.bfloat16, device="meta")
+    else:
+        main_k, main_k_rope = main_q, None
+    pieces = key_pieces(main_k, main_k_rope, H, cfg["min_dot"])
+    mk, mr = pieces.pop("mk"), pieces.pop("mr")
+    descriptors = tma_tiles(main_q, mk, mr, bm, bn, pieces["DA"], pieces["DB"],
+                            cfg["tma"] if tma is None else tma)  # and TMA
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))
-    strides = dict(g=T * H * dq, b=T * H * dq, t=H * dq, h=dq, d=1)
-    args = dict(mq=bf16, mk=bf16, **descriptors, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, grad_ptr=f32,
-                ilse_ptr=f32, loss_ptr=f32,
-                **{f"s{x}_{k}": v for x in "qk" for k, v in strides.items()},
+    strides = {f"{name}_{dim}": stride for name, x in (("sq", main_q), ("sk", mk), ("sr", mr))
+               for dim, stride in zip("gbthd", x.stride())}
+    args = dict(mq=bf16, mk=bf16, mr=bf16, **descriptors, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, grad_ptr=f32,
+                ilse_ptr=f32, loss_ptr=f32, **strides,
                 B=1, T=T, G=G, H=H, K=1, DQ=dq, r0=0, R=T, n_rb=triton.cdiv(T, bm), n_kb=triton.cdiv(T, bn),
-                scale_log2=0.1, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"],
+                scale_log2=0.1, inv_gh=1.0 / (G * H), **pieces, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"],
                 SPARSE=False, LOG2K=1, RATIO=1, WRITE_GRAD=True, PREC="tf32", DOT=tl.bfloat16)
     return compile_for(_centroid_kernel, args, num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
 
@@ -140,9 +151,11 @@ def main() -> None:
     parser.add_argument("--ptxas", action="store_true", help="also print registers and spills")
     parser.add_argument("--json", action="store_true", help="one JSON object: split -> dot layouts")
     parser.add_argument("--centroid", action="store_true", help="the dense centroid kernel's head loop instead")
+    parser.add_argument("--expanded-keys", action="store_true",
+                        help="with --centroid: main_k with the rope columns copied to every head (no main_k_rope)")
     args = parser.parse_args()
     if args.centroid:
-        compiled = centroid()
+        compiled = centroid(shared_rope=not args.expanded_keys)
         print("centroid kernel, head loop:", ", ".join(loop_schedule(compiled)))
         print(f"  shared memory {compiled.metadata.shared} B" + (f"; ptxas: {ptxas_usage(compiled)}" if args.ptxas
                                                                    else ""))

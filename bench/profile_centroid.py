@@ -3,6 +3,7 @@ backward at DeepSeek-V3.2 shapes, against the default SDPA forward on MLA's real
 
     python -m bench.profile_centroid --seq-len 32768 --groups 1 4
     python -m bench.profile_centroid --seq-len 16384 --against tma=0 --against lse_stages=3   # A/B in one run
+    python -m bench.profile_centroid --seq-len 16384 --against-expanded-keys   # rope keys once vs per head
 
 Per kernel, FLOPs per causal key pair (a multiply-add counts 2; H = 128, Dq = 192, HI = 64, D = 128):
   _main_lse_kernel      G * 2 H Dq         (skipped with main_lse)
@@ -10,10 +11,13 @@ Per kernel, FLOPs per causal key pair (a multiply-add counts 2; H = 128, Dq = 19
   _centroid_kernel      G * 2 H Dq         (the served layers' head scores: pbar; the KL terms and dL/dI against I)
   _index_dq_kernel      2 * 2 HI D         (recompute the head dots, then dS . kI)
   _index_dk_kernel      2 * 2 HI D         (recompute, then dS^T . qI)
+The keys are passed as the job passes them: each head's nope columns and the rope columns once (main_k_rope).
 The centroid kernel also prints the rate at which it reads its q and k tiles: each (row block, key block) tile
-with a causal pair reads G H (BLOCK_M + BLOCK_N) Dq bf16 values (bench.l2_bandwidth measures the ceiling).
+with a causal pair reads G H (BLOCK_M Dq + BLOCK_N (Dq - rope)) + G BLOCK_N rope bf16 values (G H (BLOCK_M +
+BLOCK_N) Dq with the keys expanded to every head; bench.l2_bandwidth measures the ceiling).
 --against KEY=VALUE[,KEY=VALUE]: also profile under those kernels.centroid_kl.TILES['cuda'] overrides (integer
 values), after the defaults in the same run, each kernel's time printed against the defaults'.
+--against-expanded-keys: also profile with main_k holding every head's full key (no main_k_rope), the same way.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_kernels import SDPA_FLOPS_PER_PAIR, backbone_lse, sdpa_default_forward
-from bench.common import DSA, dsa_inputs, fwd_bwd
+from bench.common import DSA, dsa_inputs, fwd_bwd, job_keys
 from kernels.centroid_kl import TILES, centroid_kl, wide_head_tiles
 
 MAIN = 2 * DSA["H"] * DSA["Dq"]
@@ -36,12 +40,14 @@ KERNEL_FLOPS = {"_main_lse_kernel": lambda G: G * MAIN, "_centroid_kernel": lamb
                 "_index_dk_kernel": lambda G: 2 * INDEX}
 
 
-def centroid_tile_bytes(T: int, G: int) -> int:
-    """Bytes of q and k tiles `_centroid_kernel` reads at T (bf16, the GPU's tiles, tiles with a causal pair)."""
+def centroid_tile_bytes(T: int, G: int, expanded: bool) -> int:
+    """Bytes of q and k tiles `_centroid_kernel` reads at T (bf16, the GPU's tiles, tiles with a causal pair): the
+    rope keys once per layer and tile, or (expanded) with every head."""
     tiles = wide_head_tiles(TILES["cuda"], DSA["Dq"])
     bm, bn = tiles["centroid_block_m"], tiles["centroid_block_n"]
     causal = sum(min(triton.cdiv(T, bn), ((rb + 1) * bm - 1) // bn + 1) for rb in range(triton.cdiv(T, bm)))
-    return causal * G * DSA["H"] * (bm + bn) * DSA["Dq"] * 2
+    H, Dq, rope = DSA["H"], DSA["Dq"], 0 if expanded else DSA["rope"]
+    return causal * G * (H * (bm * Dq + bn * (Dq - rope)) + bn * rope) * 2
 
 
 def kernel_times(run) -> dict[str, float]:
@@ -54,18 +60,22 @@ def kernel_times(run) -> dict[str, float]:
     return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def profile_runs(T: int, groups: list[int], sdpa_seconds: float, defaults: dict | None = None) -> list[dict]:
-    """Per-kernel GPU ms of one forward + backward at T for each G in groups, main LSE computed and given; against
-    `defaults` (the rows of the same profile under the default tiles), each kernel's ratio printed too."""
+def profile_runs(T: int, groups: list[int], sdpa_seconds: float, defaults: dict | None = None,
+                 expanded: bool = False) -> list[dict]:
+    """Per-kernel GPU ms of one forward + backward at T for each G in groups, main LSE computed and given, the rope
+    keys given once (or, expanded, in every head's key); against `defaults` (the rows of the same profile under the
+    default tiles and keys), each kernel's ratio printed too."""
     pairs = T * (T + 1) / 2
     index, main_q, main_k = dsa_inputs(T, max(groups))
     scale = DSA["Dq"] ** -0.5
+    keys, keys_rope = job_keys(main_k, 0 if expanded else DSA["rope"])
     runs = []
     for G in groups:
         lse = backbone_lse(main_q[:G], main_k[:G], scale)
+        rope = None if keys_rope is None else keys_rope[:G]
         for given in (False, True):
-            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], scale,
-                                              main_lse=lse if given else None), index)
+            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], keys[:G], scale, main_lse=lse if given else None,
+                                              main_k_rope=rope), index)
             times = kernel_times(run)
             total = sum(times.values())
             base = next((r for r in defaults or [] if (r["G"], r["main_lse_given"]) == (G, given)), None)
@@ -80,7 +90,7 @@ def profile_runs(T: int, groups: list[int], sdpa_seconds: float, defaults: dict 
                     continue
                 rate = f"  {pairs * flops / (ms / 1e3) / 1e12:.0f} TFLOP/s"
                 if "_centroid_kernel" in name:
-                    rate += f", q/k tiles read at {centroid_tile_bytes(T, G) / (ms / 1e3) / 1e12:.2f} TB/s"
+                    rate += f", q/k tiles read at {centroid_tile_bytes(T, G, expanded) / (ms / 1e3) / 1e12:.2f} TB/s"
                 if base is not None and name[:120] in base["kernels"]:
                     rate += f", {base['kernels'][name[:120]]['ms'] / ms:.2f}x the defaults"
                 print(f"    {ms:9.2f} ms  {name[:90]}{rate}", flush=True)
@@ -105,6 +115,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--against", action="append", default=[], type=parse_override, metavar="KEY=VALUE[,...]",
                         help="also profile under these TILES['cuda'] overrides, in the same run (repeatable)")
+    parser.add_argument("--against-expanded-keys", action="store_true",
+                        help="also profile with every head's full key in main_k (no main_k_rope), in the same run")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args()
 
@@ -122,6 +134,9 @@ def main() -> None:
         rows.setdefault("against", []).append(dict(tiles=override, runs=profile_runs(T, args.groups, sdpa["seconds"],
                                                                                      rows["runs"])))
     TILES["cuda"] = defaults
+    if args.against_expanded_keys:
+        print("keys expanded to every head:", flush=True)
+        rows["against_expanded_keys"] = profile_runs(T, args.groups, sdpa["seconds"], rows["runs"], expanded=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

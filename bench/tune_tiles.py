@@ -18,7 +18,7 @@ import torch
 
 from bench.bench_topk import SWEEP
 from bench.check_kernels import relative_error
-from bench.common import DSA, dsa_inputs, flash_lse, fwd_bwd, measure
+from bench.common import DSA, dsa_inputs, flash_lse, fwd_bwd, job_keys, measure
 from kernels.centroid_kl import TILES, centroid_kl
 from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
@@ -125,10 +125,12 @@ def main() -> None:
         index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
         scale = DSA["Dq"] ** -0.5
         lse = flash_lse(main_q, main_k, scale)  # as the job runs it: the backbone's attention hands over its LSE
+        main_k, main_k_rope = job_keys(main_k)
         for G in args.groups:
-            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], scale, main_lse=lse[:G]), index)
+            run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], scale, main_lse=lse[:G],
+                                              main_k_rope=main_k_rope[:G]), index)
             time_candidates(f"centroid_kl T={args.seq_len} G={G}", CANDIDATES, defaults, run)
-        index, main_q, main_k, lse = None, None, None, None
+        index, main_q, main_k, main_k_rope, lse = None, None, None, None, None
         torch.cuda.empty_cache()
     if "topk" in args.ops:
         iq, ik, iw = [t.detach() for t in dsa_inputs(args.topk_seq_len, 1, H=1)[0]]

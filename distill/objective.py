@@ -129,7 +129,9 @@ class GroupLosses(Capture):
         self.centroid_kl = centroid_kl_fn(distiller.kernel, device)
         self.sparse_centroid_kl = sparse_centroid_kl_fn(distiller.kernel, device)
         self.projections: dict[int, Projections] = {}
-        self.dense: dict[int, dict] = {}           # F layer -> main_q, main_k [G, B, T, H, Dq], main_lse [G, B, H, T]
+        # F layer -> main_q [G, B, T, H, Dq], main_k [G, B, T, H, Dq - Dr], main_k_rope [G, B, T, 1, Dr] (the key
+        # columns all heads share, or None), main_lse [G, B, H, T]
+        self.dense: dict[int, dict] = {}
         self.targets: dict[int, torch.Tensor] = {}  # F layer -> [B, T, K] fp32 sparse centroid
         self.losses: dict[int, torch.Tensor] = {}
         self.recall: dict[int, torch.Tensor] = {}   # F layer -> sum over rows of the centroid mass in its top-k
@@ -158,9 +160,13 @@ class GroupLosses(Capture):
             return
         members = self.served[f]
         g = members.index(layer)
+        rope = forms.shared_keys
+        if rope is not None:  # one copy of the columns all heads share
+            k = k[..., :k.shape[-1] - rope.shape[-1]]
         if g == 0:
             G = len(members)
             self.dense[f] = {"main_q": q.new_empty(G, *q.shape), "main_k": k.new_empty(G, *k.shape),
+                             "main_k_rope": None if rope is None else rope.new_empty(G, *rope.shape),
                              "main_lse": lse.new_empty(G, *lse.shape), "scale": forms.scale,
                              "ratio": forms.key_ratio}
         group = self.dense[f]
@@ -168,6 +174,8 @@ class GroupLosses(Capture):
             raise ValueError(f"layers {members} use different attention scales ({group['scale']}, {forms.scale})")
         group["main_q"][g].copy_(q)
         group["main_k"][g].copy_(k)
+        if rope is not None:
+            group["main_k_rope"][g].copy_(rope)
         group["main_lse"][g].copy_(lse)
         if self.with_recall:
             self._add_recall(f, self.topk_mass(forms, self.topk[f], dense_lse=lse))
@@ -191,4 +199,4 @@ class GroupLosses(Capture):
                 group = self.dense.pop(f)
                 self.losses[f] = self.centroid_kl(*projections, group["main_q"], group["main_k"], group["scale"],
                                                   None, cu_seqlens=self.cu_seqlens, main_lse=group["main_lse"],
-                                                  ratio=group["ratio"])
+                                                  ratio=group["ratio"], main_k_rope=group["main_k_rope"])

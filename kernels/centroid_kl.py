@@ -5,7 +5,8 @@
     I_t(s)    = sum_j w_{t,j} relu(qI_{t,j} . kI_s)
 
 Shapes: index_q [B, T, HI, D], index_k [B, S, D], index_w [B, T, HI], main_q [G, B, T, H, Dq], main_k
-[G, B, S, H or 1, Dq] (one key head: broadcast to the H query heads), topk_indices [B, T, K] (-1 = no key),
+[G, B, S, H or 1, Dq] (one key head: broadcast to the H query heads; or [.., Dq - Dr] with main_k_rope [G, B, S,
+1, Dr] the columns all heads share, MLA's rope part), topk_indices [B, T, K] (-1 = no key),
 cu_seqlens int [num_docs + 1] (offsets over the flattened B*T tokens; see kernels.reference), main_lse
 [G, B, H, T] (natural log, over the allowed keys). Keys: S = T tokens (ratio 1), or S = T // ratio compressed
 entries (DeepSeek-V4's CSA; no documents), key s covering tokens s*ratio .. s*ratio + ratio - 1, seen by row t
@@ -38,7 +39,9 @@ enters the gradient dots as bf16 for bf16 inputs and as fp32 (TF32) for fp16, wh
 underflow. Tile shapes (TILES) were chosen with bench/tune_tiles.py; timings are in docs/BENCHMARKS.md.
 On Hopper GPUs (and the CPU interpreter) bf16/fp16 tiles of main q/k, index q/k and of the scratch (in d qI) are
 read by TMA through TensorDescriptors over the tensors flattened to rows of tokens (`tma_tiles`, `index_tiles`),
-where their strides allow it; otherwise, and with TILES 'tma' off, through pointers.
+where their strides allow it; otherwise, and with TILES 'tma' off, through pointers. A key column piece all heads
+share (main_k_rope, MLA's rope part; all of a one-head main_k) is read once per served layer and tile, not once per
+head (`key_pieces`): at DeepSeek-V3.2's shapes a head's q and k tiles are 80 KiB instead of 96.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.reference import _check_shapes, check_ratio, document_starts
+from kernels.reference import _check_shapes, check_ratio, document_starts, joined_keys
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # globals that kernels read must be constexpr
@@ -149,31 +152,31 @@ def _sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N: tl.constexpr, LOG2
 
 
 @triton.jit
-def _main_scores(qa, qb, k_base, tk_a, tk_b, k_row, k_col, keys, key_ok, stride_t, stride_d,
-                 DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
-                 DOT: tl.constexpr, TMA: tl.constexpr):
-    """q . k for one head: q given as column pieces qa [M, DA], qb [M, DB]; k rows `keys` -> [M, N] fp32. TMA: k
-    read through the k descriptors tk_a, tk_b at row k_row, column k_col of the flattened keys (`tma_tiles`; rows
-    past the keys hold other rows' keys, which the caller masks), else from k_base."""
+def _key_piece(base, desc, row, col, keys, key_ok, stride_t, stride_d, DW: tl.constexpr, WIDTH: tl.constexpr,
+               DOT: tl.constexpr, TMA: tl.constexpr):
+    """[N, DW] tile of one column piece (WIDTH columns, zeros past them) of the keys `keys` of one head: through
+    the descriptor desc at its row `row`, column `col` (TMA; rows past the keys hold other rows' keys, which the
+    caller masks), else from base (the head's first column of the piece)."""
     if TMA:
-        ka = tk_a.load([k_row, k_col]).to(DOT)
-    else:
-        ka = _load_rows(k_base, keys, key_ok, stride_t, stride_d, 0, DA, DQ, DOT)
+        return desc.load([row, col]).to(DOT)
+    return _load_rows(base, keys, key_ok, stride_t, stride_d, 0, DW, WIDTH, DOT)
+
+
+@triton.jit
+def _main_scores(qa, qb, ka, kb, DB: tl.constexpr, PREC: tl.constexpr):
+    """q . k of one head from its column pieces: qa [M, DA] . ka [N, DA] (+ qb [M, DB] . kb [N, DB]) -> [M, N]
+    fp32."""
     s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
     if DB > 0:
-        if TMA:
-            kb = tk_b.load([k_row, k_col + DA]).to(DOT)
-        else:
-            kb = _load_rows(k_base, keys, key_ok, stride_t, stride_d, DA, DB, DQ, DOT)
         s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
     return s
 
 
 @triton.jit
-def _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_h,
+def _head_query(mq, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d,
                 DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
-    """(qa [M, DA], qb [M, DB] (qa when DB = 0): head h of served layer g's queries at `rows` (row0 the first), in
-    two column pieces; the base pointer of its keys). TMA: read through the q descriptors tq_a, tq_b."""
+    """(qa [M, DA], qb [M, DB] (qa when DB = 0)): head h of served layer g's queries at `rows` (row0 the first), in
+    two column pieces. TMA: read through the q descriptors tq_a, tq_b."""
     if TMA:
         r = (g * B + b) * T + row0
         qa = tq_a.load([r, h * sq_h]).to(DOT)
@@ -181,12 +184,24 @@ def _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_
         if DB > 0:
             qb = tq_b.load([r, h * sq_h + DA]).to(DOT)
     else:
-        q_base = mq + g.to(tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+        q_base = mq + tl.cast(g, tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
         qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
         qb = qa
         if DB > 0:
             qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
-    return qa, qb, mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
+    return qa, qb
+
+
+@triton.jit
+def _scores_reading_b(qa, qb, key_a, kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB: tl.constexpr,
+                      WB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
+    """q . k of one head (`_main_scores`) with its key piece b read after the first dot, which then need not wait
+    for that copy: from kb_base, or through tk_b at (row, col_b) (`_key_piece`)."""
+    s = tl.dot(qa, tl.trans(key_a), input_precision=PREC)
+    if DB > 0:
+        key_b = _key_piece(kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
+        s += tl.dot(qb, tl.trans(key_b), input_precision=PREC)
+    return s
 
 
 @triton.jit
@@ -218,13 +233,14 @@ def _online_lse(m, l, s):
 
 
 @triton.jit
-def _main_lse_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr,
-                     sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
+def _main_lse_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr,
+                     sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d, sr_g, sr_b, sr_t, sr_h, sr_d,
                      B, T, H, K, DQ: tl.constexpr, scale_log2,
-                     DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr, PREC: tl.constexpr,
-                     DOT: tl.constexpr, TMA: tl.constexpr):
-    """lse2 [G, B, H, T] (base 2) of scale*q.k over each row's allowed keys; grid (row blocks, G*B*H)."""
+                     DA: tl.constexpr, DB: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr,
+                     PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
+    """lse2 [G, B, H, T] (base 2) of scale*q.k over each row's allowed keys; grid (row blocks, G*B*H). Keys: piece a
+    from mk, piece b from mr (`key_pieces`)."""
     rb = tl.program_id(0)
     ghb = tl.program_id(1)
     S = T // RATIO
@@ -233,8 +249,10 @@ def _main_lse_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr,
     g = ghb // (H * B)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    qa, qb, k_base = _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, rb * BLOCK_M, rows, row_ok, sq_g, sq_b, sq_t, sq_h,
-                                 sq_d, sk_g, sk_b, sk_h, DA, DB, DQ, DOT, TMA)
+    qa, qb = _head_query(mq, tq_a, tq_b, g, b, h, B, T, rb * BLOCK_M, rows, row_ok, sq_g, sq_b, sq_t, sq_h, sq_d,
+                         DA, DB, DQ, DOT, TMA)
+    ka_base = mk + g.to(tl.int64) * sk_g + b.to(tl.int64) * sk_b + h * sk_h
+    kb_base = mr + g.to(tl.int64) * sr_g + b.to(tl.int64) * sr_b + h * sr_h
     k_row = (g * B + b) * S
     doc = tl.load(doc_ptr + b * T + rows, mask=row_ok, other=T)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -246,8 +264,9 @@ def _main_lse_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr,
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             keys = n0 + tl.arange(0, BLOCK_N)
-            s = _main_scores(qa, qb, k_base, tk_a, tk_b, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, DB, DQ,
-                             PREC, DOT, TMA)
+            key_a = _key_piece(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
+            s = _scores_reading_b(qa, qb, key_a, kb_base, tk_b, k_row + n0, h * sr_h, keys, keys < S, sr_t, sr_d, DB,
+                                  WB, PREC, DOT, TMA)
             m, l = _online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
             nxt = tl.min(v, 0)
     else:
@@ -255,8 +274,9 @@ def _main_lse_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr,
         hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            s = _main_scores(qa, qb, k_base, tk_a, tk_b, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, DB, DQ,
-                             PREC, DOT, TMA)
+            key_a = _key_piece(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
+            s = _scores_reading_b(qa, qb, key_a, kb_base, tk_b, k_row + n0, h * sr_h, keys, keys < S, sr_t, sr_d, DB,
+                                  WB, PREC, DOT, TMA)
             allowed = _causal_in_document(keys, rows, doc, RATIO)
             m, l = _online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
     tl.store(lse_ptr + ghb.to(tl.int64) * T + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
@@ -364,32 +384,47 @@ def _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M: tl.const
 
 
 @triton.jit
-def _centroid_kernel(mq, mk, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, loss_ptr,
-                     sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d,
+def _centroid_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_ptr, grad_ptr, ilse_ptr, loss_ptr,
+                     sq_g, sq_b, sq_t, sq_h, sq_d, sk_g, sk_b, sk_t, sk_h, sk_d, sr_g, sr_b, sr_t, sr_h, sr_d,
                      B, T, G, H, K, DQ: tl.constexpr, r0, R, n_rb, n_kb, scale_log2, inv_gh,
-                     DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DA: tl.constexpr, DB: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, A_SHARED: tl.constexpr,
+                     B_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      GROUP: tl.constexpr, SPARSE: tl.constexpr, LOG2K: tl.constexpr, RATIO: tl.constexpr,
                      WRITE_GRAD: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """One (row block, key block) tile of chunk rows r0 .. r0+R: the centroid pbar = 1/(G H) sum_{g,h}
     exp2(scale_log2 q.k - lse2), and against the indexer logits I in the scratch [B, R, S] fp32
     (`_index_logits_kernel`) and their LSE ilse [B, R]: the rows' KL terms into loss [B, T], and (WRITE_GRAD)
-    dL/dI = softmax(I) - pbar over I in the scratch (0 at the tile's pairs that are not allowed)."""
+    dL/dI = softmax(I) - pbar over I in the scratch (0 at the tile's pairs that are not allowed).
+    Keys: piece a from mk, piece b from mr (`key_pieces`); a piece all heads share (A_SHARED, B_SHARED: head
+    stride 0) is read once per served layer, not once per head."""
     b = tl.program_id(1)
     S = T // RATIO
     rb, kb, rows, keys, row_ok, key_ok, allowed = _chunk_tile(doc_ptr, keys_ptr, b, T, K, r0, R, n_rb, n_kb, BLOCK_M,
                                                               BLOCK_N, GROUP, SPARSE, LOG2K, RATIO)
     if tl.max(allowed.to(tl.int32)) > 0:
         pbar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for gh in range(G * H):
-            g = gh // H
-            h = gh % H
-            qa, qb, k_base = _head_query(mq, mk, tq_a, tq_b, g, b, h, B, T, r0 + rb * BLOCK_M, rows, row_ok, sq_g, sq_b,
-                                         sq_t, sq_h, sq_d, sk_g, sk_b, sk_h, DA, DB, DQ, DOT, TMA)
-            # before the dots, so that its latency hides behind them (one program fills the SM)
-            lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-            s = _main_scores(qa, qb, k_base, tk_a, tk_b, (g * B + b) * S + kb * BLOCK_N, h * sk_h, keys, key_ok,
-                             sk_t, sk_d, DA, DB, DQ, PREC, DOT, TMA)
-            pbar += tl.exp2(s * scale_log2 - lse[:, None])
+        for g in range(G):
+            k_row = (g * B + b) * S + kb * BLOCK_N
+            ka_layer = mk + tl.cast(g, tl.int64) * sk_g + b.to(tl.int64) * sk_b
+            kb_layer = mr + tl.cast(g, tl.int64) * sr_g + b.to(tl.int64) * sr_b
+            if A_SHARED:  # read once for the layer's heads
+                key_a = _key_piece(ka_layer, tk_a, k_row, 0, keys, key_ok, sk_t, sk_d, DA, WA, DOT, TMA)
+            if B_SHARED and DB > 0:
+                key_b = _key_piece(kb_layer, tk_b, k_row, 0, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
+            for h in range(H):
+                qa, qb = _head_query(mq, tq_a, tq_b, g, b, h, B, T, r0 + rb * BLOCK_M, rows, row_ok, sq_g, sq_b,
+                                     sq_t, sq_h, sq_d, DA, DB, DQ, DOT, TMA)
+                # before the dots, so that its latency hides behind them (one program fills the SM)
+                lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+                if not A_SHARED:
+                    key_a = _key_piece(ka_layer + h * sk_h, tk_a, k_row, h * sk_h, keys, key_ok, sk_t, sk_d, DA,
+                                       WA, DOT, TMA)
+                if B_SHARED and DB > 0:
+                    s = _main_scores(qa, qb, key_a, key_b, DB, PREC)
+                else:
+                    s = _scores_reading_b(qa, qb, key_a, kb_layer + h * sr_h, tk_b, k_row, h * sr_h, keys, key_ok,
+                                          sr_t, sr_d, DB, WB, PREC, DOT, TMA)
+                pbar += tl.exp2(s * scale_log2 - lse[:, None])
         pbar = tl.where(allowed, pbar * inv_gh, 0.0)
         ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
         ilse = tl.load(ilse_ptr + b.to(tl.int64) * R + rows - r0, mask=row_ok, other=0.0)
@@ -517,9 +552,10 @@ def index_strides(iq: torch.Tensor, ik: torch.Tensor, iw: torch.Tensor) -> dict:
 
 
 def row_tiles(x: torch.Tensor, lead: int, block: tuple[int, int]) -> TensorDescriptor | None:
-    """A TensorDescriptor of `block` tiles of x flattened to [prod(x.shape[:lead]), x.stride(lead - 1)]: one row per
-    index of the first `lead` dims, the others side by side in it (column = their offset, e.g. h * head stride + d),
-    or None where x does not flatten so: the lead dims not evenly spaced, a later dim reaching outside its row, the
+    """A TensorDescriptor of `block` tiles of x flattened to rows of x.stride(lead - 1) elements: one row per index of
+    the first `lead` dims, the others side by side in it (column = their offset, e.g. h * head stride + d; as many
+    columns as they reach, so that a column slice of a wider tensor, e.g. main_k[..., 128:], reads inside it), or
+    None where x does not flatten so: the lead dims not evenly spaced, a later dim reaching outside its row, the
     last dim not contiguous, a row or the data not 16-byte aligned, a tile row narrower than 16 bytes, or no
     elements. Tiles past the last row or column hold TMA's zeros."""
     if x.numel() == 0:
@@ -531,7 +567,7 @@ def row_tiles(x: torch.Tensor, lead: int, block: tuple[int, int]) -> TensorDescr
     aligned = (width * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and block[1] * x.element_size() >= 16
     if not (even and inside and aligned):
         return None
-    return TensorDescriptor(x, [math.prod(x.shape[:lead]), width], [width, 1], list(block))
+    return TensorDescriptor(x, [math.prod(x.shape[:lead]), reach + 1], [width, 1], list(block))
 
 
 def tma_ready(x: torch.Tensor, enabled: bool) -> bool:
@@ -541,19 +577,42 @@ def tma_ready(x: torch.Tensor, enabled: bool) -> bool:
             and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9))
 
 
-def tma_tiles(mq: torch.Tensor, mk: torch.Tensor, bm: int, bn: int, da: int, db: int, enabled: bool) -> dict:
+def tma_tiles(mq: torch.Tensor, mk: torch.Tensor, mr: torch.Tensor, bm: int, bn: int, da: int, db: int,
+              enabled: bool) -> dict:
     """The main kernels' descriptor arguments and TMA flag: tq_a, tq_b, tk_a, tk_b, `row_tiles` of q [bm, da],
-    q [bm, db], k [bn, da] and k [bn, db] (the `da` ones again when db = 0) over main_q [G, B, T, H, Dq] and main_k
-    [G, B, S, H or 1 (head stride 0), Dq] flattened to [G*B*T, token row]; rows past T (keys past S) read the next
-    layer's or batch row's tokens, which the kernels mask like any pair they do not allow. All None (TMA False: the
-    kernels read through pointers) unless `tma_ready`, the column pieces make up Dq in TMA boxes (<= 256 wide), and
-    both tensors flatten."""
+    q [bm, db], k piece a [bn, da] and k piece b [bn, db] (the `da` ones again when db = 0) over main_q [G, B, T, H,
+    Dq] and the key pieces mk, mr [G, B, S, H (head stride 0 if shared), *] (`key_pieces`) flattened to [G*B*T, token
+    row]; rows past T (keys past S) read the next layer's or batch row's tokens, which the kernels mask like any
+    pair they do not allow. All None (TMA False: the kernels read through pointers) unless `tma_ready`, the column
+    pieces make up Dq in TMA boxes (<= 256 wide), and all three tensors flatten."""
     pointers = dict(tq_a=None, tq_b=None, tk_a=None, tk_b=None, TMA=False)
     if not tma_ready(mq, enabled) or da + db != mq.shape[-1] or max(da, db) > 256:
         return pointers
     tiles = dict(tq_a=row_tiles(mq, 3, (bm, da)), tq_b=row_tiles(mq, 3, (bm, db or da)),
-                 tk_a=row_tiles(mk, 3, (bn, da)), tk_b=row_tiles(mk, 3, (bn, db or da)))
+                 tk_a=row_tiles(mk, 3, (bn, da)), tk_b=row_tiles(mr, 3, (bn, db or da)))
     return pointers if None in tiles.values() else dict(tiles, TMA=True)
+
+
+def key_pieces(mk: torch.Tensor, mk_rope: torch.Tensor | None, H: int, min_dot: int) -> dict:
+    """main_k [G, B, S, H or 1, Dk] (and main_k_rope [G, B, S, 1, Dr], the columns every head shares) as the kernels'
+    two column pieces: mk (piece a, WA columns in DA-wide tiles) and mr (piece b, WB columns in DB-wide tiles; DB 0:
+    none), both [G, B, S, H, *] views with head stride 0 where all heads share them (A_SHARED, B_SHARED: the
+    centroid kernel reads such a piece once per layer). Without main_k_rope, or when Dk or Dr is not a power of two
+    (a piece of its own must fill its tiles), Dk (+ Dr) splits into `_pow2_pieces` and mr is main_k[..., DA:];
+    with it, Dk is piece a and Dr piece b (DeepSeek-V3.2's nope 128 and shared rope 64)."""
+    mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
+    if mk_rope is not None:
+        mr = mk_rope.expand(-1, -1, -1, H, -1)
+        dk, dr = mk.shape[-1], mr.shape[-1]
+        if _pow2_pieces(dk, min_dot) != (dk, 0) or _pow2_pieces(dr, min_dot) != (dr, 0):
+            mk = joined_keys(mk, mk_rope)
+        else:
+            return dict(mk=mk, mr=mr, DA=dk, DB=dr, WA=dk, WB=dr, A_SHARED=mk.stride(3) == 0, B_SHARED=True)
+    width = mk.shape[-1]
+    da, db = _pow2_pieces(width, min_dot)
+    mr = mk[..., da:] if db else mk
+    return dict(mk=mk, mr=mr, DA=da, DB=db, WA=min(da, width), WB=max(0, width - da), A_SHARED=mk.stride(3) == 0,
+                B_SHARED=db > 0 and mr.stride(3) == 0)
 
 
 def index_tiles(iq: torch.Tensor, ik: torch.Tensor, scratch: torch.Tensor, bm: int, bn: int, enabled: bool) -> dict:
@@ -622,19 +681,24 @@ def index_logits(iq, ik, iw, indexer_args, doc, keys, K, sparse, ratio, cfg, pre
     return torch.where(total > 0, (top + torch.log2(total.clamp(min=1e-30))) / LOG2E, 0.0)
 
 
-def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqlens, main_lse, ratio, need_grad):
+def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size, cu_seqlens, main_lse, ratio,
+                   need_grad):
     """(loss fp32 scalar, (d index_q, d index_k, d index_w) or None) of the centroid KL."""
     if iq.dtype not in TL_DTYPES or iw.dtype not in TL_DTYPES:
         raise ValueError(f"the fused centroid_kl takes bf16, fp16 or fp32 inputs, not {iq.dtype} / {iw.dtype}")
-    if len({t.dtype for t in (iq, ik, mq, mk)}) != 1:
-        raise ValueError("index_q, index_k, main_q and main_k must share one dtype; got "
-                         f"{[t.dtype for t in (iq, ik, mq, mk)]}")
+    main = (iq, ik, mq, mk) + (() if mk_rope is None else (mk_rope,))
+    if len({t.dtype for t in main}) != 1:
+        raise ValueError("index_q, index_k, main_q, main_k (and main_k_rope) must share one dtype; got "
+                         f"{[t.dtype for t in main]}")
     B, T, HI, D = iq.shape
     G, H, DQ = mq.shape[0], mq.shape[3], mq.shape[4]
     cfg = wide_head_tiles(tile_config(iq.device), DQ)
     S = ik.shape[1]
-    mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
-    main_strides = dict(**strides(mq, "sq_", "gbthd"), **strides(mk, "sk_", "gbthd"))
+    pieces = key_pieces(mk, mk_rope, H, cfg["min_dot"])
+    mk, mr = pieces.pop("mk"), pieces.pop("mr")
+    main_strides = dict(**strides(mq, "sq_", "gbthd"), **strides(mk, "sk_", "gbthd"), **strides(mr, "sr_", "gbthd"))
+    da, db = pieces["DA"], pieces["DB"]
+    widths = dict(DA=da, DB=db, WA=pieces["WA"], WB=pieces["WB"])
     dev = iq.device
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
     sparse = topk_indices is not None
@@ -644,7 +708,6 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
     prec = "ieee" if iq.dtype == torch.float32 else "tf32"
     dot = dot_dtype(iq)
     grad_dtype = tl.bfloat16 if dot == tl.bfloat16 else tl.float32
-    da, db = _pow2_pieces(DQ, cfg["min_dot"])
     di = max(cfg["min_dot"], triton.next_power_of_2(D))
     scale_log2 = float(scale) * LOG2E
     common = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
@@ -653,16 +716,16 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
         lse = torch.empty(G, B, H, T, device=dev, dtype=torch.float32)
         bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
         _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
-            mq=mq, mk=mk, **tma_tiles(mq, mk, bm, bn, da, db, cfg["tma"]), lse_ptr=lse, doc_ptr=doc, keys_ptr=keys,
-            **main_strides, B=B, T=T, H=H, K=K, DQ=DQ,
-            scale_log2=scale_log2, DA=da, DB=db, BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio,
-            PREC=prec, DOT=dot, num_warps=cfg["lse_warps"], num_stages=cfg["lse_stages"])
+            mq=mq, mk=mk, mr=mr, **tma_tiles(mq, mk, mr, bm, bn, da, db, cfg["tma"]), lse_ptr=lse, doc_ptr=doc,
+            keys_ptr=keys, **main_strides, B=B, T=T, H=H, K=K, DQ=DQ, scale_log2=scale_log2, **widths, BLOCK_M=bm,
+            BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["lse_warps"],
+            num_stages=cfg["lse_stages"])
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
 
     bm, bn = cfg["block_m"], cfg["block_n"]
     cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
-    centroid_tma = tma_tiles(mq, mk, cbm, cbn, da, db, cfg["tma"])
+    centroid_tma = tma_tiles(mq, mk, mr, cbm, cbn, da, db, cfg["tma"])
     if chunk_size is None:
         row_tile = max(bm, cbm)  # both powers of two: chunks of whole tiles of both kernels
         rows_per_chunk = max(row_tile, min(triton.cdiv(T, row_tile) * row_tile,
@@ -686,10 +749,9 @@ def _fused_forward(iq, ik, iw, mq, mk, scale, topk_indices, chunk_size, cu_seqle
                             flags)
         n_crb, n_ckb = triton.cdiv(R, cbm), max(1, triton.cdiv(chunk_keys, cbn))
         _centroid_kernel[(n_crb * n_ckb, B)](
-            mq=mq, mk=mk, **centroid_tma, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch, ilse_ptr=ilse,
-            loss_ptr=loss_rows, **main_strides, B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk,
-            n_rb=n_crb, n_kb=n_ckb,
-            scale_log2=scale_log2, inv_gh=1.0 / (G * H), DA=da, DB=db, BLOCK_M=cbm, BLOCK_N=cbn,
+            mq=mq, mk=mk, mr=mr, **centroid_tma, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch,
+            ilse_ptr=ilse, loss_ptr=loss_rows, **main_strides, B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk,
+            n_rb=n_crb, n_kb=n_ckb, scale_log2=scale_log2, inv_gh=1.0 / (G * H), **pieces, BLOCK_M=cbm, BLOCK_N=cbn,
             GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k, RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot,
             num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
         if not need_grad:
@@ -719,18 +781,18 @@ class CentroidKL(torch.autograd.Function):
     """Autograd Function of the fused loss: forward computes loss and input gradients, backward scales them."""
 
     @staticmethod
-    def forward(ctx, index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size, cu_seqlens,
-                main_lse, ratio):
+    def forward(ctx, index_q, index_k, index_w, main_q, main_k, main_k_rope, scale, topk_indices, chunk_size,
+                cu_seqlens, main_lse, ratio):
         need_grad = any(ctx.needs_input_grad[:3])
-        loss, grads = _fused_forward(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
-                                     cu_seqlens, main_lse, ratio, need_grad)
+        loss, grads = _fused_forward(index_q, index_k, index_w, main_q, main_k, main_k_rope, scale, topk_indices,
+                                     chunk_size, cu_seqlens, main_lse, ratio, need_grad)
         if need_grad:
             ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return scale_saved_grads(ctx, grad_loss) + (None,) * 8
+        return scale_saved_grads(ctx, grad_loss) + (None,) * 9
 
 
 def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
@@ -744,18 +806,18 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
                 main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
                 topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None,
-                ratio: int = 1) -> torch.Tensor:
+                ratio: int = 1, main_k_rope: torch.Tensor | None = None) -> torch.Tensor:
     """Fused `kernels.reference.centroid_kl` (same arguments and semantics): an fp32 scalar.
 
-    index_q, index_k, main_q, main_k share one dtype (bf16, fp16 or fp32); index_w may be any of them
-    (the Distiller passes fp32 head weights); each gradient comes back in its input's dtype.
+    index_q, index_k, main_q, main_k (and main_k_rope) share one dtype (bf16, fp16 or fp32); index_w may be any of
+    them (the Distiller passes fp32 head weights); each gradient comes back in its input's dtype.
     chunk_size: query rows per dL/dI scratch chunk, exactly (the scratch is [B, chunk_size, T] fp32; default:
     a multiple of the row tile within 1 GiB). Rows must have at least one allowed key (a row whose top-k
     list holds no causal in-document key contributes 0 here).
     ratio: tokens per key; index_k [B, T // ratio, D] and main_k [G, B, T // ratio, H or 1, Dq] then hold
     compressed entries (no cu_seqlens), and rows that see no entry contribute 0 (loss and gradients).
     """
-    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio)
+    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio, main_k_rope)
     check_ratio(ratio, cu_seqlens)
-    return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, scale, topk_indices, chunk_size,
+    return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, main_k_rope, scale, topk_indices, chunk_size,
                             cu_seqlens, main_lse, ratio)

@@ -151,7 +151,7 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
                 main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
                 topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, main_lse: torch.Tensor | None = None,
-                ratio: int = 1) -> torch.Tensor:
+                ratio: int = 1, main_k_rope: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the B*T rows of KL(centroid || softmax(indexer logits)): a scalar (fp32 or wider).
 
     Dense stage (`topk_indices=None`): every causal key. Sparse stage: only each row's top-k keys,
@@ -161,9 +161,12 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
     document. main_lse [G, B, H, T]: the heads' natural-log LSE of scale*q.k over the allowed keys
     (dense: the causal keys of the document; sparse: the row's top-k set), used instead of a softmax.
     ratio: tokens per key (compressed keys, S = T // ratio of them; see the module docstring).
+    main_k_rope [G, B, S, 1, Dr]: key columns every head shares (MLA's rope part), after main_k's [.., Dq - Dr]
+    per-head ones: head h's key is cat(main_k[..., h, :], main_k_rope[..., 0, :]) (`joined_keys`).
     """
-    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio)
+    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio, main_k_rope)
     check_ratio(ratio, cu_seqlens)
+    main_k = joined_keys(main_k, main_k_rope)
     B, T = index_q.shape[:2]
     G, H, S = main_q.shape[0], main_q.shape[3], index_k.shape[1]
     if chunk_size is None:  # keep each chunk's [G, B, H, chunk, S] fp32 scores near 256 MiB
@@ -308,14 +311,28 @@ def check_indexer_inputs(index_q, index_k, index_w, ratio: int = 1):
                          f"{tuple(index_q.shape)} with {T // ratio} keys (ratio {ratio})")
 
 
-def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None, ratio: int = 1):
+def joined_keys(main_k: torch.Tensor, main_k_rope: torch.Tensor | None) -> torch.Tensor:
+    """main_k [G, B, S, H or 1, Dk] with the shared columns main_k_rope [G, B, S, 1, Dr] after each head's own:
+    [G, B, S, H or 1, Dk + Dr] (main_k itself when there are none)."""
+    if main_k_rope is None:
+        return main_k
+    return torch.cat([main_k, main_k_rope.expand(*main_k.shape[:4], -1)], dim=-1)
+
+
+def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None, ratio: int = 1,
+                  main_k_rope=None):
     check_indexer_inputs(index_q, index_k, index_w, ratio)
     B, T = index_q.shape[:2]
     S = index_k.shape[1]
+    rope = 0 if main_k_rope is None else main_k_rope.shape[-1]
+    if main_k_rope is not None and (main_k_rope.dim() != 5 or main_k_rope.shape[:4] != (main_q.shape[0], B, S, 1)):
+        raise ValueError(f"expected main_k_rope [G,B,S,1,Dr] with G={main_q.shape[0]}, B={B}, S={S}; got "
+                         f"{tuple(main_k_rope.shape)}")
     if main_q.dim() != 5 or main_k.dim() != 5 or main_q.shape[1:3] != (B, T) \
             or main_k.shape[:3] != (main_q.shape[0], B, S) or main_k.shape[3] not in (1, main_q.shape[3]) \
-            or main_k.shape[4] != main_q.shape[4]:
-        raise ValueError(f"expected main_q and main_k: main_q [G,B,T,H,Dq], main_k [G,B,S,H or 1,Dq] with B={B}, T={T}, S={S}; got "
+            or main_k.shape[4] + rope != main_q.shape[4]:
+        keys = "main_k [G,B,S,H or 1,Dq]" if main_k_rope is None else f"main_k [G,B,S,H or 1,Dq-{rope}]"
+        raise ValueError(f"expected main_q and main_k: main_q [G,B,T,H,Dq], {keys} with B={B}, T={T}, S={S}; got "
                          f"{tuple(main_q.shape)}, {tuple(main_k.shape)}")
     if topk_indices is not None and (topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T)):
         raise ValueError(f"expected topk_indices [B,T,K] with B={B}, T={T}; got {tuple(topk_indices.shape)}")

@@ -1,4 +1,7 @@
 """The fused Triton centroid KL (CPU interpreter) against the plain-PyTorch reference: values and gradients."""
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules ar
 
 from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
-from kernels.centroid_kl import TILES, centroid_kl, index_tiles, tma_tiles  # noqa: E402
+from kernels.centroid_kl import TILES, centroid_kl, index_tiles, key_pieces, tma_tiles  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
 from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
 
@@ -37,6 +40,14 @@ def messy_topk(B, T, K, seed=0):
     idx[..., 0] = torch.arange(T, dtype=torch.int32)
     idx[..., 1] = idx[..., 2]
     return idx
+
+
+def head_lse(mq, mk, scale, topk, cu):
+    """main_lse [G, B, H, T] of main_q, main_k [G, B, T, H, Dq] (fp32) over each row's allowed keys."""
+    G, B, T, H = mq.shape[:4]
+    allowed = allowed_keys(B, T, slice(None), topk, mq.device, cu_seqlens=cu)
+    scores = torch.einsum("gbthd,gbshd->gbhts", mq.float(), mk.float().expand(-1, -1, -1, H, -1)) * scale
+    return scores.masked_fill(~allowed[None, :, None], -torch.inf).logsumexp(-1)
 
 
 CASES = [("docs", "dense", torch.float32), ("docs", "sparse", torch.float32), ("docs", "messy", torch.float32),
@@ -81,7 +92,7 @@ def test_tma_descriptors_only_where_they_read_the_right_tiles():
     pieces that make up Dq, and for the indexer's q, k and scratch alike; pointers otherwise."""
     def tma(mq, mk, enabled=True, dq=None):
         da, db = {24: (16, 8), 20: (16, 4), 8: (8, 0)}[dq or mq.shape[-1]]
-        return tma_tiles(mq, mk, 8, 32, da, db, enabled)["TMA"]
+        return tma_tiles(mq, mk, mk[..., da:] if db else mk, 8, 32, da, db, enabled)["TMA"]
 
     mq = torch.zeros(2, 3, 17, 4, 24, dtype=torch.bfloat16)
     assert tma(mq, mq) and tma(mq, torch.zeros(2, 3, 17, 1, 24, dtype=torch.bfloat16).expand(-1, -1, -1, 4, -1))
@@ -108,11 +119,10 @@ def test_tma_and_pointer_loads_match_the_reference(monkeypatch, tma):
     cu = torch.tensor([0, 5, 17, 30, 56], dtype=torch.int32)
     index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.bfloat16, seed=4)
     mk = mk[:, :, :, :1].clone()
-    assert tma_tiles(mq, mk.expand(-1, -1, -1, H, -1), 8, 32, 16, 8, True)["TMA"]
+    heads = mk.expand(-1, -1, -1, H, -1)
+    assert tma_tiles(mq, heads, heads[..., 16:], 8, 32, 16, 8, True)["TMA"]
     assert index_tiles(*index[:2], torch.empty(B, chunk, T), 16, 16, True)["TMA"]
-    allowed = allowed_keys(B, T, slice(None), None, mq.device, cu_seqlens=cu)
-    scores = torch.einsum("gbthd,gbshd->gbhts", mq.float(), mk.float().expand(-1, -1, -1, H, -1)) * 0.4
-    lse = scores.masked_fill(~allowed[None, :, None], -torch.inf).logsumexp(-1)
+    lse = head_lse(mq, mk, 0.4, None, cu)
     for main_lse in (None, lse):
         got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, None, chunk, cu_seqlens=cu,
                                         main_lse=main_lse)
@@ -122,15 +132,45 @@ def test_tma_and_pointer_loads_match_the_reference(monkeypatch, tma):
         assert_matches_reference(index, got, got_grads, want, want_grads)
 
 
+@pytest.mark.parametrize("dtype,tma,stage", [(torch.float32, False, "dense"), (torch.float32, False, "messy"),
+                                             (torch.bfloat16, True, "dense"), (torch.bfloat16, False, "dense"),
+                                             (torch.bfloat16, True, "messy")])
+def test_shared_rope_keys_match_the_reference(monkeypatch, dtype, tma, stage):
+    """main_k_rope (MLA's rope key columns, one copy for all heads, read once per layer and tile): values and
+    gradients as the reference's on every head's full key cat(nope_h, rope), with G = 2 (each layer its own rope),
+    B = 2, documents, scratch chunks, T not a multiple of the tiles, through TMA and pointers, main LSE computed and
+    given; and a nope width that is not a power of two (the keys joined before the kernels)."""
+    monkeypatch.setitem(TILES["cpu"], "tma", tma)
+    B, T, HI, D, G, H, chunk = 2, 23, 2, 8, 2, 3, 16
+    cu = torch.tensor([0, 5, 17, 30, 46], dtype=torch.int32)
+    topk = messy_topk(B, T, 7, seed=5) if stage == "messy" else None
+    for nope, rope in ((16, 8), (12, 4)):
+        index, mq, mk = make_inputs(B, T, HI, D, G, H, nope + rope, dtype, seed=5)
+        mk_rope = mk[:, :, :, :1, nope:].contiguous()
+        mk = mk[..., :nope].contiguous()
+        full_k = torch.cat([mk, mk_rope.expand(-1, -1, -1, H, -1)], dim=-1).float()
+        assert key_pieces(mk, mk_rope, H, 1)["B_SHARED"] == (nope == 16)
+        lse = head_lse(mq, full_k, 0.4, topk, cu)
+        for main_lse in (None, lse):
+            got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu,
+                                            main_lse=main_lse, main_k_rope=mk_rope)
+            ref_index = [t.detach().float().requires_grad_() for t in index]
+            want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), full_k, 0.4, topk, None,
+                                              cu_seqlens=cu, main_lse=main_lse)
+            assert_matches_reference(index, got, got_grads, want, want_grads)
+    with pytest.raises(ValueError, match="main_k_rope"):
+        centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.expand(-1, -1, -1, H, -1))
+    with pytest.raises(ValueError, match="Dq-4"):
+        centroid_kl(*index, mq, mk[..., :8], 0.4, main_k_rope=mk_rope)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_main_lse_is_used_and_consistent(sparse):
     B, T, HI, D, G, H, Dq, cu, chunk = SHAPES["G3"]
     cu = torch.tensor(cu, dtype=torch.int32)
     index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.float32, seed=1)
     topk = messy_topk(B, T, 5, seed=1) if sparse else None
-    allowed = allowed_keys(B, T, slice(None), topk, mq.device, cu_seqlens=cu)
-    scores = torch.einsum("gbthd,gbshd->gbhts", mq, mk) * 0.4
-    lse = scores.masked_fill(~allowed[None, :, None], -torch.inf).logsumexp(-1)
+    lse = head_lse(mq, mk, 0.4, topk, cu)
     with torch.no_grad():
         plain = centroid_kl(*index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu)
         given = centroid_kl(*index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu, main_lse=lse)
@@ -203,6 +243,49 @@ def test_bad_inputs_and_dispatch(monkeypatch):
 def test_centroid_head_loop_compiles_for_hopper():
     """`bench.kernel_layouts --centroid` compiles the GPU centroid kernel for sm_90 without a GPU (what
     docs/BENCHMARKS.md reads its head-loop schedule from): at DeepSeek-V3.2's Dq = 192 each head is two score dots
-    (128 + 64 columns) then its exps, in one loop over the heads."""
-    loop = kernel_layouts("--centroid").split("head loop:", 1)[1].splitlines()[0]
-    assert [step for step in loop.split(", ") if step in ("dot", "exp")] == ["dot", "dot", "exp"], loop
+    (128 + 64 columns) then its exps, in one loop over the heads. With the rope columns given once (main_k_rope)
+    the loop copies the head's two q pieces and its nope keys, not the shared rope keys: three tiles, not four."""
+    def head_loop(*args):
+        loop = kernel_layouts("--centroid", *args).split("head loop:", 1)[1].splitlines()[0].split(", ")
+        assert [step for step in loop if step in ("dot", "exp")] == ["dot", "dot", "exp"], loop
+        return loop.count("copy")
+
+    assert (head_loop(), head_loop("--expanded-keys")) == (3, 4)
+
+
+def test_distiller_keeps_one_copy_of_the_rope_keys():
+    """The MLA dense stage keeps each served layer's rope key columns once (main_k_rope [G, B, T, 1, rope]) beside
+    the heads' nope columns, and gets the same group losses and indexer gradients, fused kernels and references
+    alike, as with every head's full key (the capture told the family shares no key columns)."""
+    from distill.adapters.mla import MlaForms
+    from distill.objective import Distiller, GroupLosses
+    from distill.pattern import Pattern
+    from tests.conftest import tiny
+    x = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(7))
+    kept, results = [], {}
+    group_done = GroupLosses.group_done
+
+    def record(self, f):
+        group = self.dense.get(f)
+        kept.append(None if group is None else (group["main_k"].shape[-1], group["main_k_rope"] is not None and
+                                                tuple(group["main_k_rope"].shape)))
+        group_done(self, f)
+
+    for kernel in ("reference", "triton"):
+        for expanded in (False, True):
+            kept.clear()
+            model = tiny("tiny_dsv32")
+            with mock.patch.object(GroupLosses, "group_done", record), \
+                    mock.patch.object(MlaForms, "shared_keys", None) if expanded else contextlib.nullcontext():
+                out = Distiller(model, Pattern.parse("FSFS"), kernel=kernel)(x, sparse=False)
+            out.loss.backward()
+            assert kept == ([(24, False)] * 2 if expanded else [(16, (2, 1, 21, 1, 8))] * 2)
+            results[kernel, expanded] = ({f: loss.detach() for f, loss in out.group_losses.items()},
+                                         {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    want_losses, want_grads = results["reference", True]
+    for losses, grads in results.values():
+        assert losses.keys() == want_losses.keys() == {0, 2} and grads.keys() == want_grads.keys()
+        for f in losses:
+            torch.testing.assert_close(losses[f], want_losses[f], rtol=1e-5, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5 * want_grads[name].abs().max())

@@ -101,6 +101,8 @@ class CompressedForms:
         """(B, T) of the layer's queries."""
         return tuple(self.q.shape[:2])
 
+    shared_keys = None  # one key head already: no per-head key columns to split off
+
     def dense(self, *, cu_seqlens: torch.Tensor | None = None, runs: list[tuple[int, int, int]] | None = None):
         """(out [B, T, H, D], q [B, T, H, D], k [B, S, 1, D], lse [B, H, T] over the visible entries); packed
         documents (cu_seqlens, their runs) are refused."""

@@ -88,6 +88,12 @@ class MlaForms:
         k = torch.cat([k_nope, self.k_rot.expand(B, T, H, -1)], dim=-1)
         return q, k, v
 
+    @property
+    def shared_keys(self) -> torch.Tensor:
+        """The key columns every head shares, last in each head's expanded key: the rope part k_rot [B, T, 1, rope]
+        (a distillation target keeps one copy of them, not H)."""
+        return self.k_rot
+
     def _kv_b_weight(self) -> torch.Tensor:
         """kv_b_proj's weight as [H, nope + Dv, kv_lora_rank], through the module (ZeRO-3 gathers it)."""
         if self._kv_b is None:
