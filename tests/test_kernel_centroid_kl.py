@@ -162,6 +162,8 @@ def test_shared_rope_keys_match_the_reference(monkeypatch, dtype, tma, stage):
         centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.expand(-1, -1, -1, H, -1))
     with pytest.raises(ValueError, match="Dq-4"):
         centroid_kl(*index, mq, mk[..., :8], 0.4, main_k_rope=mk_rope)
+    with pytest.raises(ValueError, match="main_k_rope"):  # one dtype for all
+        centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.half())
 
 
 @pytest.mark.parametrize("sparse", [False, True])
