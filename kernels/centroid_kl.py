@@ -152,14 +152,14 @@ def _sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N: tl.constexpr, LOG2
 
 
 @triton.jit
-def _key_piece(base, desc, row, col, keys, key_ok, stride_t, stride_d, DW: tl.constexpr, WIDTH: tl.constexpr,
-               DOT: tl.constexpr, TMA: tl.constexpr):
-    """[N, DW] tile of one column piece (WIDTH columns, zeros past them) of the keys `keys` of one head: through
-    the descriptor desc at its row `row`, column `col` (TMA; rows past the keys hold other rows' keys, which the
-    caller masks), else from base (the head's first column of the piece)."""
+def _tile(base, desc, row, col, rows, row_ok, stride_t, stride_d, DW: tl.constexpr, WIDTH: tl.constexpr,
+          DOT: tl.constexpr, TMA: tl.constexpr):
+    """[len(rows), DW] tile of a column piece (WIDTH columns, zeros past them) of one head's q or k, as DOT: through
+    the descriptor desc at its row `row`, column `col` (TMA: `row_tiles`; rows past the tensor's hold other rows,
+    which the caller masks), else through pointers from base (the piece's first column) at `rows`."""
     if TMA:
         return desc.load([row, col]).to(DOT)
-    return _load_rows(base, keys, key_ok, stride_t, stride_d, 0, DW, WIDTH, DOT)
+    return _load_rows(base, rows, row_ok, stride_t, stride_d, 0, DW, WIDTH, DOT)
 
 
 @triton.jit
@@ -177,18 +177,12 @@ def _head_query(mq, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, s
                 DA: tl.constexpr, DB: tl.constexpr, DQ: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """(qa [M, DA], qb [M, DB] (qa when DB = 0)): head h of served layer g's queries at `rows` (row0 the first), in
     two column pieces. TMA: read through the q descriptors tq_a, tq_b."""
-    if TMA:
-        r = (g * B + b) * T + row0
-        qa = tq_a.load([r, h * sq_h]).to(DOT)
-        qb = qa
-        if DB > 0:
-            qb = tq_b.load([r, h * sq_h + DA]).to(DOT)
-    else:
-        q_base = mq + tl.cast(g, tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
-        qa = _load_rows(q_base, rows, row_ok, sq_t, sq_d, 0, DA, DQ, DOT)
-        qb = qa
-        if DB > 0:
-            qb = _load_rows(q_base, rows, row_ok, sq_t, sq_d, DA, DB, DQ, DOT)
+    q_base = mq + tl.cast(g, tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
+    r = (g * B + b) * T + row0
+    qa = _tile(q_base, tq_a, r, h * sq_h, rows, row_ok, sq_t, sq_d, DA, DQ, DOT, TMA)
+    qb = qa
+    if DB > 0:
+        qb = _tile(q_base + DA * sq_d, tq_b, r, h * sq_h + DA, rows, row_ok, sq_t, sq_d, DB, DQ - DA, DOT, TMA)
     return qa, qb
 
 
@@ -196,10 +190,10 @@ def _head_query(mq, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, s
 def _scores_reading_b(qa, qb, key_a, kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB: tl.constexpr,
                       WB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """q . k of one head (`_main_scores`) with its key piece b read after the first dot, which then need not wait
-    for that copy: from kb_base, or through tk_b at (row, col_b) (`_key_piece`)."""
+    for that copy: from kb_base, or through tk_b at (row, col_b) (`_tile`)."""
     s = tl.dot(qa, tl.trans(key_a), input_precision=PREC)
     if DB > 0:
-        key_b = _key_piece(kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
+        key_b = _tile(kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
         s += tl.dot(qb, tl.trans(key_b), input_precision=PREC)
     return s
 
@@ -213,10 +207,7 @@ def _index_logits(iq_base, tq, q_row, iw_base, ki, rows, row_ok, HI, D: tl.const
     acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
     rows64 = rows.to(tl.int64)
     for j in range(HI):
-        if TMA:
-            qj = tq.load([q_row, j * sq_h]).to(DOT)
-        else:
-            qj = _load_rows(iq_base + j * sq_h, rows, row_ok, sq_t, sq_d, 0, DI, D, DOT)
+        qj = _tile(iq_base + j * sq_h, tq, q_row, j * sq_h, rows, row_ok, sq_t, sq_d, DI, D, DOT, TMA)
         wj = tl.load(iw_base + rows64 * sw_t + j * sw_h, mask=row_ok, other=0.0).to(tl.float32)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
         acc += wj[:, None] * tl.maximum(s, 0.0)
@@ -264,7 +255,7 @@ def _main_lse_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             keys = n0 + tl.arange(0, BLOCK_N)
-            key_a = _key_piece(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
+            key_a = _tile(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
             s = _scores_reading_b(qa, qb, key_a, kb_base, tk_b, k_row + n0, h * sr_h, keys, keys < S, sr_t, sr_d, DB,
                                   WB, PREC, DOT, TMA)
             m, l = _online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
@@ -274,7 +265,7 @@ def _main_lse_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_
         hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            key_a = _key_piece(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
+            key_a = _tile(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
             s = _scores_reading_b(qa, qb, key_a, kb_base, tk_b, k_row + n0, h * sr_h, keys, keys < S, sr_t, sr_d, DB,
                                   WB, PREC, DOT, TMA)
             allowed = _causal_in_document(keys, rows, doc, RATIO)
@@ -283,7 +274,7 @@ def _main_lse_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_
 
 
 @triton.jit
-def _index_logits_kernel(iq, ik, iw, tq, tk, tg, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr, flag_ptr,
+def _index_logits_kernel(iq, ik, iw, tq, tk, m_ptr, l_ptr, doc_ptr, keys_ptr, logit_ptr, flag_ptr,
                          iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                          B, T, HI, D: tl.constexpr, K, r0, R, n_kb, split_keys,
                          DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -343,10 +334,7 @@ def _index_logits_tile(iq_base, iw_base, k_base, tq, tk, q_row, k_row, rows, row
     out_rows, the tile's flag, and the online LSE (m, l) advanced over them. TMA: q and k through the descriptors
     tq, tk from rows q_row and k_row + n0."""
     keys = n0 + tl.arange(0, BLOCK_N)
-    if TMA:
-        ki = tk.load([k_row + n0, 0]).to(DOT)
-    else:
-        ki = _load_rows(k_base, keys, keys < S, ik_t, ik_d, 0, DI, D, DOT)
+    ki = _tile(k_base, tk, k_row + n0, 0, keys, keys < S, ik_t, ik_d, DI, D, DOT, TMA)
     logits = _index_logits(iq_base, tq, q_row, iw_base, ki, rows, row_ok, HI, D, iq_t, iq_h, iq_d, iw_t, iw_h,
                            BLOCK_N, DI, PREC, DOT, TMA)
     tl.store(out_rows + keys[None, :], logits, mask=allowed)
@@ -408,16 +396,16 @@ def _centroid_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_
             ka_layer = mk + tl.cast(g, tl.int64) * sk_g + b.to(tl.int64) * sk_b
             kb_layer = mr + tl.cast(g, tl.int64) * sr_g + b.to(tl.int64) * sr_b
             if A_SHARED:  # read once for the layer's heads
-                key_a = _key_piece(ka_layer, tk_a, k_row, 0, keys, key_ok, sk_t, sk_d, DA, WA, DOT, TMA)
+                key_a = _tile(ka_layer, tk_a, k_row, 0, keys, key_ok, sk_t, sk_d, DA, WA, DOT, TMA)
             if B_SHARED and DB > 0:
-                key_b = _key_piece(kb_layer, tk_b, k_row, 0, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
+                key_b = _tile(kb_layer, tk_b, k_row, 0, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
             for h in range(H):
                 qa, qb = _head_query(mq, tq_a, tq_b, g, b, h, B, T, r0 + rb * BLOCK_M, rows, row_ok, sq_g, sq_b,
                                      sq_t, sq_h, sq_d, DA, DB, DQ, DOT, TMA)
                 # before the dots, so that its latency hides behind them (one program fills the SM)
                 lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
                 if not A_SHARED:
-                    key_a = _key_piece(ka_layer + h * sk_h, tk_a, k_row, h * sk_h, keys, key_ok, sk_t, sk_d, DA,
+                    key_a = _tile(ka_layer + h * sk_h, tk_a, k_row, h * sk_h, keys, key_ok, sk_t, sk_d, DA,
                                        WA, DOT, TMA)
                 if B_SHARED and DB > 0:
                     s = _main_scores(qa, qb, key_a, key_b, DB, PREC)
@@ -463,11 +451,10 @@ def _index_dq_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, order_ptr, count_ptr, dq_
         key_ok = keys < S
         if TMA:  # rows past the chunk read other rows (their dq, dw are not stored), keys past S TMA's zeros
             grad = tg.load([b * R + rb * BLOCK_M, kb * BLOCK_N])
-            ki = tk.load([b * S + kb * BLOCK_N, 0]).to(DOT)
         else:
             g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
             grad = tl.load(g_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-            ki = _load_rows(k_base, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+        ki = _tile(k_base, tk, b * S + kb * BLOCK_N, 0, keys, key_ok, ik_t, ik_d, DI, D, DOT, TMA)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
         dw += tl.sum(grad * tl.maximum(s, 0.0), 1)
         ds = tl.where(s > 0, grad, 0.0)
@@ -481,7 +468,7 @@ def _index_dq_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, order_ptr, count_ptr, dq_
 
 
 @triton.jit
-def _index_dk_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, flag_ptr, dk_ptr,
+def _index_dk_kernel(iq, ik, iw, tq, tk, grad_ptr, flag_ptr, dk_ptr,
                      iq_b, iq_t, iq_h, iq_d, ik_b, ik_t, ik_d, iw_b, iw_t, iw_h,
                      T, HI, D: tl.constexpr, r0, R, n_rb, n_kb, rb_per_split, inv_rows,
                      DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
@@ -510,10 +497,7 @@ def _index_dk_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, flag_ptr, dk_ptr,
             grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
             q_row = b * T + r0 + rb * BLOCK_M  # TMA: rows past the chunk read other rows, whose grad_t and wj are 0
             for j in range(HI):
-                if TMA:
-                    qj = tq.load([q_row, j * iq_h]).to(DOT)
-                else:
-                    qj = _load_rows(iq_base + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
+                qj = _tile(iq_base + j * iq_h, tq, q_row, j * iq_h, rows, row_ok, iq_t, iq_d, DI, D, DOT, TMA)
                 wj = tl.load(iw_base + rows.to(tl.int64) * iw_t + j * iw_h, mask=row_ok, other=0.0)
                 s_t = tl.dot(ki, tl.trans(qj), input_precision=PREC)
                 ds_t = tl.where(s_t > 0, grad_t * wj.to(tl.float32)[None, :], 0.0)
@@ -618,8 +602,8 @@ def key_pieces(mk: torch.Tensor, mk_rope: torch.Tensor | None, H: int, min_dot: 
 def index_tiles(iq: torch.Tensor, ik: torch.Tensor, scratch: torch.Tensor, bm: int, bn: int, enabled: bool) -> dict:
     """The indexer kernels' descriptor arguments and TMA flag: tq, tk, tg, `row_tiles` of index_q [B, T, HI, D]
     as [B*T, HI*D] ([bm, D] tiles, head j at column j * head stride), index_k [B, S, D] as [B*S, D] ([bn, D]) and
-    the dL/dI scratch [B, R, S] fp32 as [B*R, S] ([bm, bn]; read by d qI only: the other two kernels take it unread).
-    All None (TMA False) unless `tma_ready`, D is a power of two <= 256, and all three flatten."""
+    the dL/dI scratch [B, R, S] fp32 as [B*R, S] ([bm, bn]; d qI's alone). All None (TMA False) unless `tma_ready`,
+    D is a power of two <= 256, and all three flatten."""
     pointers = dict(tq=None, tk=None, tg=None, TMA=False)
     D = iq.shape[-1]
     if not tma_ready(iq, enabled) or D & (D - 1) or D > 256:
@@ -740,6 +724,7 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
         d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
     inv_rows = 1.0 / (B * T)
     indexer_args = dict(**index_strides(iq, ik, iw), **index_tiles(iq, ik, scratch, bm, bn, cfg["tma"]))
+    scratch_tiles = indexer_args.pop("tg")  # read by d qI alone
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
         chunk_keys = (r0 + R) // ratio  # the keys the chunk's rows can see (rows seeing none: one empty block)
@@ -759,8 +744,8 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
         count = flags.sum(-1, dtype=torch.int32)
         order = torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
         _index_dq_kernel[(HI, n_rb, B)](
-            iq=iq, ik=ik, iw=iw, **indexer_args, grad_ptr=scratch, order_ptr=order, count_ptr=count, dq_ptr=d_iq,
-            dw_ptr=d_iw, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
+            iq=iq, ik=ik, iw=iw, **indexer_args, tg=scratch_tiles, grad_ptr=scratch, order_ptr=order, count_ptr=count,
+            dq_ptr=d_iq, dw_ptr=d_iw, T=T, HI=HI, D=D, r0=r0, R=rows_per_chunk, n_rb=n_rb, n_kb=n_kb, inv_rows=inv_rows,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
         splits = max(1, min(n_rb, triton.cdiv(4 * sm_count(dev), n_kb * B)))
         rb_per_split = triton.cdiv(n_rb, splits)
