@@ -14,6 +14,7 @@ indexer-input gradients in their forward, so backward only scales them and runs 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from distill.adapters import MlaForms, family_of
 from distill.capture import Capture, Projections
 from distill.model import apply_pattern
 from distill.pattern import Pattern
-from kernels import centroid_kl_fn, sparse_centroid_kl_fn
+from kernels import centroid_kl_fn, shared_keys_apart, sparse_centroid_kl_fn
 
 TARGETS = ("centroid", "own")
 REDUCTIONS = ("sum", "mean")
@@ -127,10 +128,13 @@ class GroupLosses(Capture):
         # the copies to the host run on it, beside the forward (CUDA only)
         self.offload_stream = torch.cuda.Stream(device) if self.offload and device.type == "cuda" else None
         self.centroid_kl = centroid_kl_fn(distiller.kernel, device)
+        # (per-head, shared key widths) -> whether centroid_kl takes the shared columns once (main_k_rope)
+        self.keys_apart = functools.partial(shared_keys_apart, distiller.kernel, device)
         self.sparse_centroid_kl = sparse_centroid_kl_fn(distiller.kernel, device)
         self.projections: dict[int, Projections] = {}
-        # F layer -> main_q [G, B, T, H, Dq], main_k [G, B, T, H, Dq - Dr], main_k_rope [G, B, T, 1, Dr] (the key
-        # columns all heads share, or None), main_lse [G, B, H, T]
+        # F layer -> main_q [G, B, T, H, Dq], main_k [G, B, T, H, Dq - Dr] and main_k_rope [G, B, T, 1, Dr] (the key
+        # columns all heads share, where centroid_kl takes them apart; else main_k [.., Dq] and None), main_lse
+        # [G, B, H, T]
         self.dense: dict[int, dict] = {}
         self.targets: dict[int, torch.Tensor] = {}  # F layer -> [B, T, K] fp32 sparse centroid
         self.losses: dict[int, torch.Tensor] = {}
@@ -161,6 +165,8 @@ class GroupLosses(Capture):
         members = self.served[f]
         g = members.index(layer)
         rope = forms.shared_keys
+        if rope is not None and not self.keys_apart(k.shape[-1] - rope.shape[-1], rope.shape[-1]):
+            rope = None  # centroid_kl would join them back into every head's key, a second copy: keep k whole
         if rope is not None:  # one copy of the columns all heads share
             k = k[..., :k.shape[-1] - rope.shape[-1]]
         if g == 0:

@@ -38,6 +38,16 @@ def centroid_kl_fn(kind: str, device: torch.device | str):
     return _implementation(kind, device, "centroid_kl", "centroid_kl")
 
 
+def shared_keys_apart(kind: str, device: torch.device | str, per_head: int, shared: int) -> bool:
+    """Whether `centroid_kl_fn(kind, device)` reads main_k_rope (`shared` key columns all heads share, after
+    `per_head` columns of each head) as a piece of its own, once per layer and tile, so that a capture gains by
+    keeping those columns once: the fused kernels where the widths allow it (`kernels.centroid_kl.keys_apart`). The
+    reference, like the fused kernels otherwise, joins them back into every head's key, a second copy."""
+    if not _use_triton(kind, device):
+        return False
+    return importlib.import_module("kernels.centroid_kl").keys_apart(per_head, shared, torch.device(device))
+
+
 def indexer_topk_fn(kind: str, device: torch.device | str):
     """The `indexer_topk` implementation for `kind` (auto | triton | reference) on `device`."""
     return _implementation(kind, device, "indexer_topk", "indexer_topk")

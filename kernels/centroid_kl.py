@@ -577,21 +577,28 @@ def tma_tiles(mq: torch.Tensor, mk: torch.Tensor, mr: torch.Tensor, bm: int, bn:
     return pointers if None in tiles.values() else dict(tiles, TMA=True)
 
 
+def keys_apart(per_head: int, shared: int, device: torch.device) -> bool:
+    """Whether the fused kernels on `device` take main_k_rope as a key piece of its own, read once per layer and
+    tile: both widths powers of two of at least the device's smallest dot. Otherwise `key_pieces` joins the shared
+    columns back into every head's key, a copy the size of main_k (a capture then keeps its keys joined instead)."""
+    min_dot = TILES["cuda" if device.type == "cuda" else "cpu"]["min_dot"]
+    return all(_pow2_pieces(width, min_dot) == (width, 0) for width in (per_head, shared))
+
+
 def key_pieces(mk: torch.Tensor, mk_rope: torch.Tensor | None, H: int, min_dot: int) -> dict:
     """main_k [G, B, S, H or 1, Dk] (and main_k_rope [G, B, S, 1, Dr], the columns every head shares) as the kernels'
     two column pieces: mk (piece a, WA columns in DA-wide tiles) and mr (piece b, WB columns in DB-wide tiles; DB 0:
     none), both [G, B, S, H, *] views with head stride 0 where all heads share them (A_SHARED, B_SHARED: the
-    centroid kernel reads such a piece once per layer). Without main_k_rope, or when Dk or Dr is not a power of two
-    (a piece of its own must fill its tiles), Dk (+ Dr) splits into `_pow2_pieces` and mr is main_k[..., DA:];
-    with it, Dk is piece a and Dr piece b (DeepSeek-V3.2's nope 128 and shared rope 64)."""
+    centroid kernel reads such a piece once per layer). Without main_k_rope, or where it cannot be a piece of its own
+    (`keys_apart`), Dk (+ Dr) splits into `_pow2_pieces` and mr is main_k[..., DA:]; with it, Dk is piece a and Dr
+    piece b (DeepSeek-V3.2's nope 128 and shared rope 64)."""
     mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
     if mk_rope is not None:
-        mr = mk_rope.expand(-1, -1, -1, H, -1)
-        dk, dr = mk.shape[-1], mr.shape[-1]
-        if _pow2_pieces(dk, min_dot) != (dk, 0) or _pow2_pieces(dr, min_dot) != (dr, 0):
-            mk = joined_keys(mk, mk_rope)
-        else:
-            return dict(mk=mk, mr=mr, DA=dk, DB=dr, WA=dk, WB=dr, A_SHARED=mk.stride(3) == 0, B_SHARED=True)
+        dk, dr = mk.shape[-1], mk_rope.shape[-1]
+        if keys_apart(dk, dr, mk.device):
+            return dict(mk=mk, mr=mk_rope.expand(-1, -1, -1, H, -1), DA=dk, DB=dr, WA=dk, WB=dr,
+                        A_SHARED=mk.stride(3) == 0, B_SHARED=True)
+        mk = joined_keys(mk, mk_rope)
     width = mk.shape[-1]
     da, db = _pow2_pieces(width, min_dot)
     mr = mk[..., da:] if db else mk

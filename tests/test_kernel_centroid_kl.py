@@ -256,9 +256,10 @@ def test_centroid_head_loop_compiles_for_hopper():
 
 
 def test_distiller_keeps_one_copy_of_the_rope_keys():
-    """The MLA dense stage keeps each served layer's rope key columns once (main_k_rope [G, B, T, 1, rope]) beside
-    the heads' nope columns, and gets the same group losses and indexer gradients, fused kernels and references
-    alike, as with every head's full key (the capture told the family shares no key columns)."""
+    """With the fused kernels the MLA dense stage keeps each served layer's rope key columns once (main_k_rope [G, B,
+    T, 1, rope]) beside the heads' nope columns (the references, which would join them back, get every head's full
+    key), and gets the same group losses and indexer gradients as with every head's full key (the capture told the
+    family shares no key columns)."""
     from distill.adapters.mla import MlaForms
     from distill.objective import Distiller, GroupLosses
     from distill.pattern import Pattern
@@ -281,7 +282,8 @@ def test_distiller_keeps_one_copy_of_the_rope_keys():
                     mock.patch.object(MlaForms, "shared_keys", None) if expanded else contextlib.nullcontext():
                 out = Distiller(model, Pattern.parse("FSFS"), kernel=kernel)(x, sparse=False)
             out.loss.backward()
-            assert kept == ([(24, False)] * 2 if expanded else [(16, (2, 1, 21, 1, 8))] * 2)
+            apart = kernel == "triton" and not expanded
+            assert kept == ([(16, (2, 1, 21, 1, 8))] * 2 if apart else [(24, False)] * 2)
             results[kernel, expanded] = ({f: loss.detach() for f, loss in out.group_losses.items()},
                                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     want_losses, want_grads = results["reference", True]
@@ -291,3 +293,33 @@ def test_distiller_keeps_one_copy_of_the_rope_keys():
             torch.testing.assert_close(losses[f], want_losses[f], rtol=1e-5, atol=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5 * want_grads[name].abs().max())
+
+
+def test_keys_stay_whole_where_the_kernels_would_join_them():
+    """The capture keeps the rope keys apart only where centroid_kl reads them apart (`kernels.shared_keys_apart`):
+    the fused kernels with power-of-two widths of at least the device's smallest dot; elsewhere (a 12-wide nope, as
+    GLM-5's 192; the references) a split would only add the kernels' joined copy to the buffers."""
+    from omegaconf import OmegaConf
+
+    from distill.objective import Distiller, GroupLosses
+    from distill.pattern import Pattern
+    from kernels import shared_keys_apart
+    from tests.conftest import ROOT
+    from train.model import build_model
+    assert shared_keys_apart("triton", "cpu", 16, 8) and shared_keys_apart("triton", "cuda", 128, 64)
+    assert not shared_keys_apart("reference", "cpu", 16, 8) and not shared_keys_apart("auto", "cpu", 16, 8)
+    assert not shared_keys_apart("triton", "cuda", 192, 64) and not shared_keys_apart("triton", "cuda", 16, 8)
+    assert not shared_keys_apart("triton", "cpu", 12, 8)
+    cfg = OmegaConf.load(f"{ROOT}/conf/model/tiny_dsv32.yaml")
+    cfg.config.qk_nope_head_dim = 12
+    kept = []
+    group_done = GroupLosses.group_done
+
+    def record(self, f):
+        kept.append((self.dense[f]["main_k"].shape[-1], self.dense[f]["main_k_rope"]))
+        group_done(self, f)
+
+    x = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(8))
+    with mock.patch.object(GroupLosses, "group_done", record):
+        Distiller(build_model(cfg), Pattern.parse("FSFS"), kernel="triton")(x, sparse=False)
+    assert kept == [(20, None)] * 2
