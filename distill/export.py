@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import stat
@@ -56,6 +57,7 @@ from transformers import AutoTokenizer
 from distill.adapters import FAMILIES, family_of
 from distill.containers import plain
 from distill.files import files_under, sha256_file
+from distill.fp8 import SCALE, BlockFp8
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
@@ -69,6 +71,7 @@ CONFIG = "config.json"
 UNUSED_NOTE = ("original (untrained) indexers of S layers, kept in model/ only for consumers that fail to load "
                "without them; never run: S layers reuse their owner's top-k")
 WRITABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP8 = torch.float8_e4m3fn
 
 
 class ExportError(ValueError):
@@ -243,7 +246,10 @@ def _pattern_position(name: str, dsa_layers: list[int]) -> int | None:
 
 def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
                            indexer_tensors: Mapping[str, torch.Tensor], config, keep_shared_indexers: bool) -> dict:
-    """Write `model/` from the safetensors shards of `source`, one shard at a time; returns its manifest entry."""
+    """Write `model/` from the safetensors shards of `source`, one shard at a time; returns its manifest entry.
+
+    A block-FP8 source's indexer weights are written back in its format: the trained weights quantised with the
+    source's block size (and power-of-two scales where its scales are), each `weight_scale_inv` computed from them."""
     try:
         shards = weight_map(source)
     except ModelConfigError as e:
@@ -251,16 +257,19 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
     letters, half = str(pattern), _converts_rope(config)
     dsa_layers = family_of(config).dsa_layer_ids(config)
     indexer_layers = {name: layer for name in shards if (layer := _pattern_position(name, dsa_layers)) is not None}
-    wanted = {name for name, layer in indexer_layers.items() if letters[layer] == "F"}
+    wanted = {name for name, layer in indexer_layers.items() if letters[layer] == "F" and not name.endswith(SCALE)}
     if wanted != set(indexer_tensors):
         raise ExportError(f"the F-layer indexers {_few(sorted(set(indexer_tensors) - wanted))} are not in {source}, "
                           f"which has {_few(sorted(wanted - set(indexer_tensors)))} instead: the model directory "
                           "is not the one the indexers were trained on")
     # a DeepseekV32 source's indexers all change layout, an MTP layer's too: it runs as a GlmMoeDsa indexer
     changed = {name for name in shards if ".indexer." in name} if half else set(indexer_layers)
+    dropped = set() if keep_shared_indexers else {name for name in changed
+                                                  if name in indexer_layers and letters[indexer_layers[name]] == "S"}
+    new, dtypes = _rewritten_indexers(source, shards, changed - dropped, indexer_tensors, config, half)
     model_dir.mkdir()
     _copy_other_files(source, model_dir, skip={*shards.values(), WEIGHTS_INDEX, CONFIG})
-    dropped, dropped_bytes, dtypes = set(), 0, set()
+    dropped_bytes = 0
     for shard in sorted(set(shards.values())):
         if not any(shards[name] == shard for name in changed):
             _link_or_copy(source / shard, model_dir / shard)
@@ -268,19 +277,10 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
         with safe_open(source / shard, "pt") as f:
             tensors = {}
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name not in indexer_layers:
-                    tensors[name] = tensor
-                elif name in wanted:
-                    tensors[name] = _as_source_tensor(indexer_tensors[name], tensor, f"{source / shard}: {name}")
-                    dtypes.add(str(tensor.dtype).removeprefix("torch."))
-                elif keep_shared_indexers:
-                    tensors[name] = tensor
+                if name in dropped:
+                    dropped_bytes += _nbytes(f.get_slice(name))
                 else:
-                    dropped.add(name)
-                    dropped_bytes += tensor.nbytes
-            if half:
-                tensors.update(_half_to_interleaved_rope({n: t for n, t in tensors.items() if n in changed}, config))
+                    tensors[name] = new[name] if name in new else f.get_tensor(name)
             if tensors:  # a shard of S-layer indexers only is left out (and out of the index)
                 _save_safetensors(tensors, model_dir / shard, metadata=f.metadata())
     if (source / WEIGHTS_INDEX).is_file():
@@ -293,15 +293,57 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
     return _model_dir_entry(config, ",".join(sorted(dtypes)))
 
 
-def _as_source_tensor(trained: torch.Tensor, original: torch.Tensor, where: str) -> torch.Tensor:
-    """A trained indexer tensor in the dtype of the source tensor it replaces."""
-    if tuple(trained.shape) != tuple(original.shape):
-        raise ExportError(f"{where} has shape {tuple(original.shape)} but the trained indexer has "
-                          f"{tuple(trained.shape)}: the model directory is not the one the indexers were trained on")
-    if original.dtype not in WRITABLE_DTYPES:
-        raise ExportError(f"{where} is {original.dtype}: trained indexers are written only into float16, bfloat16 "
-                          "or float32 shards; dequantize the source model's indexer weights first")
-    return trained.detach().to("cpu", original.dtype).contiguous()
+def _rewritten_indexers(source: Path, shards: Mapping[str, str], names: set[str],
+                        trained: Mapping[str, torch.Tensor], config, half: bool) -> tuple[dict, set[str]]:
+    """({name: tensor} of every indexer tensor in `names` as the export writes it, the dtypes of the trained weights
+    there): the trained weights where `trained` has them, the source's elsewhere; with `half`, in GlmMoeDsa's
+    interleaved RoPE layout; each in its source tensor's dtype, a block-FP8 weight quantised again in the source's
+    format with its `weight_scale_inv` (a scale in `names` is its weight's). Reads the shards tensor by tensor."""
+    fmt = BlockFp8.of(config)
+    values, originals, dtypes = {}, {}, set()
+    for name in sorted(n for n in names if not n.endswith(SCALE)):
+        original = _read_tensor(source, shards, name)
+        where = f"{source / shards[name]}: {name}"
+        scale = name.removesuffix("weight") + SCALE
+        quantised = original.dtype == FP8 and scale in shards
+        if quantised and fmt is None:
+            raise ExportError(f"{where} is float8 but {source / CONFIG} has no block-FP8 quantization_config")
+        if name in trained:
+            if tuple(trained[name].shape) != tuple(original.shape):
+                raise ExportError(f"{where} has shape {tuple(original.shape)} but the trained indexer has "
+                                  f"{tuple(trained[name].shape)}: the model directory is not the one the indexers "
+                                  "were trained on")
+            if not quantised and original.dtype not in WRITABLE_DTYPES:
+                raise ExportError(f"{where} is {original.dtype}: trained indexers are written into float16, "
+                                  "bfloat16, float32 or block-FP8 (float8 with weight_scale_inv) tensors only")
+            values[name] = trained[name].detach().to("cpu", torch.float32)
+            dtypes.add(str(original.dtype).removeprefix("torch."))
+        elif quantised:
+            values[name] = fmt.dequantize(original, _read_tensor(source, shards, scale), torch.float32)
+        else:
+            values[name] = original
+        originals[name] = (original.dtype, quantised)
+    if half:
+        values = _half_to_interleaved_rope(values, config)
+    out = {}
+    for name, value in values.items():
+        dtype, quantised = originals[name]
+        if quantised:
+            out[name], out[name.removesuffix("weight") + SCALE] = fmt.quantize(value)
+        else:
+            out[name] = value.to(dtype).contiguous()
+    return out, dtypes
+
+
+def _read_tensor(source: Path, shards: Mapping[str, str], name: str) -> torch.Tensor:
+    with safe_open(source / shards[name], "pt") as f:
+        return f.get_tensor(name)
+
+
+def _nbytes(piece) -> int:
+    """The bytes of a safetensors slice, from its header."""
+    sizes = {"F8_E4M3": 1, "I8": 1, "U8": 1, "BOOL": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+    return math.prod(piece.get_shape()) * sizes[piece.get_dtype()]
 
 
 def _copy_other_files(source: Path, model_dir: Path, skip: set[str]) -> None:
@@ -369,9 +411,11 @@ def _write_config(config, pattern: Pattern, model_dir: Path) -> None:
     target = _export_target(config)
     values = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "index_topk_freq",
-                "index_skip_topk_offset", "index_topk_pattern", "indexer_types"):
+                "index_skip_topk_offset", "index_topk_pattern", "indexer_types", "indexer_rope_interleave"):
         values.pop(key, None)
-    patched = target.config_class(**values, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern))
+    # indexer_rope_interleave: the indexer RoPE layout vLLM reads (default half-split whatever the model type)
+    patched = target.config_class(**values, indexer_types=pattern.indexer_types(), index_topk_pattern=str(pattern),
+                                  indexer_rope_interleave=target.indexer_rope == "interleave")
     patched.architectures = [target.causal_lm.__name__]
     patched.save_pretrained(model_dir)
 
@@ -670,7 +714,8 @@ def _check_checkpoint_indexers(state: Mapping[str, torch.Tensor], pattern: Patte
     if path:
         try:
             dsa_layers = family.dsa_layer_ids(config)
-            names = [name for name in weight_map(path) if _pattern_position(name, dsa_layers) in full]
+            names = [name for name in weight_map(path)
+                     if _pattern_position(name, dsa_layers) in full and not name.endswith(SCALE)]
             expected = {name: shape for name, (_, shape) in tensor_headers(path, names).items()}
         except ModelConfigError as e:
             raise ExportError(f"checkpoint {step_dir}: {e}") from None

@@ -392,3 +392,57 @@ def check_sparse_kl(index_q, index_k, index_w, target, topk_indices):
     if topk_indices.dim() != 3 or topk_indices.shape[:2] != (B, T) or target.shape != topk_indices.shape:
         raise ValueError(f"expected topk_indices and target [B,T,K] with B={B}, T={T}; got "
                          f"{tuple(topk_indices.shape)}, {tuple(target.shape)}")
+
+
+# ---- block-scaled FP8 weights (kernels/block_fp8.py) -------------------------------------------------------
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """x [N, K] zero-padded to whole blocks, viewed as [N / bn, bn, K / bk, bk]."""
+    (bn, bk), (N, K) = block, x.shape
+    padded = x.new_zeros(-(-N // bn) * bn, -(-K // bk) * bk)
+    padded[:N, :K] = x
+    return padded.view(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """weight [N, K] float8 with scale_inv [ceil(N / bn), ceil(K / bk)] fp32 per `block` -> [N, K] in `dtype`
+    (the products are taken in fp32)."""
+    (bn, bk), (N, K) = block, weight.shape
+    scales = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    return (weight.float() * scales).to(dtype)
+
+
+def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int],
+                       power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (float8_e4m3fn [N, K], scale_inv [ceil(N / bn), ceil(K / bk)] fp32) with each block's
+    scale amax / 448 (1 for an all-zero block; with `power_of_two`, rounded up to a power of two, as the `ue8m0`
+    checkpoints' scales are), as the published checkpoints are made: dequantize_block_fp8 of the result is the
+    weight within float8's rounding (3 mantissa bits: relative error <= 2^-4 per element)."""
+    N, K = weight.shape
+    blocks = _blocks(weight.detach().float(), block)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if power_of_two:
+        scale_inv = torch.exp2(torch.ceil(torch.log2(scale_inv)))
+    quantized = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    quantized = quantized.reshape(blocks.shape[0] * blocks.shape[1], -1)[:N, :K]
+    return quantized.to(torch.float8_e4m3fn).contiguous(), scale_inv.contiguous()
+
+
+def quantize_rows(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], scale [M, ceil(K / block)] fp32): one scale per row and `block` columns,
+    amax / 448 (1 where the block is all zero)."""
+    q, scale = quantize_block_fp8(x, (1, block))
+    return q, scale
+
+
+def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                     bias: torch.Tensor | None = None, gemm_scale: torch.Tensor | None = None,
+                     quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ dequantize_block_fp8(weight, scale_inv, block)^T (+ bias), in x's dtype: the
+    weight dequantised to x's dtype for the call (gemm_scale, quantized: unused, the fused path's)."""
+    return torch.nn.functional.linear(x, dequantize_block_fp8(weight, scale_inv, block, x.dtype),
+                                      None if bias is None else bias.to(x.dtype))

@@ -33,7 +33,8 @@ from train.checkpoint import (CheckpointError, DamagedCheckpoint, check_compatib
 from train import faults
 from train.data import Batch, BatchLoader, eval_batches, packed_datasets
 from train.logger import MODES as LOGGER_MODES, Logger
-from train.model import ModelConfigError, build_model, model_config, resolve_dtype
+from distill.fp8 import BlockFp8
+from train.model import ModelConfigError, build_model, check_fp8_stage, model_config, resolve_dtype
 from train.run_dir import hold_run_lock, record_config, run_tag, set_aside_outputs
 from train.tokenizer import load_tokenizer
 
@@ -168,6 +169,8 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
                          f"{config.max_position_embeddings}")
     resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
     ds_config = deepspeed_config(cfg, world_size, device)
+    if BlockFp8.of(config) is not None:  # the quantization_config read (and refused) before anything loads
+        check_fp8_stage(ds_config)
     saved_world = read_meta(resume_from).get("world_size", world_size) if resume_from else world_size
     ds_config["checkpoint"] = {"load_universal": saved_world != world_size}  # re-shard through DeepSpeed's universal form
     _check_deepspeed(ds_config)
@@ -266,7 +269,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
                          documents=cfg.data)
     val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches, documents=cfg.data)
 
-    backbone = build_model(cfg.model, device, config, ds_config)
+    shared = tuple(layer for layer, letter in enumerate(str(pattern)) if letter == "S")  # their indexers never load
+    backbone = build_model(cfg.model, device, config, ds_config, shared_layers=shared)
     partitioned = any(hasattr(p, "ds_id") for p in backbone.parameters())  # ZeRO-3 loaded it in shards
     distiller = Distiller(backbone, pattern, kernel=d.kernel, target=d.target, reduction=d.loss_reduction,
                           offload_saved=d.offload_saved)

@@ -6,17 +6,22 @@ from collections.abc import Mapping
 import torch
 from transformers import PreTrainedModel
 
+from distill.fp8 import BlockFp8
 from distill.source import MODEL_TYPES, ModelConfigError, model_config, resolve_dtype  # noqa: F401  (re-exported)
+from train.fp8_loader import load_block_fp8
 
 
 def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
-                ds_config: Mapping | None = None) -> PreTrainedModel:
+                ds_config: Mapping | None = None, shared_layers: tuple[int, ...] = ()) -> PreTrainedModel:
     """The causal LM of `cfg` (a `conf/model/*.yaml` mapping), in eval mode, on `device`.
 
     With `cfg.path`: loaded from that local directory (`cfg.config` entries override its config); with a
     ZeRO-3 `ds_config`, partitioned over the processes as it loads (no process ever holds the whole model),
     so a model larger than one GPU loads. Without: a random model of `cfg.type` built from `cfg.config`,
     seeded by `cfg.init_seed`, whole on every process (the same weights under every ZeRO stage).
+    A block-FP8 directory (its config's `quantization_config`) loads through `train.fp8_loader`: frozen linear
+    weights stay FP8 on `device`, indexer weights are dequantised to the dtype, and the indexers of
+    `shared_layers` (pattern positions a pattern makes S) are not loaded.
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg.get("dtype"), device)
@@ -25,6 +30,10 @@ def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
     if not cfg.get("path"):
         torch.manual_seed(int(cfg.get("init_seed", 0)))
         return _rope_in_fp32(model_cls(config).to(dtype)).to(device).eval()
+    fp8 = BlockFp8.of(config)
+    if fp8 is not None:
+        check_fp8_stage(ds_config)
+        return load_block_fp8(cfg["path"], config, device, dtype, fp8, tuple(shared_layers))
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
         keep = HfDeepSpeedConfig(dict(ds_config))  # noqa: F841  while set, transformers loads under zero.Init
@@ -33,6 +42,15 @@ def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
         finally:
             unset_hf_deepspeed_config()
     return model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype).to(device).eval()
+
+
+def check_fp8_stage(ds_config: Mapping | None) -> None:
+    """Refuse ZeRO-3 for a block-FP8 model: its frozen FP8 weights load whole on every process (transformers'
+    zero.Init does not partition quantised weights)."""
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        raise ModelConfigError("deepspeed=zero3 with a block-FP8 checkpoint: the FP8 backbone is not partitioned by "
+                               "ZeRO-3 and would load whole on every process; use deepspeed=zero1 or zero2 (the "
+                               "frozen FP8 weights are replicated, the indexers' optimizer state sharded)")
 
 
 def _rope_in_fp32(model: PreTrainedModel) -> PreTrainedModel:
