@@ -53,7 +53,7 @@ def load_block_fp8(path: str, config, device: torch.device, dtype: torch.dtype, 
     for module in model.modules():
         if isinstance(module, (BlockFp8Linear, BlockFp8Experts)):
             module.loaded()
-    _rebuild_computed_buffers(model, device)
+    rebuild_computed_buffers(model, device)
     _check_complete(model, skipped, path)
     return model.eval()
 
@@ -103,14 +103,14 @@ def _skipped_indexers(model: nn.Module, shared_layers: tuple[int, ...]) -> set[s
     return {f"model.layers.{decoder[p]}.self_attn.{family.indexer_path}" for p in shared_layers}
 
 
-def _indexer_prefixes(model: nn.Module) -> tuple[str, ...]:
+def indexer_prefixes(model: nn.Module) -> tuple[str, ...]:
     family = family_of(model)
     return tuple(f"model.layers.{i}.self_attn.{family.indexer_path}." for i in family.dsa_layer_ids(model.config))
 
 
 def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], path: str) -> dict[str, _Slot]:
     """{checkpoint tensor name: its slot}, modules swapped for their FP8 forms; every mismatch refused."""
-    indexers = _indexer_prefixes(model)
+    indexers = indexer_prefixes(model)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())  # transformers' own rule
     slots: dict[str, _Slot] = {}
@@ -123,12 +123,11 @@ def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], pat
         prefix = f"{name}." if name else ""
         if any(name == s or name.startswith(f"{s}.") for s in skipped):
             continue
-        experts = _fused_experts(module)
+        experts = fused_experts(module)
         if experts is not None and _is_fp8(headers.get(f"{prefix}0.gate_proj.weight")):
             E, inter, hidden = experts
-            with torch.device("meta"):
-                fp8 = BlockFp8Experts(E, hidden, inter, fmt.block, module.act_fn)
-            _replace(model, name, fp8)
+            fp8 = fp8_form(module, fmt.block)
+            replace_module(model, name, fp8)
             for e in range(E):
                 for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
                                     ("down_proj", (hidden, inter))):
@@ -154,9 +153,8 @@ def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], pat
                     slots[f"{prefix}{SCALE}"] = _Slot(module, SCALE, fmt=fmt, pair=(full, SCALE), pending=pending,
                                                       fp32=fp32)
                     continue
-                with torch.device("meta"):
-                    fp8 = BlockFp8Linear(module.in_features, module.out_features, fmt.block, module.bias is not None)
-                _replace(model, name, fp8)
+                fp8 = fp8_form(module, fmt.block)
+                replace_module(model, name, fp8)
                 slots[full] = _Slot(fp8, "weight")
                 slots[f"{prefix}{SCALE}"] = _Slot(fp8, SCALE)
                 if module.bias is not None:
@@ -169,7 +167,20 @@ def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], pat
     return slots
 
 
-def _fused_experts(module: nn.Module) -> tuple[int, int, int] | None:
+def fp8_form(module: nn.Module, block: tuple[int, int]) -> nn.Module | None:
+    """The frozen block-FP8 module that stands for `module`, built on the meta device: a BlockFp8Experts for a fused
+    experts module, a BlockFp8Linear for an nn.Linear; None for any other module."""
+    experts = fused_experts(module)
+    with torch.device("meta"):
+        if experts is not None:
+            E, intermediate, hidden = experts
+            return BlockFp8Experts(E, hidden, intermediate, block, module.act_fn)
+        if isinstance(module, nn.Linear):
+            return BlockFp8Linear(module.in_features, module.out_features, block, module.bias is not None)
+    return None
+
+
+def fused_experts(module: nn.Module) -> tuple[int, int, int] | None:
     """(experts, intermediate, hidden) of a transformers fused experts module (gate_up_proj [E, 2I, H], down_proj
     [E, H, I]); None for any other module."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
@@ -192,7 +203,7 @@ def _refuse_packed_experts(headers: dict, prefix: str, path: str) -> None:
             "example with the checkpoint's own conversion script to FP8), then load that directory")
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -248,13 +259,13 @@ def _check_scales(path: str, shards: dict[str, str], names: list[str]) -> None:
                                          "numbers: the shard is corrupt; download it again")
 
 
-def _rebuild_computed_buffers(model: nn.Module, device: torch.device) -> None:
+def rebuild_computed_buffers(model: nn.Module, device: torch.device) -> None:
     """Modules whose buffers are computed at construction, not loaded (RoPE's inverse frequencies), built again on
     `device` in fp32 (they were built on the meta device)."""
     for name, module in list(model.named_modules()):
         if any(b is not None and b.is_meta for b in module._buffers.values()) and hasattr(module, "inv_freq"):
             with torch.device(device):
-                _replace(model, name, type(module)(module.config))
+                replace_module(model, name, type(module)(module.config))
 
 
 def _check_complete(model: nn.Module, skipped: set[str], path: str) -> None:
