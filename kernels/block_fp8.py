@@ -1,11 +1,12 @@
-"""Block-scaled FP8 linear of a frozen weight (docs/DESIGN.md section 7).
+"""Block-scaled FP8 linear of a frozen weight (docs/FP8.md).
 
 A published block-FP8 weight W [N, K] is float8_e4m3fn with one fp32 inverse scale per [bn, bk] block,
 scale_inv [ceil(N / bn), ceil(K / bk)]: W ~= W8 * scale_inv (each scale broadcast over its block). The layer is
 
     y = x @ W^T       x [..., K] (bf16 / fp16 / fp32) -> y [..., N] (x's dtype)
 
-- CUDA, compute capability >= 9.0 (Hopper), 128 x 128 blocks, K a multiple of 128: torch's block-scaled FP8 GEMM
+- CUDA, compute capability >= 9.0 (Hopper), 128 x 128 blocks, K a multiple of 128 (N is padded to whole blocks
+  with zero rows for the call where it is not: DeepSeek's 576-row kv_a_proj_with_mqa): torch's block-scaled FP8 GEMM
   (`torch.nn.functional.scaled_mm`, cuBLAS), as DeepSeek's own inference runs it: x quantised to FP8 per token
   and 128 columns (1 x 128 blocks, dynamic scales, by `quantize_rows` below: one fused pass over x), W's 128 x 128
   blocks as stored. docs/BENCHMARKS.md ("Block-FP8 linear") has the measurement that chose it.
@@ -48,7 +49,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, x_row_stride, BLOCK_M: 
 
 def quantize_rows(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, ceil(K / block)] fp32 with strides (1, M)): x ~= q * scale,
-    one scale per row and `block` columns. Same values as `kernels.reference.quantize_rows`."""
+    one scale per row and `block` columns. Same values as `kernels.reference.quantize_rows`, checked on the GPU by
+    `bench.check_kernels` (no CPU test runs it: Triton 3.6's interpreter casts to float8 wrongly, 126.9 -> 64)."""
     M, K = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -71,9 +73,8 @@ def gemm_scales(scale_inv: torch.Tensor) -> torch.Tensor:
 
 def uses_gemm(weight: torch.Tensor, block: tuple[int, int]) -> bool:
     """Whether `block_fp8_linear` runs a weight [N, K] through the block-scaled FP8 GEMM (else the reference)."""
-    N, K = weight.shape
     return (weight.is_cuda and weight.dtype == FP8 and tuple(block) == (BLOCK, BLOCK)
-            and torch.cuda.get_device_capability(weight.device) >= (9, 0) and K % BLOCK == 0 and N % BLOCK == 0)
+            and torch.cuda.get_device_capability(weight.device) >= (9, 0) and weight.shape[1] % BLOCK == 0)
 
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -84,11 +85,13 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
     quantized: `quantize_rows(x)` where the caller has it (two weights reading one input quantise it once)."""
     if not uses_gemm(weight, block) or x.dtype == torch.float32:
         return reference.block_fp8_linear(x, weight, scale_inv, block, bias)
-    lead, K = x.shape[:-1], x.shape[-1]
+    (N, K), lead = weight.shape, x.shape[:-1]
     q, x_scale = quantize_rows(x.reshape(-1, K)) if quantized is None else quantized
+    if N % BLOCK:  # rows short of a whole last block (DeepSeek's kv_a_proj_with_mqa: 576): zero rows, sliced off
+        weight = F.pad(weight.view(torch.uint8), (0, 0, 0, -N % BLOCK)).view(FP8)
     y = F.scaled_mm(q, weight.t(), x_scale, F.ScalingType.BlockWise1x128,
                     gemm_scales(scale_inv) if gemm_scale is None else gemm_scale, F.ScalingType.BlockWise128x128,
-                    bias=None, output_dtype=x.dtype)
+                    bias=None, output_dtype=x.dtype)[:, :N]
     if bias is not None:
         y = y + bias
-    return y.view(*lead, weight.shape[0])
+    return y.reshape(*lead, N)
