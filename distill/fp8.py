@@ -1,4 +1,4 @@
-"""Block-FP8 checkpoints as DeepSeek-V3.2 and GLM-5-FP8 ship them (docs/DESIGN.md section 7): the format, the frozen
+"""Block-FP8 checkpoints as DeepSeek-V3.2 and GLM-5-FP8 ship them (docs/FP8.md): the format, the frozen
 modules that keep their weights in FP8, and the conversion of trained weights back into the format.
 
 The format: `config.quantization_config = {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic,

@@ -1,4 +1,4 @@
-"""Loading a published block-FP8 checkpoint as FP8 (docs/DESIGN.md section 7), shard by shard.
+"""Loading a published block-FP8 checkpoint as FP8 (docs/FP8.md), shard by shard.
 
 The model is built on the meta device (no memory), then:
 1. Plan, from the shard headers only: every quantised linear (`<m>.weight` float8 beside `<m>.weight_scale_inv`)
