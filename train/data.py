@@ -1,17 +1,25 @@
-"""Training text: corpora (stdlib sources, local txt/jsonl, HF datasets on disk), packed token sequences, batches.
+"""Training text: corpora (stdlib sources, local txt/jsonl(.gz/.zst)/parquet, HF datasets on disk), packed token
+sequences, batches.
 
 A corpus is a `DatasetDict` with splits "train" and "validation" and columns "text" and "source". Text and
 hf_disk corpora are memory-mapped Arrow datasets written under the cache directory, never Python lists of
 documents, so they may be larger than memory. `packed_datasets` tokenizes a corpus, joins documents as
 `[bos] doc [eos] [bos] doc [eos] ...` and cuts the stream into rows of `seq_len` tokens (column
-"input_ids") with each row's document starts (column "doc_starts"), cached on disk. `BatchLoader` serves
-those rows to each rank as resumable, endlessly repeating epochs; with `documents=` it yields `Batch`es
+"input_ids") with each row's document starts (column "doc_starts"), cached on disk under a cheap key (the
+source files' paths, sizes and modification times, the tokenizer, seq_len and the data settings: the corpus is
+not read again once packed), each entry with a `manifest.json`. `python -m train.prepare` packs ahead of the job;
+`data.prepared=<dir>` opens what it wrote there without looking at the corpus (`open_prepared`). `BatchLoader`
+serves those rows to each rank as resumable, endlessly repeating epochs; with `documents=` it yields `Batch`es
 that carry the document boundaries (`cu_seqlens`) and, if asked, per-document positions.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import glob
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -43,9 +51,17 @@ TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 JOIN_BY_PATH = ("directory", "file")
 JOIN_SEPARATOR = "\n\n"
 # Keys of a data config that do not change the packed sequences (left out of the cache key).
-NON_CONTENT_KEYS = ("name", "num_proc", "cache_dir", "document_mask", "restart_positions")
-CACHE_FORMAT = 2  # 2: rows carry "doc_starts"; min_doc_tokens and join_by
+NON_CONTENT_KEYS = ("name", "num_proc", "cache_dir", "document_mask", "restart_positions", "prepared")
+CACHE_FORMAT = 3  # 2: rows carry "doc_starts"; min_doc_tokens and join_by. 3: keyed by the source files' identity
+                  # (paths, sizes, mtimes), not their text; manifest.json in each entry
+MANIFEST = "manifest.json"  # in each packed entry: what it was packed from (see `packing_manifest`)
 DOCUMENTS_PER_PACKING_BATCH = 256
+# data.files of the text source: plain or compressed JSON lines (one record per line), parquet, or plain text
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+TEXT_SUFFIXES = (".txt", *JSONL_SUFFIXES, ".parquet")
+STAGES = ("dense", "sparse")
+PREPARE_FIX = ("run `python -m train.prepare` with this job's overrides (the same data=..., model=..., data.* and "
+               "distill.* seq_len/steps) to prepare it, or leave data.prepared unset to tokenize in the job")
 
 
 class DataError(ValueError):
@@ -59,20 +75,60 @@ def stdlib_sources() -> list[tuple[str, str]]:
     """
     root = sysconfig.get_paths()["stdlib"]
     sources = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [d for d in subdirectories if d not in ("site-packages", "dist-packages")]
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                with open(path, "rb") as f:
-                    text = f.read().decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            sources.append((os.path.relpath(path, root).replace(os.sep, "/"), text))
+    for path in _stdlib_paths(root):
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        sources.append((os.path.relpath(path, root).replace(os.sep, "/"), text))
     sources.sort(key=lambda source: source[0])
     return sources
+
+
+def _stdlib_paths(root: str) -> Iterator[str]:
+    """The .py files under the stdlib `root`, site-packages and dist-packages left out."""
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories if d not in ("site-packages", "dist-packages")]
+        yield from (os.path.join(directory, name) for name in files if name.endswith(".py"))
+
+
+def source_identity(data_cfg: Mapping) -> str:
+    """A digest of what the corpus is read from, without reading it: the source's files (stdlib .py files, data.files
+    and data.validation_files, the files of an hf_disk directory) by absolute path, size and modification time."""
+    source = data_cfg.get("source")
+    if source == "stdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        return _digest("stdlib", root, _file_stats(sorted(_stdlib_paths(root))))
+    if source == "text":
+        keys = ["files"] + (["validation_files"] if data_cfg.get("validation_files") else [])
+        return _digest("text", {key: _file_stats(_expand_files(data_cfg.get(key), key)) for key in keys})
+    if source == "hf_disk":
+        path = os.path.expanduser(str(data_cfg.get("path")))
+        if not data_cfg.get("path") or not os.path.isdir(path):
+            raise DataError(f"data.path {data_cfg.get('path')!r} is not a directory saved by datasets' save_to_disk")
+        files = sorted(os.path.join(directory, name) for directory, _, names in os.walk(path) for name in names)
+        return _digest("hf_disk", _file_stats(files))
+    raise DataError(f"data.source {source!r} is unknown; use one of {', '.join(SOURCES)}")
+
+
+def _file_stats(paths) -> list[tuple[str, int, int]]:
+    stats = []
+    for path in paths:
+        stat = os.stat(path)
+        stats.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    return stats
+
+
+def stage_seq_lens(distill_cfg: Mapping) -> dict[str, int]:
+    """{stage: row length} of the stages that run (distill.dense_steps / sparse_steps > 0): distill.dense_seq_len and
+    distill.sparse_seq_len, each distill.seq_len when unset."""
+    lengths = {}
+    for stage in STAGES:
+        if (distill_cfg.get(f"{stage}_steps") or 0) > 0:
+            value = distill_cfg.get(f"{stage}_seq_len")
+            lengths[stage] = int(distill_cfg["seq_len"] if value is None else value)
+    return lengths
 
 
 def build_corpus(data_cfg: Mapping, cache_dir: str | None = None) -> DatasetDict:
@@ -107,58 +163,51 @@ def build_corpus(data_cfg: Mapping, cache_dir: str | None = None) -> DatasetDict
     return corpus
 
 
-def corpus_fingerprint(corpus: DatasetDict) -> str:
-    """SHA-256 hex digest of the text of every document, split by split, in order."""
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        digest.update(split.encode())
-        for batch in corpus[split].select_columns(["text"]).iter(batch_size=1000):
-            for text in batch["text"]:
-                data = text.encode("utf-8")
-                digest.update(len(data).to_bytes(8, "little"))
-                digest.update(data)
-    return digest.hexdigest()
-
-
 def packed_datasets(data_cfg: Mapping, tokenizer, seq_len: int, cache_dir: str | None = None) -> DatasetDict:
     """"train" and "validation" rows of `seq_len` tokens: columns "input_ids" (int32 [seq_len]) and
     "doc_starts" (int32 [num_starts]: the sorted positions in the row where a document begins; always 0
     first, since a document cut at the end of a row goes on at position 0 of the next).
 
-    Each split's documents are tokenized (`datasets.map`, batched, `data_cfg.num_proc` processes, into
-    Arrow files on disk); those of fewer than `data_cfg.min_doc_tokens` tokens (bos/eos not counted) are
-    dropped; the rest are joined as [bos] doc [eos] (bos only if the tokenizer has one) into one stream
-    that is cut into rows; the last partial row is dropped. Packing streams over the tokenized documents,
-    so neither step holds the corpus in memory. The result is cached under `cache_dir` (default:
-    `data_cfg.cache_dir`, else `default_cache_dir()`), keyed by the corpus text, the tokenizer, seq_len and
-    the data config; a cache directory appears only complete (written to a temporary directory, then
-    renamed).
+    With data.prepared set: the rows `python -m train.prepare` wrote into that directory (`open_prepared`), the
+    corpus never read. Otherwise each split's documents are tokenized (`datasets.map`, batched,
+    `data_cfg.num_proc` processes, into Arrow files on disk); those of fewer than `data_cfg.min_doc_tokens`
+    tokens (bos/eos not counted) are dropped; the rest are joined as [bos] doc [eos] (bos only if the
+    tokenizer has one) into one stream that is cut into rows; the last partial row is dropped. Packing streams
+    over the tokenized documents, so neither step holds the corpus in memory. The result is cached under
+    `cache_dir` (default: `data_cfg.cache_dir`, else `default_cache_dir()`), keyed by the source's files (paths,
+    sizes, modification times: `source_identity`), the tokenizer, seq_len and the data config, so a cached entry
+    opens without reading the corpus; a cache directory appears only complete (written to a temporary directory,
+    then renamed).
     """
-    if int(seq_len) < 1:
-        raise DataError(f"seq_len must be a positive number of tokens, got {seq_len}")
-    seq_len = int(seq_len)
-    if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token, which packing puts between documents")
-    min_doc_tokens = data_cfg.get("min_doc_tokens") or 0
-    if not isinstance(min_doc_tokens, int) or min_doc_tokens < 0:
-        raise DataError(f"data.min_doc_tokens must be a count of tokens >= 0 (0: keep all), got {min_doc_tokens!r}")
+    if data_cfg.get("prepared"):
+        return open_prepared(data_cfg, tokenizer, seq_len)
+    return pack_to(data_cfg, tokenizer, seq_len, cache_dir)[0]
+
+
+def pack_to(data_cfg: Mapping, tokenizer, seq_len: int, cache_dir: str | None = None, out_dir: str | None = None,
+            num_proc: int | None = None) -> tuple[DatasetDict, str, bool]:
+    """(rows, entry directory, whether they were packed now) of `packed_datasets`, the entry found or written under
+    `out_dir` (default: the cache root); the documents of text and hf_disk corpora go to the cache root's
+    documents/ either way. num_proc: tokenizing processes (default data.num_proc)."""
+    seq_len, min_doc_tokens = _packing_options(tokenizer, seq_len, data_cfg)
     root = _cache_root(data_cfg, cache_dir)
-    corpus = build_corpus(data_cfg, root)
-    key_fields = {"format": CACHE_FORMAT, "corpus": corpus_fingerprint(corpus),
-                  "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
-                  "data": {k: v for k, v in plain(data_cfg).items() if k not in NON_CONTENT_KEYS}}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()
-    path = os.path.join(root, f"{data_cfg.get('source')}-{seq_len}-{key[:20]}")
+    out = os.path.expanduser(out_dir) if out_dir else root
+    manifest = packing_manifest(data_cfg, tokenizer, seq_len, source_identity(data_cfg))
+    key = _digest(*(manifest[field] for field in KEY_FIELDS))
+    path = os.path.join(out, f"{data_cfg.get('source')}-{seq_len}-{key[:20]}")
     if os.path.isdir(path):
         log.info("packed data from cache %s", path)
-        return load_from_disk(path)
+        return load_from_disk(path), path, False
+    log.info("no packed rows of %d tokens of this corpus under %s: tokenizing (`python -m train.prepare` with the "
+             "same overrides does this once, on every core)", seq_len, out)
     start = time.perf_counter()
-    os.makedirs(root, exist_ok=True)
-    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.work-", dir=root)
+    corpus = build_corpus(data_cfg, root)
+    os.makedirs(out, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.work-", dir=out)
+    num_proc = int(num_proc or data_cfg.get("num_proc") or 1)
     try:
-        packed = DatasetDict({split: _pack(corpus[split], tokenizer, seq_len, int(data_cfg.get("num_proc") or 1),
-                                           min_doc_tokens, os.path.join(work_dir, split),
-                                           fingerprint=f"{key[:20]}-{split}")
+        packed = DatasetDict({split: _pack(corpus[split], tokenizer, seq_len, num_proc, min_doc_tokens,
+                                           os.path.join(work_dir, split), fingerprint=f"{key[:20]}-{split}")
                               for split in SPLITS})
         for split in SPLITS:
             if len(packed[split]) == 0:
@@ -168,13 +217,96 @@ def packed_datasets(data_cfg: Mapping, tokenizer, seq_len: int, cache_dir: str |
                        else "") +
                     f") has fewer than seq_len={seq_len} tokens, so it packs into no sequence; use more documents "
                     f"(data.max_documents, data.val_fraction, data.min_doc_tokens) or a shorter seq_len")
-        _save_atomically(packed, path)
+        manifest.update(rows={split: len(packed[split]) for split in SPLITS},
+                        documents={split: len(corpus[split]) for split in SPLITS},
+                        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        _save_atomically(packed, path, manifest)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     packed = load_from_disk(path)
     log.info("packed %d train and %d validation sequences of %d tokens in %.1f s into %s",
              len(packed["train"]), len(packed["validation"]), seq_len, time.perf_counter() - start, path)
-    return packed
+    return packed, path, True
+
+
+# The manifest fields that make the cache key (the others describe the entry).
+KEY_FIELDS = ("format", "source", "tokenizer", "seq_len", "data")
+
+
+def packing_manifest(data_cfg: Mapping, tokenizer, seq_len: int, identity: str | None = None) -> dict:
+    """What packed rows depend on: the cache format, the source's identity (`source_identity`), the tokenizer's
+    fingerprint (and name), seq_len and the data config's content keys (all but NON_CONTENT_KEYS)."""
+    return {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "tokenizer_name": str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)),
+            "seq_len": int(seq_len), "data": _content(data_cfg)}
+
+
+def open_prepared(data_cfg: Mapping, tokenizer, seq_len: int) -> DatasetDict:
+    """The rows of `seq_len` tokens that `python -m train.prepare` wrote into the directory data.prepared, opened
+    without reading the corpus: the newest entry whose manifest has this seq_len, this tokenizer and these data
+    settings (data.* but name, num_proc, cache_dir, document_mask, restart_positions, prepared). Anything else is a
+    DataError naming what differs and the fix."""
+    directory = os.path.expanduser(str(data_cfg.get("prepared")))
+    seq_len = _packing_options(tokenizer, seq_len, data_cfg)[0]
+    if not os.path.isdir(directory):
+        raise DataError(f"data.prepared={directory!r} is not a directory: {PREPARE_FIX}")
+    entries = []
+    for name in sorted(os.listdir(directory)):
+        try:
+            with open(os.path.join(directory, name, MANIFEST)) as f:
+                entries.append((os.path.join(directory, name), json.load(f)))
+        except (OSError, ValueError):
+            continue  # not a prepared entry (a temporary directory, documents/, ...)
+    if not entries:
+        raise DataError(f"data.prepared={directory!r} holds no prepared data (no <entry>/{MANIFEST}): {PREPARE_FIX}")
+    lengths = sorted({manifest.get("seq_len") for _, manifest in entries}, key=str)
+    entries = sorted((e for e in entries if e[1].get("seq_len") == seq_len), key=lambda e: str(e[1].get("created")),
+                     reverse=True)
+    if not entries:
+        raise DataError(f"data.prepared={directory!r} has no rows of seq_len={seq_len} tokens (it has "
+                        f"{', '.join(map(str, lengths))}; this job's row lengths are distill.dense_seq_len and "
+                        f"distill.sparse_seq_len, by default distill.seq_len): {PREPARE_FIX}")
+    wanted = packing_manifest(data_cfg, tokenizer, seq_len)
+    for path, manifest in entries:
+        if _manifest_mismatch(manifest, wanted) is None:
+            log.info("prepared data %s (%s train, %s validation rows of %d tokens)", path,
+                     *(manifest.get("rows", {}).get(split, "?") for split in SPLITS), seq_len)
+            return load_from_disk(path)
+    path, manifest = entries[0]
+    raise DataError(f"data.prepared={directory!r}: its rows of {seq_len} tokens ({path}) were prepared with "
+                    f"{_manifest_mismatch(manifest, wanted)}: {PREPARE_FIX}")
+
+
+def _manifest_mismatch(manifest: Mapping, wanted: Mapping) -> str | None:
+    """What differs between a prepared entry's manifest and this job's (`packing_manifest`), or None."""
+    if manifest.get("format") != wanted["format"]:
+        return f"cache format {manifest.get('format')!r}, this version of train.data packs format {wanted['format']}"
+    if manifest.get("tokenizer") != wanted["tokenizer"]:
+        return (f"tokenizer {manifest.get('tokenizer_name')!r} ({str(manifest.get('tokenizer'))[:12]}), this job's "
+                f"is {wanted['tokenizer_name']!r} ({wanted['tokenizer'][:12]}): model.tokenizer / model.path / model=")
+    theirs, ours = manifest.get("data") or {}, wanted["data"]
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) != ours.get(key):
+            return f"data.{key}={theirs.get(key)!r}, this job has data.{key}={ours.get(key)!r}"
+    return None
+
+
+def _content(data_cfg: Mapping) -> dict:
+    """The data config's keys that change the packed rows, JSON-normalised (lists, not tuples)."""
+    return json.loads(json.dumps({k: v for k, v in plain(data_cfg).items() if k not in NON_CONTENT_KEYS},
+                                 sort_keys=True, default=str))
+
+
+def _packing_options(tokenizer, seq_len, data_cfg: Mapping) -> tuple[int, int]:
+    """(seq_len, data.min_doc_tokens), checked."""
+    if int(seq_len) < 1:
+        raise DataError(f"seq_len must be a positive number of tokens, got {seq_len}")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token, which packing puts between documents")
+    min_doc_tokens = data_cfg.get("min_doc_tokens") or 0
+    if not isinstance(min_doc_tokens, int) or min_doc_tokens < 0:
+        raise DataError(f"data.min_doc_tokens must be a count of tokens >= 0 (0: keep all), got {min_doc_tokens!r}")
+    return int(seq_len), min_doc_tokens
 
 
 def default_cache_dir() -> str:
@@ -372,13 +504,17 @@ def _packed_tables(tokenized: Dataset, seq_len: int) -> Iterator[pa.Table]:
         carry, carry_starts = stream[cut:], starts[starts >= cut] - cut
 
 
-def _save_atomically(dataset: DatasetDict, path: str) -> None:
-    """`dataset.save_to_disk(path)` through a temporary sibling directory, so `path` is complete or absent."""
+def _save_atomically(dataset: DatasetDict, path: str, manifest: Mapping | None = None) -> None:
+    """`dataset.save_to_disk(path)` (and `manifest` as its manifest.json) through a temporary sibling directory,
+    so `path` is complete or absent."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         dataset.save_to_disk(staging)
+        if manifest is not None:
+            with open(os.path.join(staging, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=1, sort_keys=True)
         try:
             os.rename(staging, path)
         except OSError:
@@ -509,8 +645,9 @@ def _text_corpus(data_cfg: Mapping, documents_dir: str) -> DatasetDict:
 
 
 def _text_documents(data_cfg: Mapping, key: str, documents_dir: str) -> Dataset:
-    """The first max_documents non-empty documents of the .txt/.jsonl files of `data_cfg[key]`, memory-mapped:
-    "source" is "path" (a .txt document) or "path:number" (a paragraph, a line or a jsonl record).
+    """The first max_documents non-empty documents of the .txt/.jsonl(.gz/.zst)/.parquet files of `data_cfg[key]`,
+    memory-mapped: "source" is "path" (a .txt document) or "path:number" (a paragraph, a line, a jsonl record or a
+    parquet row, counted from 1).
 
     Cached by the files' paths, sizes and modification times and the reading options.
     """
@@ -520,17 +657,20 @@ def _text_documents(data_cfg: Mapping, key: str, documents_dir: str) -> Dataset:
     text_field = data_cfg.get("text_field", "text")
     limit = _max_documents(data_cfg)
     paths = _expand_files(data_cfg.get(key), key)
-    stats = [(os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
     return _generated(_text_rows, {"paths": paths, "sample_by": sample_by, "text_field": text_field, "limit": limit},
-                      _digest("text", stats, sample_by, text_field, limit), documents_dir)
+                      _digest("text", _file_stats(paths), sample_by, text_field, limit), documents_dir)
 
 
 def _text_rows(paths: tuple[str, ...], sample_by: str, text_field: str, limit: int | None) -> Iterator[dict]:
-    """Rows {"text", "source"} of the non-empty documents of `paths`, at most `limit`; one file read at a time."""
+    """Rows {"text", "source"} of the non-empty documents of `paths`, at most `limit`; one file read at a time,
+    jsonl line by line and parquet one record batch at a time."""
     def documents():
         for path in paths:
-            if path.endswith(".jsonl"):
+            if path.endswith(JSONL_SUFFIXES):
                 yield from _jsonl_documents(path, text_field)
+                continue
+            if path.endswith(".parquet"):
+                yield from _parquet_documents(path, text_field)
                 continue
             text = _read_text(path)
             if sample_by == "document":
@@ -551,7 +691,7 @@ def _text_rows(paths: tuple[str, ...], sample_by: str, text_field: str, limit: i
 def _expand_files(patterns, key: str) -> list[str]:
     """The files of a path/glob or a list of them, each pattern's matches sorted, duplicates dropped."""
     if not patterns:
-        raise DataError(f"data.{key} is empty: list .txt or .jsonl files or globs")
+        raise DataError(f"data.{key} is empty: list .txt, .jsonl (.jsonl.gz, .jsonl.zst) or .parquet files or globs")
     if isinstance(patterns, str):
         patterns = [patterns]
     paths = []
@@ -562,8 +702,9 @@ def _expand_files(patterns, key: str) -> list[str]:
             raise DataError(f"data.{key}: {pattern!r} " +
                             ("matches no file" if glob.has_magic(pattern) else "is not a file"))
         for path in matches:
-            if not path.endswith((".txt", ".jsonl")):
-                raise DataError(f"data.{key}: {path!r} is neither .txt nor .jsonl")
+            if not path.endswith(TEXT_SUFFIXES):
+                raise DataError(f"data.{key}: {path!r} is neither .txt nor .jsonl (nor .jsonl.gz, .jsonl.zst, "
+                                f".parquet)")
             if path not in paths:
                 paths.append(path)
     return paths
@@ -577,9 +718,44 @@ def _read_text(path: str) -> str:
         raise DataError(f"{path!r} is not UTF-8 text: {error}") from None
 
 
+def _zstandard():
+    """The `zstandard` module, or None when it is not installed."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard
+
+
+def _pyarrow_zstd() -> bool:
+    """Whether pyarrow (a dependency of datasets) was built with its zstd codec (its wheels are)."""
+    return pa.Codec.is_available("zstd")
+
+
+def _open_binary(path: str):
+    """A binary stream of the decompressed bytes of `path` (.gz: gzip; .zst: the zstandard package, else pyarrow's
+    zstd codec; otherwise the file as it is)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        zstandard = _zstandard()
+        if zstandard is not None:
+            return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        if _pyarrow_zstd():
+            return pa.CompressedInputStream(pa.OSFile(path), "zstd")
+        raise DataError(f"{path!r} is zstd-compressed and neither the zstandard package nor pyarrow's zstd codec is "
+                        f"there to read it: pip install zstandard")
+    return open(path, "rb")
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    zstandard = _zstandard()
+    return (OSError, EOFError, pa.ArrowException, *((zstandard.ZstdError,) if zstandard is not None else ()))
+
+
 def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
-    """(source "path:line number", text) of the records of a .jsonl file, read line by line."""
-    with open(path, encoding="utf-8") as f:
+    """(source "path:line number", text) of the records of a .jsonl file (plain, .gz or .zst), read line by line."""
+    with contextlib.closing(io.TextIOWrapper(_open_binary(path), encoding="utf-8")) as f:
         lines = enumerate(f, start=1)
         while True:
             try:
@@ -588,6 +764,9 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
                 return
             except UnicodeDecodeError as error:
                 raise DataError(f"{path!r} is not UTF-8 text: {error}") from None
+            except _decompression_errors() as error:
+                raise DataError(f"{path!r} cannot be read (a damaged or mis-named compressed file?): {error}") \
+                    from None
             if not line.strip():
                 continue
             try:
@@ -597,6 +776,28 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise DataError(f"{path}:{number} has no string field {text_field!r} (data.text_field)")
             yield f"{path}:{number}", record[text_field]
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
+    """(source "path:row number" from 1, text) of the rows of a parquet file, one record batch at a time."""
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{path!r} is not a parquet file: {error}") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{path!r} has columns {schema.names}, not data.text_field {text_field!r}")
+    field_type = schema.field(text_field).type
+    if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
+        raise DataError(f"{path!r} column {text_field!r} (data.text_field) is {field_type}, not strings")
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1000, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            number += 1
+            if text is None:
+                raise DataError(f"{path}:{number} has no string field {text_field!r} (data.text_field): it is null")
+            yield f"{path}:{number}", text
 
 
 def _hf_disk_corpus(data_cfg: Mapping, documents_dir: str) -> DatasetDict:

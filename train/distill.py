@@ -31,10 +31,11 @@ from train.checkpoint import (CheckpointError, DamagedCheckpoint, check_compatib
                               latest_checkpoint, load_checkpoint, newest_intact_checkpoint, previous_good_hint,
                               read_meta, save_checkpoint, verify_checkpoint)
 from train import faults
-from train.data import Batch, BatchLoader, eval_batches, packed_datasets
+from train.data import Batch, BatchLoader, eval_batches, packed_datasets, stage_seq_lens
 from train.logger import MODES as LOGGER_MODES, Logger
 from distill.fp8 import BlockFp8
 from train.model import ModelConfigError, build_model, check_fp8_stage, model_config, resolve_dtype
+from train.plan import check_plan
 from train.run_dir import hold_run_lock, record_config, run_tag, set_aside_outputs
 from train.tokenizer import load_tokenizer
 
@@ -64,9 +65,12 @@ def setup_distributed(device_cfg: str) -> tuple[torch.device, int, int]:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    local_rank = int(os.environ["LOCAL_RANK"])  # this node's process index: its GPU (RANK counts every node's)
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} on {socket.gethostname()}, which sees "
+                           f"{torch.cuda.device_count()} GPUs: NPROC is the processes per node, at most its GPUs")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -164,9 +168,10 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
     if cfg.data.document_mask and not family.documents:
         raise ValueError(f"data.document_mask=true: the {config.model_type} forward cannot keep packed documents "
                          "apart; set data.document_mask=false")
-    if d.seq_len > config.max_position_embeddings:
-        raise ValueError(f"distill.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}")
+    for stage, seq_len in stage_seq_lens(d).items():
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(f"{_seq_len_key(d, stage)}={seq_len} exceeds the model's max_position_embeddings="
+                             f"{config.max_position_embeddings}")
     resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
     ds_config = deepspeed_config(cfg, world_size, device)
     if BlockFp8.of(config) is not None:  # the quantization_config read (and refused) before anything loads
@@ -174,14 +179,16 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
     saved_world = read_meta(resume_from).get("world_size", world_size) if resume_from else world_size
     ds_config["checkpoint"] = {"load_universal": saved_world != world_size}  # re-shard through DeepSpeed's universal form
     _check_deepspeed(ds_config)
+    # the memory plan (docs/PLAN.md): refused if it does not fit, before any weight loads (plan.check=false runs it)
+    check_plan(cfg, config, pattern, ds_config, world_size, device)
     return config, pattern, resume_from, ds_config
 
 
 def _check_keys(cfg: DictConfig, device: torch.device) -> None:
     """The job's plain config keys: types, ranges, choices and the combinations that cannot work."""
     d = cfg.distill
-    for key in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every",
-                "max_bad_steps"):
+    for key in ("seq_len", "dense_seq_len", "sparse_seq_len", "micro_batch_size", "grad_accum", "eval_every",
+                "save_every", "log_every", "max_bad_steps"):
         _check_integer(f"distill.{key}", d[key], minimum=1)
     for key in ("dense_steps", "sparse_steps", "warmup_steps", "eval_batches", "keep_checkpoints"):
         _check_integer(f"distill.{key}", d[key], minimum=0)
@@ -263,11 +270,19 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         _claim_run_dir(cfg, run_dir)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = _on_rank0_first(rank, lambda: packed_datasets(cfg.data, tokenizer, d.seq_len,
-                                                         os.path.join(cfg.cache_dir, "data")))
-    loader = BatchLoader(data["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                         documents=cfg.data)
-    val = eval_batches(data["validation"], d.micro_batch_size, d.eval_batches, documents=cfg.data)
+    lengths = stage_seq_lens(d)  # each stage's row length; one packed dataset and loader per distinct length
+
+    def packed():
+        return {n: packed_datasets(cfg.data, tokenizer, n, os.path.join(cfg.cache_dir, "data"))
+                for n in sorted(set(lengths.values()))}
+    data = packed() if cfg.data.get("prepared") else _on_rank0_first(rank, packed)  # prepared: opened, never packed
+    loaders = {n: BatchLoader(rows["train"], d.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                              documents=cfg.data) for n, rows in data.items()}
+    val = {stage: eval_batches(data[n]["validation"], d.micro_batch_size, d.eval_batches, documents=cfg.data)
+           for stage, n in lengths.items()}
+
+    def stage_after(step: int) -> str:  # the stage of step + 1 (at the end: the last stage)
+        return "sparse" if step >= d.dense_steps and "sparse" in lengths else "dense"
 
     shared = tuple(layer for layer, letter in enumerate(str(pattern)) if letter == "S")  # their indexers never load
     backbone = build_model(cfg.model, device, config, ds_config, shared_layers=shared)
@@ -284,7 +299,10 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         meta = load_checkpoint(engine, resume_from, universal=ds_config["checkpoint"]["load_universal"])
         step = meta["step"]
         run_id = meta.get("run_id", run_id)
-        loader.load_state_dict(_loader_state(meta, d.micro_batch_size * world_size))
+        stage = stage_after(step)
+        state = _loader_state(meta, d.micro_batch_size * world_size, stage, lengths[stage], _seq_len_key(d, stage))
+        if state is not None:
+            loaders[lengths[stage]].load_state_dict(state)
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -296,7 +314,6 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
               + (f", resumed at step {step}" if step else ""), flush=True)
 
     total = d.dense_steps + d.sparse_steps
-    tokens_per_step = d.micro_batch_size * d.grad_accum * world_size * d.seq_len
     metrics: dict[str, float] = {}
     bad_steps = 0
     stop = _StopOnSigterm()
@@ -305,12 +322,16 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
             "micro_batch_size": d.micro_batch_size, "run_id": run_id}
 
     def save(step: int) -> None:
-        save_checkpoint(engine, distiller, run_dir, step, {**meta, "metrics": metrics, "loader": loader.state_dict(),
+        stage = stage_after(step)  # the data position of the loader the next step reads, and whose it is
+        loader_state = {**loaders[lengths[stage]].state_dict(), "stage": stage, "seq_len": lengths[stage]}
+        save_checkpoint(engine, distiller, run_dir, step, {**meta, "metrics": metrics, "loader": loader_state,
                                                            "rng": torch.get_rng_state().tolist()},
                         d.keep_checkpoints)
 
     while step < total:
         sparse = step >= d.dense_steps
+        stage = "sparse" if sparse else "dense"
+        loader = loaders[lengths[stage]]
         t0 = time.perf_counter()
         step += 1
         micro_losses = []
@@ -342,12 +363,13 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         grad_norm = engine.get_global_grad_norm()
         metrics = {"train/loss": loss, "train/lr": scheduler.get_lr()[0], "train/stage": int(sparse),
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "train/tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+                   "train/tokens_per_s": d.micro_batch_size * d.grad_accum * world_size * lengths[stage]
+                   / (time.perf_counter() - t0),
                    "train/peak_memory_gib": peak_memory_gib(device), **group_losses}
-        if val and (step % d.eval_every == 0 or step == total):
-            metrics.update(evaluate(engine, val, sparse, device))
-        if val and step == total and d.lm_eval:
-            lm = evaluate_lm(distiller.backbone, pattern, val)
+        if val[stage] and (step % d.eval_every == 0 or step == total):
+            metrics.update(evaluate(engine, val[stage], sparse, device))
+        if val[stage] and step == total and d.lm_eval:
+            lm = evaluate_lm(distiller.backbone, pattern, val[stage])
             metrics.update({"eval/lm_loss": lm["loss"], "eval/lm_perplexity": lm["perplexity"],
                             "eval/lm_topk_recall": lm["mean_topk_recall"]})
             if rank == 0:
@@ -391,9 +413,28 @@ def _on_rank0_first(rank: int, fn):
     return result
 
 
-def _loader_state(meta: dict, rows_per_batch: int) -> dict:
-    """The data position of a checkpoint in batches of `rows_per_batch` rows (world sizes may differ)."""
+def _seq_len_key(d: DictConfig, stage: str) -> str:
+    """The key that sets a stage's row length: distill.<stage>_seq_len, or distill.seq_len when that follows it."""
+    raw = OmegaConf.to_container(d, resolve=False).get(f"{stage}_seq_len")
+    return "distill.seq_len" if raw is None or raw == "${distill.seq_len}" else f"distill.{stage}_seq_len"
+
+
+def _loader_state(meta: dict, rows_per_batch: int, stage: str, seq_len: int, key: str) -> dict | None:
+    """The data position of a checkpoint in batches of `rows_per_batch` rows (world sizes may differ), for the loader
+    of `stage` (the next step's) with rows of `seq_len` tokens set by `key`; None: that loader starts afresh.
+
+    The checkpoint's loader state names its stage and row length (one without them, from before per-stage lengths,
+    is of the run's distill.seq_len). A state of rows of another length is another stage's loader, no longer read
+    (the sparse loader starts at the first sparse step), or, of this stage mid-way, refused."""
     state = dict(meta["loader"])
+    saved_len = state.pop("seq_len", meta.get("config", {}).get("distill", {}).get("seq_len", seq_len))
+    saved_stage = state.pop("stage", stage)
+    if saved_len != seq_len:
+        if saved_stage != stage or (state["epoch"], state["position"]) == (0, 0):
+            return None
+        raise CheckpointError(
+            f"the checkpoint's {stage}-stage data position is in rows of {saved_len} tokens, this run's {key}="
+            f"{seq_len}: resume with {key}={saved_len}, or start over with resume=never")
     rows = state["position"] * meta.get("micro_batch_size", 0) * meta.get("world_size", 1)
     if "micro_batch_size" in meta:
         if rows % rows_per_batch:
