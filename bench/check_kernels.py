@@ -10,12 +10,12 @@ import torch
 
 from bench.common import DSA, dsa_inputs, flash_lse, job_keys
 from bench.real_scale import real_scale_run
-from kernels.reference import allowed_keys
 from kernels import block_fp8, reference
 from kernels.centroid_kl import centroid_kl
 from kernels.compressed_attention import compressed_attention
 from kernels.dense_attention import causal_attention
 from kernels.indexer_topk import indexer_topk
+from kernels.reference import allowed_keys
 from kernels.sparse_attention import sparse_mqa_attention
 from kernels.sparse_centroid_kl import sparse_centroid_kl
 
@@ -189,21 +189,25 @@ def check_offload(T=4096, layers=4, tol=2e-2):
     return ok
 
 
-def check_block_fp8(M, N, K, *, dtype=torch.bfloat16, tol=2e-2):
+def check_block_fp8(M, N, K, *, tol=2e-3):
     """quantize_rows against its reference (the fused kernel's fp8 bytes and scales), and block_fp8_linear through
-    the FP8 GEMM against an fp32 product of the dequantised weight (its error: the activations' FP8 rounding)."""
-    x = torch.randn(M, K, device="cuda", dtype=dtype) * 3
+    the FP8 GEMM against the fp32 product of the same FP8 operands (the activations quantised by the reference,
+    the weight dequantised); the error against the exact product of bf16 activations is printed too (what FP8
+    activations cost, as in DeepSeek's own inference: about 2.5% of the output's norm on random data)."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * 3
     q, scale = block_fp8.quantize_rows(x)
     q_ref, scale_ref = reference.quantize_rows(x)
-    same_bytes = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    differing = (q[:M].view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
     weight, scale_inv = reference.quantize_block_fp8(torch.randn(N, K, device="cuda") * 0.02, (128, 128))
-    got = block_fp8.block_fp8_linear(x, weight, scale_inv, (128, 128))
-    want = x.float() @ reference.dequantize_block_fp8(weight, scale_inv, (128, 128)).T
-    errors = [relative_error(scale, scale_ref), same_bytes, relative_error(got, want)]
+    got = block_fp8.block_fp8_linear(x, weight, scale_inv, (128, 128)).float()
+    w = reference.dequantize_block_fp8(weight, scale_inv, (128, 128))
+    want = reference.dequantize_block_fp8(q_ref, scale_ref, (1, 128)) @ w.T
+    exact = x.float() @ w.T
+    errors = [relative_error(scale[:M], scale_ref), differing, relative_error(got, want)]
     ok = errors[0] < 1e-6 and errors[1] < 1e-3 and errors[2] < tol
-    print(f"block_fp8 M={M} N={N} K={K} {str(dtype)[6:]} gemm={block_fp8.uses_gemm(weight, (128, 128))}: rel.err "
-          f"scales {errors[0]:.1e}, fp8 bytes differing {errors[1]:.1e}, linear {errors[2]:.1e}"
-          + ("  ok" if ok else "  FAIL"), flush=True)
+    print(f"block_fp8 M={M} N={N} K={K} gemm={block_fp8.uses_gemm(weight, (128, 128))}: rel.err scales "
+          f"{errors[0]:.1e}, fp8 bytes differing {errors[1]:.1e}, linear {errors[2]:.1e} (against bf16 activations: "
+          f"{((got - exact).norm() / exact.norm()).item():.1e} of the norm)" + ("  ok" if ok else "  FAIL"), flush=True)
     return ok
 
 
@@ -233,7 +237,7 @@ def main() -> int:
         check_offload(),
         check_block_fp8(4096, 1536, 7168),
         check_block_fp8(1000, 576, 7168),     # kv_a_proj_with_mqa: rows not a whole number of 128-blocks
-        check_block_fp8(77, 7168, 2048, dtype=torch.float16),
+        check_block_fp8(77, 7168, 2048),       # a routed expert's few tokens: rows padded to 16
     ]
     return 0 if all(results) else 1
 

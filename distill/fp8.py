@@ -143,12 +143,13 @@ class BlockFp8Experts(nn.Module):
             weight = getattr(self, name)
             if uses_gemm(weight[0], self.block):
                 scales = getattr(self, f"{name}_{SCALE}")
-                setattr(self, f"{name}_gemm_scale", torch.stack([gemm_scales(s) for s in scales]))
+                # stored [E, N / 128, L4]: expert e's GEMM layout is the transpose of its slice (gemm_scales' strides)
+                setattr(self, f"{name}_gemm_scale", torch.stack([gemm_scales(s).t() for s in scales]))
 
     def _linear(self, name: str, e: int, x: torch.Tensor, quantized=None) -> torch.Tensor:
         gemm = getattr(self, f"{name}_gemm_scale")
         return block_fp8_linear(x, getattr(self, name)[e], getattr(self, f"{name}_{SCALE}")[e], self.block,
-                                gemm_scale=None if gemm is None else gemm[e], quantized=quantized)
+                                gemm_scale=None if gemm is None else gemm[e].t(), quantized=quantized)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,8 @@ class BlockFp8Experts(nn.Module):
                 continue
             rows = tokens[start:start + n]
             x = hidden_states[rows]
-            quantized = quantize_rows(x) if self.gate_proj_gemm_scale is not None else None
+            fused = self.gate_proj_gemm_scale is not None and x.dtype == torch.bfloat16
+            quantized = quantize_rows(x) if fused else None
             inner = self.act_fn(self._linear("gate_proj", e, x, quantized)) * self._linear("up_proj", e, x, quantized)
             y = self._linear("down_proj", e, inner) * weights[start:start + n, None]
             out.index_add_(0, rows, y.to(out.dtype))

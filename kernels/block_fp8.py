@@ -28,36 +28,41 @@ from kernels import reference
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0   # the largest finite float8_e4m3fn
 BLOCK = 128       # the block the GEMM path takes (the published checkpoints' 128 x 128)
+ROWS = 16         # cuBLAS's block-scaled GEMM refuses (CUBLAS_STATUS_NOT_SUPPORTED) row counts off this multiple
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, x_row_stride, BLOCK_M: tl.constexpr,
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, M_out, K, x_row_stride, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr):
     """One program quantises BLOCK_M rows x one 128-column block: scale = amax / FP8_MAX (1 where the block is 0),
-    q = x / scale in float8; scale written K-block-major, scale[kb, m] (the layout the GEMM takes)."""
+    q = x / scale in float8; scale written K-block-major, scale[kb, m] (the layout the GEMM takes). Rows M .. M_out
+    - 1 (padding) are written as zeros with scale 1."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kb = tl.program_id(1)
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :],
+                mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
     q = x / scale[:, None]
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + kb * M + rows, scale, mask=rows < M)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M_out) & (cols[None, :] < K))
+    tl.store(scale_ptr + kb * M_out + rows, scale, mask=rows < M_out)
 
 
 def quantize_rows(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, ceil(K / block)] fp32 with strides (1, M)): x ~= q * scale,
-    one scale per row and `block` columns. Same values as `kernels.reference.quantize_rows`, checked on the GPU by
+    """x [M, K] -> (q [M', K] float8_e4m3fn, scale [M', ceil(K / block)] fp32 with strides (1, M')), M' = M rounded
+    up to a multiple of ROWS (the rows past M are zeros): x ~= q[:M] * scale[:M], one scale per row and `block`
+    columns. Same values as `kernels.reference.quantize_rows` on the first M rows, checked on the GPU by
     `bench.check_kernels` (no CPU test runs it: Triton 3.6's interpreter casts to float8 wrongly, 126.9 -> 64)."""
     M, K = x.shape
+    M_out = -(-M // ROWS) * ROWS
     if x.stride(-1) != 1:
         x = x.contiguous()
-    q = torch.empty(M, K, dtype=FP8, device=x.device)
-    scale = torch.empty(triton.cdiv(K, block), M, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, block))
-    _quantize_rows_kernel[grid](x_ptr=x, q_ptr=q, scale_ptr=scale, M=M, K=K, x_row_stride=x.stride(0),
+    q = torch.empty(M_out, K, dtype=FP8, device=x.device)
+    scale = torch.empty(triton.cdiv(K, block), M_out, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M_out, 32), triton.cdiv(K, block))
+    _quantize_rows_kernel[grid](x_ptr=x, q_ptr=q, scale_ptr=scale, M=M, M_out=M_out, K=K, x_row_stride=x.stride(0),
                                 BLOCK_M=32, BLOCK_K=block, FP8_MAX=FP8_MAX)
     return q, scale.t()
 
@@ -82,16 +87,18 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
                      quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ (weight [N, K] float8 * scale_inv per `block`)^T (+ bias), in x's dtype; see the
     module docstring. gemm_scale: `gemm_scales(scale_inv)`, made once by the caller (else made here per call);
-    quantized: `quantize_rows(x)` where the caller has it (two weights reading one input quantise it once)."""
-    if not uses_gemm(weight, block) or x.dtype == torch.float32:
+    quantized: `quantize_rows(x)` where the caller has it (two weights reading one input quantise it once). The GEMM
+    runs on bf16 activations (others take the reference), their rows padded to a multiple of ROWS."""
+    if not uses_gemm(weight, block) or x.dtype != torch.bfloat16:  # cuBLAS refused fp16 output here (H100)
         return reference.block_fp8_linear(x, weight, scale_inv, block, bias)
     (N, K), lead = weight.shape, x.shape[:-1]
-    q, x_scale = quantize_rows(x.reshape(-1, K)) if quantized is None else quantized
+    M = x.numel() // K
+    q, x_scale = quantize_rows(x.reshape(M, K)) if quantized is None else quantized
     if N % BLOCK:  # rows short of a whole last block (DeepSeek's kv_a_proj_with_mqa: 576): zero rows, sliced off
         weight = F.pad(weight.view(torch.uint8), (0, 0, 0, -N % BLOCK)).view(FP8)
     y = F.scaled_mm(q, weight.t(), x_scale, F.ScalingType.BlockWise1x128,
                     gemm_scales(scale_inv) if gemm_scale is None else gemm_scale, F.ScalingType.BlockWise128x128,
-                    bias=None, output_dtype=x.dtype)[:, :N]
+                    bias=None, output_dtype=x.dtype)[:M, :N]
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, N)
