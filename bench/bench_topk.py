@@ -29,11 +29,11 @@ import triton
 
 from bench.common import DSA, dsa_inputs, materialised_topk, measure
 from kernels import reference
-from kernels.centroid_kl import TILES
 from kernels.indexer_topk import indexer_topk
+from kernels.tiles import tiles, tiles_override
 
 SCORE_FLOPS_PER_PAIR = 2 * DSA["HI"] * DSA["D"] + 2 * DSA["HI"]
-# Tile choices tried by the sweep (TILES["cuda"] holds the first); sizes from sm_90 compiles: registers and
+# Tile choices tried by the sweep (kernels.tiles' defaults hold the first); sizes from sm_90 compiles: registers and
 # shared memory allow two 4-warp programs per SM with two rows per block, one 8-warp program with more.
 SWEEP = [dict(topk_block_t=2, topk_block_s=64, topk_select=1024, topk_warps=4, topk_programs=2),
          dict(topk_block_t=1, topk_block_s=64, topk_select=1024, topk_warps=4, topk_programs=2),
@@ -47,16 +47,9 @@ def causal_pairs(T: int, B: int = 1) -> int:
     return B * T * (T + 1) // 2
 
 
-@contextlib.contextmanager
 def topk_tiles(cfg: dict | None):
-    """TILES["cuda"] with the top-k entries of cfg for the duration of the block."""
-    saved = dict(TILES["cuda"])
-    TILES["cuda"].update(cfg or {})
-    try:
-        yield
-    finally:
-        TILES["cuda"].clear()
-        TILES["cuda"].update(saved)
+    """A context manager: the GPU's tiles with the top-k entries of cfg for the duration of the block."""
+    return tiles_override("cuda", **(cfg or {}))
 
 
 def key_mask(idx: torch.Tensor, T: int) -> torch.Tensor:
@@ -146,11 +139,11 @@ def sweep(T: int, configs=SWEEP, reps: int = 3, deadline: float = float("inf")) 
 
 
 def rows_at(T: int, reps: int, baseline_max: int) -> list[dict]:
-    """Timings of the fused top-k (the current TILES) and, up to baseline_max, the baseline, at T."""
+    """Timings of the fused top-k (the tiles in effect) and, up to baseline_max, the baseline, at T."""
     torch.cuda.empty_cache()
     iq, ik, iw = _inputs(T)
     flops = causal_pairs(T) * SCORE_FLOPS_PER_PAIR
-    cfg = {key: v for key, v in TILES["cuda"].items() if key.startswith("topk_")}
+    cfg = {key: v for key, v in tiles("cuda").as_dict().items() if key.startswith("topk_")}
     out = []
     seconds, peak = measure(lambda: indexer_topk(iq, ik, iw, DSA["k"]), reps=reps, warmup=1)
     out.append(dict(op="fused_topk", T=T, G=None, seconds=seconds, peak_gib=peak, flops=flops, config=cfg))
@@ -174,22 +167,24 @@ def run(result: dict, save, *, seq_lens, baseline_max: int, sweep_T: int | None,
     result["topk_checks"] = [check(32768), check(8192, B=2, docs=[0, 3000, 8192, 9000, 16384], fp32_w=True),
                              check(3000, 100)]
     save()
-    if sweep_T:
-        result["rows"] += sweep(sweep_T, deadline=sweep_deadline)
-        timed = [r for r in result["rows"] if r["op"] == "topk_sweep" and not isinstance(r["seconds"], str)]
-        if timed:
-            best = min(timed, key=lambda r: r["seconds"])["config"]
-            result["topk_best_config"] = best
-            TILES["cuda"].update(best)  # the rows below run with the best tiles (recorded in each row's config)
-            if best != SWEEP[0]:
-                result["topk_checks"].append(check(32768))  # the chosen tiles at the real shape too
-        save()
-    for T in seq_lens:
-        if time.time() > deadline:
-            print(f"topk: skipping T={T} (time budget)", flush=True)
-            continue
-        result["rows"] += rows_at(T, 3 if T < 32768 else 2, baseline_max)
-        save()
+    with contextlib.ExitStack() as best_tiles:
+        if sweep_T:
+            result["rows"] += sweep(sweep_T, deadline=sweep_deadline)
+            timed = [r for r in result["rows"] if r["op"] == "topk_sweep" and not isinstance(r["seconds"], str)]
+            if timed:
+                best = min(timed, key=lambda r: r["seconds"])["config"]
+                result["topk_best_config"] = best
+                # the checks and rows below run with the best tiles (recorded in each row's config)
+                best_tiles.enter_context(topk_tiles(best))
+                if best != SWEEP[0]:
+                    result["topk_checks"].append(check(32768))  # the chosen tiles at the real shape too
+            save()
+        for T in seq_lens:
+            if time.time() > deadline:
+                print(f"topk: skipping T={T} (time budget)", flush=True)
+                continue
+            result["rows"] += rows_at(T, 3 if T < 32768 else 2, baseline_max)
+            save()
 
 
 def main() -> None:

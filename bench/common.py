@@ -6,7 +6,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-# DeepSeek-V3.2 / GLM-5 (DESIGN.md section 3): main heads, MLA q/k head dim and its rope part, indexer heads and dim,
+# DeepSeek-V3.2 (docs/DESIGN.md section 3): main heads, MLA q/k head dim and its rope part, indexer heads and dim,
 # top-k.
 DSA = dict(H=128, Dq=192, rope=64, HI=64, D=128, k=2048)
 

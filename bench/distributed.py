@@ -96,7 +96,8 @@ def main() -> None:
             saved("scaling", {"zero": zero, **launch(args.out, f"{zero}-{n}gpu", n, [
                 *common, f"deepspeed={zero}", *batch(n)], args.cpu, args.timeout)})
 
-    for zero in args.zero.split(",") if "resume" in phases else []:  # a 2-GPU checkpoint of the middle step, resumed on the other GPU counts
+    # a 2-GPU checkpoint of the middle step, resumed on the other GPU counts
+    for zero in args.zero.split(",") if "resume" in phases else []:
         source = os.path.join(args.out, f"{zero}-2gpu")
         if not os.path.isdir(os.path.join(source, "checkpoints", f"step_{half}")):
             continue
@@ -115,7 +116,8 @@ def main() -> None:
     n = max(gpus)
     for seq_len in [int(s) for s in args.long.split(",") if s and "long" in phases]:
         r = launch(args.out, f"long-{seq_len}", n, [
-            *extra, f"model={args.model}", f"distill.seq_len={seq_len}", "distill.retention=0.25", "distill.dense_steps=3",
+            *extra, f"model={args.model}", f"distill.seq_len={seq_len}", "distill.retention=0.25",
+            "distill.dense_steps=3",
             "distill.sparse_steps=0", "distill.micro_batch_size=1", "distill.grad_accum=1", "distill.eval_every=1000",
             "distill.save_every=1000", "distill.log_every=1", "logger=disabled", "export.enabled=false",
             "distill.eval_batches=0", "deepspeed=zero3"], args.cpu, args.timeout)
@@ -141,7 +143,8 @@ def write_report(results: dict, args) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "loss.png"), dpi=120)
 
-    base = {r["zero"]: r.get("tokens_per_s") for r in results["scaling"] if r["nproc"] == min(int(g) for g in args.gpus.split(","))}
+    fewest = min(int(g) for g in args.gpus.split(","))
+    base = {r["zero"]: r.get("tokens_per_s") for r in results["scaling"] if r["nproc"] == fewest}
     first = results["scaling"][0] if results["scaling"] else {"name": "-"}  # the first stage on the fewest GPUs
     reference = dict(first.get("loss", []))
 
@@ -164,7 +167,8 @@ def write_report(results: dict, args) -> None:
         lines.append(f"| {r['name']} | {r['ok']} | {r['loss'][-1][1] if r.get('loss') else '-'} | {deviation(r)} |")
     lines += ["", "| context | GPUs | ok | tokens/s | peak memory / GPU (GiB) |", "|---|---|---|---|---|"]
     for r in results["long_context"]:
-        lines.append(f"| {r['seq_len']} | {r['nproc']} | {r['ok']} | {r.get('tokens_per_s')} | {r.get('peak_memory_gib')} |")
+        lines.append(f"| {r['seq_len']} | {r['nproc']} | {r['ok']} | {r.get('tokens_per_s')} "
+                     f"| {r.get('peak_memory_gib')} |")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

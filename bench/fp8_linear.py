@@ -50,7 +50,8 @@ def main(argv=None) -> None:
         fp8 = block_fp8.block_fp8_linear(x, weight, scale_inv, (128, 128), gemm_scale=gemm_scale)
         err = lambda y: ((y.float() - exact).norm() / exact.norm()).item()  # noqa: E731
         t_bf16 = measure(lambda: F.linear(x, w_bf16), reps=10, warmup=2)[0]
-        t_fp8 = measure(lambda: block_fp8.block_fp8_linear(x, weight, scale_inv, (128, 128), gemm_scale=gemm_scale), reps=10, warmup=2)[0]
+        t_fp8 = measure(lambda: block_fp8.block_fp8_linear(x, weight, scale_inv, (128, 128), gemm_scale=gemm_scale),
+                        reps=10, warmup=2)[0]
         t_deq = measure(lambda: reference.block_fp8_linear(x, weight, scale_inv, (128, 128)), reps=10, warmup=2)[0]
         row = dict(name=name, M=M, N=N, K=K, bf16_ms=t_bf16 * 1e3, fp8_ms=t_fp8 * 1e3, dequant_ms=t_deq * 1e3,
                    fp8_tflops=2 * M * N * K / t_fp8 / 1e12, gemm=block_fp8.uses_gemm(weight, (128, 128)),

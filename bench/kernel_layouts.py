@@ -9,9 +9,9 @@ with the arguments specialised as the launcher would specialise them (an int equ
 that are multiples of 16, and pointers, carry the divisibility hint), and prints the warp layout (warpsPerCTA) of
 every tensor-core dot. With `sparse_split_scores` the two score dots ([64 heads, 64 keys]) must come out as
 [4, 2] (the two warpgroups split the keys); Triton's rule for a dot that feeds another dot gives [8, 1], which
-on a 64-row tile has both warpgroups compute the whole tile. tests/test_kernel_sparse.py checks both.
+on a 64-row tile has both warpgroups compute the whole tile. tests/kernels/test_kernel_sparse.py checks both.
 
---centroid compiles `kernels.centroid_kl._centroid_kernel` (T = 16K, G = 1, TILES['cuda']) and prints the order of
+--centroid compiles `kernels.centroid_kl._centroid_kernel` (T = 16K, G = 1, the GPU's tiles) and prints the order of
 the copy waits, dots, exps and copies in its head loop: which copies may still be in flight while a head computes;
 the rope key columns are given once for all heads (main_k_rope) unless --expanded-keys.
 """
@@ -32,8 +32,9 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.centroid_kl import TILES, _centroid_kernel, key_pieces, tma_tiles, wide_head_tiles
+from kernels.centroid_kl import _centroid_kernel, key_pieces, tma_tiles, wide_head_tiles
 from kernels.sparse_attention import _sparse_mqa_kernel, attention_tiles
+from kernels.tiles import tiles as tiles_for
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
                  torch.int8: "*i8"}
@@ -103,8 +104,9 @@ def ptxas_usage(compiled, arch: int = 90) -> str:
 
 def sparse_attention(split: bool, *, T: int = 131072, H: int = 128, K: int = 2048, dk: int = 576, v: int = 512,
                      with_prob: bool = True):
-    """`_sparse_mqa_kernel` compiled for sm_90 at DeepSeek-V3.2's absorbed MLA shapes with TILES['cuda']."""
-    cfg = TILES["cuda"]
+    """`_sparse_mqa_kernel` compiled for sm_90 at DeepSeek-V3.2's absorbed MLA shapes with the GPU's tiles
+    (kernels.tiles.tiles('cuda'), a `tiles_override` included)."""
+    cfg = tiles_for("cuda")
     tiles = attention_tiles(cfg, H, K, dk, v)
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))
     args = dict(q=bf16, kv=bf16, idx_ptr=i32, doc_ptr=i32, out_ptr=bf16, lse_ptr=f32,
@@ -114,36 +116,36 @@ def sparse_attention(split: bool, *, T: int = 131072, H: int = 128, K: int = 204
                 W=tiles.width, row0=0, n_items=T * tiles.n_hb, scale_log2=0.1, DK=dk, V=v, DA=tiles.da, DB=tiles.db,
                 DV=tiles.dv, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, V_IS_A=v == tiles.da,
                 WRITE_PROB=with_prob, SPLIT_S=split, PREC="tf32", DOT=tl.bfloat16)
-    return compile_for(_sparse_mqa_kernel, args, num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
+    return compile_for(_sparse_mqa_kernel, args, num_warps=cfg.sparse_warps, num_stages=cfg.sparse_stages)
 
 
 def centroid(*, T: int = 16384, G: int = 1, H: int = 128, nope: int = 128, rope: int = 64, tma: bool | None = None,
              shared_rope: bool = True):
-    """`_centroid_kernel` compiled for sm_90 at DeepSeek-V3.2's MLA shapes (dense stage) with TILES['cuda'] as the
-    launcher adapts them to Dq = nope + rope; tma: whether q and k tiles come through TMA descriptors (default:
-    TILES['cuda']); shared_rope: main_k's rope columns given once for all heads (main_k_rope, as the job passes
-    them), else main_k expanded to every head's nope + rope."""
+    """`_centroid_kernel` compiled for sm_90 at DeepSeek-V3.2's MLA shapes (dense stage) with the GPU's tiles
+    (kernels.tiles.tiles('cuda')) as the launcher adapts them to Dq = nope + rope; tma: whether q and k tiles come
+    through TMA descriptors (default: the tiles' tma); shared_rope: main_k's rope columns given once for all heads
+    (main_k_rope, as the job passes them), else main_k expanded to every head's nope + rope."""
     dq = nope + rope
-    cfg = wide_head_tiles(TILES["cuda"], dq)
-    bm, bn = cfg["centroid_block_m"], cfg["centroid_block_n"]
+    cfg = wide_head_tiles(tiles_for("cuda"), dq)
+    bm, bn = cfg.centroid_block_m, cfg.centroid_block_n
     main_q = torch.empty(G, 1, T, H, dq, dtype=torch.bfloat16, device="meta")
     if shared_rope:
         main_k, main_k_rope = main_q[..., :nope], torch.empty(G, 1, T, 1, rope, dtype=torch.bfloat16, device="meta")
     else:
         main_k, main_k_rope = main_q, None
-    pieces = key_pieces(main_k, main_k_rope, H, cfg["min_dot"])
+    pieces = key_pieces(main_k, main_k_rope, H, cfg.min_dot)
     mk, mr = pieces.pop("mk"), pieces.pop("mr")
     descriptors = tma_tiles(main_q, mk, mr, bm, bn, pieces["DA"], pieces["DB"],
-                            cfg["tma"] if tma is None else tma)  # and TMA
+                            cfg.tma if tma is None else tma)  # and TMA
     bf16, i32, f32 = (torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.int32, torch.float32))
     strides = {f"{name}_{dim}": stride for name, x in (("sq", main_q), ("sk", mk), ("sr", mr))
                for dim, stride in zip("gbthd", x.stride())}
     args = dict(mq=bf16, mk=bf16, mr=bf16, **descriptors, lse_ptr=f32, doc_ptr=i32, keys_ptr=i32, grad_ptr=f32,
                 ilse_ptr=f32, loss_ptr=f32, **strides,
                 B=1, T=T, G=G, H=H, K=1, DQ=dq, r0=0, R=T, n_rb=triton.cdiv(T, bm), n_kb=triton.cdiv(T, bn),
-                scale_log2=0.1, inv_gh=1.0 / (G * H), **pieces, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg["group"],
+                scale_log2=0.1, inv_gh=1.0 / (G * H), **pieces, BLOCK_M=bm, BLOCK_N=bn, GROUP=cfg.group,
                 SPARSE=False, LOG2K=1, RATIO=1, WRITE_GRAD=True, PREC="tf32", DOT=tl.bfloat16)
-    return compile_for(_centroid_kernel, args, num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
+    return compile_for(_centroid_kernel, args, num_warps=cfg.centroid_warps, num_stages=cfg.centroid_stages)
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ The keys are passed as the job passes them: each head's nope columns and the rop
 The centroid kernel also prints the rate at which it reads its q and k tiles: each (row block, key block) tile
 with a causal pair reads G H (BLOCK_M Dq + BLOCK_N (Dq - rope)) + G BLOCK_N rope bf16 values (G H (BLOCK_M +
 BLOCK_N) Dq with the keys expanded to every head; bench.l2_bandwidth measures the ceiling).
---against KEY=VALUE[,KEY=VALUE]: also profile under those kernels.centroid_kl.TILES['cuda'] overrides (integer
-values), after the defaults in the same run, each kernel's time printed against the defaults'.
+--against KEY=VALUE[,KEY=VALUE]: also profile under those tile overrides (kernels.tiles.tiles_override('cuda', ...),
+integer values), after the defaults in the same run, each kernel's time printed against the defaults'.
 --against-expanded-keys: also profile with main_k holding every head's full key (no main_k_rope), the same way.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_kernels import SDPA_FLOPS_PER_PAIR, backbone_lse, sdpa_default_forward
 from bench.common import DSA, dsa_inputs, fwd_bwd, job_keys
-from kernels.centroid_kl import TILES, centroid_kl, wide_head_tiles
+from kernels.centroid_kl import centroid_kl, wide_head_tiles
+from kernels.tiles import parse_overrides, tiles, tiles_override
 
 MAIN = 2 * DSA["H"] * DSA["Dq"]
 INDEX = 2 * DSA["HI"] * DSA["D"]
@@ -43,8 +44,8 @@ KERNEL_FLOPS = {"_main_lse_kernel": lambda G: G * MAIN, "_centroid_kernel": lamb
 def centroid_tile_bytes(T: int, G: int, expanded: bool) -> int:
     """Bytes of q and k tiles `_centroid_kernel` reads at T (bf16, the GPU's tiles, tiles with a causal pair): the
     rope keys once per layer and tile, or (expanded) with every head."""
-    tiles = wide_head_tiles(TILES["cuda"], DSA["Dq"])
-    bm, bn = tiles["centroid_block_m"], tiles["centroid_block_n"]
+    cfg = wide_head_tiles(tiles("cuda"), DSA["Dq"])
+    bm, bn = cfg.centroid_block_m, cfg.centroid_block_n
     causal = sum(min(triton.cdiv(T, bn), ((rb + 1) * bm - 1) // bn + 1) for rb in range(triton.cdiv(T, bm)))
     H, Dq, rope = DSA["H"], DSA["Dq"], 0 if expanded else DSA["rope"]
     return causal * G * (H * (bm * Dq + bn * (Dq - rope)) + bn * rope) * 2
@@ -101,12 +102,11 @@ def profile_runs(T: int, groups: list[int], sdpa_seconds: float, defaults: dict 
 
 
 def parse_override(text: str) -> dict:
-    """"KEY=VALUE,KEY=VALUE" -> {KEY: int(VALUE)}, each KEY a TILES['cuda'] entry."""
-    override = {key: int(value) for key, value in (item.split("=", 1) for item in text.split(","))}
-    unknown = set(override) - set(TILES["cuda"])
-    if unknown:
-        raise SystemExit(f"--against: {sorted(unknown)} are not TILES['cuda'] keys ({sorted(TILES['cuda'])})")
-    return override
+    """"KEY=VALUE,KEY=VALUE" -> {KEY: int(VALUE)}, each KEY a field of kernels.tiles.Tiles."""
+    try:
+        return parse_overrides([text])
+    except ValueError as error:
+        raise SystemExit(f"--against: {error}") from None
 
 
 def main() -> None:
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--against", action="append", default=[], type=parse_override, metavar="KEY=VALUE[,...]",
-                        help="also profile under these TILES['cuda'] overrides, in the same run (repeatable)")
+                        help="also profile under these tile overrides, in the same run (repeatable)")
     parser.add_argument("--against-expanded-keys", action="store_true",
                         help="also profile with every head's full key in main_k (no main_k_rope), in the same run")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
@@ -127,13 +127,11 @@ def main() -> None:
           f"{sdpa.get('backend')}", flush=True)
     rows = dict(gpu=torch.cuda.get_device_name(), seq_len=T, sdpa=sdpa,
                 runs=profile_runs(T, args.groups, sdpa["seconds"]))
-    defaults = dict(TILES["cuda"])
     for override in args.against:
         print(f"tiles {override}:", flush=True)
-        TILES["cuda"] = dict(defaults, **override)
-        rows.setdefault("against", []).append(dict(tiles=override, runs=profile_runs(T, args.groups, sdpa["seconds"],
-                                                                                     rows["runs"])))
-    TILES["cuda"] = defaults
+        with tiles_override("cuda", **override):
+            runs = profile_runs(T, args.groups, sdpa["seconds"], rows["runs"])
+        rows.setdefault("against", []).append(dict(tiles=override, runs=runs))
     if args.against_expanded_keys:
         print("keys expanded to every head:", flush=True)
         rows["against_expanded_keys"] = profile_runs(T, args.groups, sdpa["seconds"], rows["runs"], expanded=True)

@@ -10,7 +10,7 @@ a warm-up step.
     python -m bench.real_scale --layers 61 --seq-len 131072 --out results/     (one call per configuration)
     python -m bench.real_scale --layers 16 --seq-len 131072 --tiles topk_select=2048 --out results/
 
---tiles overrides entries of kernels.centroid_kl.TILES['cuda'] for the run (recorded in the JSON), so that a tile
+--tiles overrides the GPU's tiles for the run (kernels.tiles.tiles_override; recorded in the JSON), so that a tile
 choice timed on one kernel by bench.tune_tiles can be timed on the whole step before it becomes a default.
 
 Writes real_scale-<layers>x<seq_len>.json; docs/BENCHMARKS.md gathers the rows with the GPU and the command.
@@ -24,9 +24,9 @@ import os
 import torch
 
 from bench.common import measure
-from kernels.centroid_kl import TILES
 from distill.objective import Distiller
 from distill.pattern import Pattern
+from kernels.tiles import parse_overrides, tiles_override
 from train.model import build_model
 
 HIDDEN = 1024
@@ -107,7 +107,7 @@ def main() -> None:
                         help="timed steps per stage, one number for all or one per --stages entry (a row reports the "
                              "last)")
     parser.add_argument("--tiles", nargs="*", default=[], metavar="KEY=INT",
-                        help="overrides of kernels.centroid_kl.TILES['cuda'] for this run")
+                        help="tile overrides (fields of kernels.tiles.Tiles) for this run")
     parser.add_argument("--offload-saved", choices=("auto", "on", "off"), default="auto",
                         help="keep the indexer projections' saved inputs in pinned CPU memory until backward")
     args = parser.parse_args()
@@ -116,19 +116,17 @@ def main() -> None:
         parser.error(f"--steps: one number, or one per stage of {stages}")
     steps = args.steps * len(stages) if len(args.steps) == 1 else args.steps
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_saved]
-    tiles = {}
-    for item in args.tiles:
-        key, _, value = item.partition("=")
-        if key not in TILES["cuda"] or not value.lstrip("-").isdigit():
-            parser.error(f"--tiles {item!r}: KEY=INT with KEY one of {sorted(TILES['cuda'])}")
-        tiles[key] = int(value)
-    TILES["cuda"].update(tiles)
-    config, pattern, distiller, ids = real_scale_run(args.layers, args.seq_len, offload)
-    rows = []
-    # the warm-up at 4K compiles every kernel (the same specialisations as at T) at a fraction of a step at T
-    for row in timed_steps(distiller, ids, stages, warm_tokens=4096, steps=steps):
-        rows.append(row)
-        print(row, flush=True)
+    try:
+        tiles = parse_overrides(args.tiles)
+    except ValueError as error:
+        parser.error(f"--tiles {error}")
+    with tiles_override("cuda", **tiles):
+        config, pattern, distiller, ids = real_scale_run(args.layers, args.seq_len, offload)
+        rows = []
+        # the warm-up at 4K compiles every kernel (the same specialisations as at T) at a fraction of a step at T
+        for row in timed_steps(distiller, ids, stages, warm_tokens=4096, steps=steps):
+            rows.append(row)
+            print(row, flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"real_scale-{args.layers}x{args.seq_len}.json")
     with open(path, "w") as f:

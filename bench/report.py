@@ -74,7 +74,8 @@ def tables(result: dict) -> str:
                        f"{_sec(ref)} | {_ratio(ref, fused)} | {_gib(ref)} |")
     out += ["", "Indexer top-k (k=2048): fused kernel against materialised fp32 scores + torch.topk "
             "(seconds, TFLOP/s of the scoring, peak GiB):",
-            "", "| T | fused | TFLOP/s | peak fused | materialised | TFLOP/s | peak materialised | materialised / fused |",
+            "",
+            "| T | fused | TFLOP/s | peak fused | materialised | TFLOP/s | peak materialised | materialised / fused |",
             "|---|---|---|---|---|---|---|---|"]
     for T in lens:
         fused, base = rows.get(("fused_topk", T, None)), rows.get(("materialised_topk", T, None))

@@ -1,4 +1,4 @@
-"""Times the fused kernels under a few tile configurations (kernels.centroid_kl.TILES['cuda'] overrides) at one
+"""Times the fused kernels under a few tile configurations (kernels.tiles.tiles_override('cuda', ...)) at one
 DeepSeek-V3.2 shape, each against the current defaults measured in the same run.
 
     python -m bench.tune_tiles --seq-len 16384 --groups 1 4
@@ -19,10 +19,11 @@ import torch
 from bench.bench_topk import SWEEP
 from bench.check_kernels import relative_error
 from bench.common import DSA, dsa_inputs, flash_lse, fwd_bwd, job_keys, measure
-from kernels.centroid_kl import TILES, centroid_kl
+from kernels.centroid_kl import centroid_kl
 from kernels.indexer_topk import indexer_topk
 from kernels.sparse_attention import sparse_mqa_attention
 from kernels.sparse_centroid_kl import sparse_centroid_kl
+from kernels.tiles import tiles_override
 
 CANDIDATES = [dict(), dict(index_lse_split=2048, index_lse_splits=16), dict(index_lse_split=256, index_lse_splits=128),
               dict(centroid_block_n=64, centroid_stages=3), dict(stages=2), dict(block_n=128), dict(group=16)]
@@ -33,31 +34,30 @@ SPARSE_KL_CANDIDATES = [dict(), dict(sparse_kl_block_k=16), dict(sparse_kl_warps
                         dict(sparse_kl_block_k=64, sparse_kl_warps=8), dict(sparse_kl_block_k=16, sparse_kl_warps=8)]
 
 
-def time_candidates(label: str, candidates: list[dict], defaults: dict, run, flops: float | None = None,
-                    check=None) -> None:
-    """Times run() under each TILES['cuda'] override, against the first (the defaults) in the same run;
-    check(first result, this result) -> a string saying how far this configuration's output is from the first."""
+def time_candidates(label: str, candidates: list[dict], run, flops: float | None = None, check=None) -> None:
+    """Times run() under each tile override (`tiles_override('cuda', **override)`), against the first (the
+    defaults) in the same run; check(first result, this result) -> a string saying how far this configuration's
+    output is from the first."""
     base = first = None
     for override in candidates:
-        TILES["cuda"] = dict(defaults, **override)
-        try:
-            seconds, _ = measure(run, reps=3, warmup=1)
-        except Exception as error:  # noqa: BLE001 (a configuration that does not compile or fit is reported)
-            print(f"{label} {override}: failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
-            continue
-        base = base or seconds
-        rate = "" if flops is None else f", {flops / seconds / 1e12:.0f} TFLOP/s"
-        agreement = ""
-        if check is not None:
-            result = run()
-            first = first if first is not None else result
-            agreement = ", " + check(first, result)
+        with tiles_override("cuda", **override):
+            try:
+                seconds, _ = measure(run, reps=3, warmup=1)
+            except Exception as error:  # noqa: BLE001 (a configuration that does not compile or fit is reported)
+                print(f"{label} {override}: failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                continue
+            base = base or seconds
+            rate = "" if flops is None else f", {flops / seconds / 1e12:.0f} TFLOP/s"
+            agreement = ""
+            if check is not None:
+                result = run()
+                first = first if first is not None else result
+                agreement = ", " + check(first, result)
         print(f"{label} {override or 'defaults'}: {seconds:.4f} s ({base / seconds:.2f}x the defaults{rate}"
               f"{agreement})", flush=True)
-    TILES["cuda"] = defaults
 
 
-def sparse_rows(T: int, defaults: dict) -> None:
+def sparse_rows(T: int) -> None:
     """The sparse attention of one layer at T (indices from the fused top-k on random indexer projections: sets
     without locality), with and without the probability pass."""
     iq, ik, iw = [t.detach() for t in dsa_inputs(T, 1, H=1)[0]]
@@ -81,11 +81,10 @@ def sparse_rows(T: int, defaults: dict) -> None:
                 return sparse_mqa_attention(q, kv, topk, DSA["Dq"] ** -0.5, 512,
                                             prob_out=prob if with_prob else None)
         flops = entries * (2 * 576 + 2 * 512)
-        time_candidates(f"sparse_mqa_attention T={T} prob={with_prob}", SPARSE_CANDIDATES, defaults, run, flops,
-                        agree)
+        time_candidates(f"sparse_mqa_attention T={T} prob={with_prob}", SPARSE_CANDIDATES, run, flops, agree)
 
 
-def sparse_kl_rows(T: int, defaults: dict) -> None:
+def sparse_kl_rows(T: int) -> None:
     """The sparse centroid KL of one F layer at T, forward + backward (the gradients come from the forward), over
     the fused top-k's lists of random indexer projections against a random normalised target."""
     index, _, _ = dsa_inputs(T, 1, H=1)
@@ -103,7 +102,7 @@ def sparse_kl_rows(T: int, defaults: dict) -> None:
     def agree(first, result):
         return "max rel. |grad - defaults'| " + " ".join(f"{relative_error(a, b):.1e}" for a, b in zip(result, first))
 
-    time_candidates(f"sparse_centroid_kl T={T}", SPARSE_KL_CANDIDATES, defaults, grads, check=agree)
+    time_candidates(f"sparse_centroid_kl T={T}", SPARSE_KL_CANDIDATES, grads, check=agree)
 
 
 def main() -> None:
@@ -115,12 +114,11 @@ def main() -> None:
                         choices=["centroid", "topk", "sparse", "sparse_kl"])
     parser.add_argument("--sparse-seq-lens", type=int, nargs="+", default=[32768])
     args = parser.parse_args()
-    defaults = dict(TILES["cuda"])
     for T in args.sparse_seq_lens:
         if "sparse" in args.ops:
-            sparse_rows(T, defaults)
+            sparse_rows(T)
         if "sparse_kl" in args.ops:
-            sparse_kl_rows(T, defaults)
+            sparse_kl_rows(T)
     if "centroid" in args.ops:
         index, main_q, main_k = dsa_inputs(args.seq_len, max(args.groups))
         scale = DSA["Dq"] ** -0.5
@@ -129,12 +127,12 @@ def main() -> None:
         for G in args.groups:
             run = fwd_bwd(lambda: centroid_kl(*index, main_q[:G], main_k[:G], scale, main_lse=lse[:G],
                                               main_k_rope=main_k_rope[:G]), index)
-            time_candidates(f"centroid_kl T={args.seq_len} G={G}", CANDIDATES, defaults, run)
+            time_candidates(f"centroid_kl T={args.seq_len} G={G}", CANDIDATES, run)
         index, main_q, main_k, main_k_rope, lse = None, None, None, None, None
         torch.cuda.empty_cache()
     if "topk" in args.ops:
         iq, ik, iw = [t.detach() for t in dsa_inputs(args.topk_seq_len, 1, H=1)[0]]
-        time_candidates(f"indexer_topk T={args.topk_seq_len}", TOPK_CANDIDATES, defaults,
+        time_candidates(f"indexer_topk T={args.topk_seq_len}", TOPK_CANDIDATES,
                         lambda: indexer_topk(iq, ik, iw, DSA["k"]))
 
 

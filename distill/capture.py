@@ -1,4 +1,4 @@
-"""A capture: the object one backbone forward passes through, layer by layer (DESIGN.md section 3).
+"""A capture: the object one backbone forward passes through, layer by layer (docs/DESIGN.md section 3).
 
 The family forward (`distill.adapters`) hands every DSA layer to the capture twice: `select` (the layer's
 keys: an F layer runs its indexer's projections and the fused top-k, an S layer takes its owner's top-k)

@@ -44,7 +44,8 @@ def check_batches(batches) -> list:
         raise CalibrationError("the evaluation/calibration set is empty: no batches of token ids to compute a loss on")
     for i, batch in enumerate(batches):
         ids = batch_parts(batch)[0]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point
+                or ids.dtype == torch.bool):
             raise CalibrationError(f"batch {i} must be an integer tensor of token ids [B, T], got "
                                    f"{type(ids).__name__} {getattr(ids, 'shape', '')} {getattr(ids, 'dtype', '')}")
         if ids.shape[0] < 1 or ids.shape[1] < 2:
@@ -61,11 +62,12 @@ def as_pattern(pattern: Pattern | str, num_layers: int) -> Pattern:
 
 @contextlib.contextmanager
 def pattern_applied(model: nn.Module, pattern: Pattern, topk: int | None = None):
-    """`apply_pattern` for the duration of the block, yielding {F layer: indexer}; the model is restored after.
+    """`apply_pattern` for the duration of the block, yielding its `AppliedPattern` ({F layer: indexer}); the
+    model is restored after.
 
     `topk` overrides the F indexers' index_topk (the number of keys every layer attends to).
-    Restored: each layer's indexer, every parameter's requires_grad, config.indexer_types, and the
-    indexers' forward hooks and `last_topk` (added by `apply_pattern`).
+    Restored: each layer's indexer (through the family adapter), the F indexers' forwards (the application's
+    `TopkRelay`, if any, is closed) and index_topk, every parameter's requires_grad, config.indexer_types.
     """
     if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
         raise ValueError(f"topk must be a positive number of keys, got {topk!r}")
@@ -76,24 +78,21 @@ def pattern_applied(model: nn.Module, pattern: Pattern, topk: int | None = None)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     sentinel = object()
     indexer_types = getattr(model.config, "indexer_types", sentinel)
-    before = {id(ix): (set(ix._forward_hooks), "last_topk" in ix.__dict__, ix.index_topk)
-              for ix in indexers if ix is not None and hasattr(ix, "index_topk")}
+    index_topk = [(ix, ix.index_topk) for ix in indexers if ix is not None and hasattr(ix, "index_topk")]
+    applied = None
     try:
-        full = apply_pattern(model, pattern)
+        applied = apply_pattern(model, pattern)
         if topk is not None:
-            for indexer in full.values():
+            for indexer in applied.values():
                 indexer.index_topk = topk
-        yield full
+        yield applied
     finally:
+        if applied is not None and applied.relay is not None:
+            applied.relay.close()
         for attn, indexer in zip(attentions, indexers):
             family.set_indexer(attn, indexer)
-            if id(indexer) in before:
-                hooks, had_last, index_topk = before[id(indexer)]
-                for key in set(indexer._forward_hooks) - hooks:
-                    del indexer._forward_hooks[key]
-                if not had_last:
-                    indexer.__dict__.pop("last_topk", None)
-                indexer.index_topk = index_topk
+        for indexer, value in index_topk:
+            indexer.index_topk = value
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         if indexer_types is sentinel:

@@ -1,4 +1,4 @@
-"""The export of a distilled pattern (DESIGN.md section 5), written atomically.
+"""The export of a distilled pattern (docs/DESIGN.md section 5), written atomically.
 
 An export directory holds
 
@@ -50,22 +50,30 @@ import safetensors
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer
 
+from distill import files as checkpoint_files  # a training checkpoint's file names and their reading
 from distill.adapters import FAMILIES, family_of
 from distill.containers import plain
-from distill.files import files_under, sha256_file
+from distill.files import files_under, read_safetensors, sha256_file
 from distill.fp8 import SCALE, BlockFp8
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
-from distill.source import (MODEL_TYPES, WEIGHTS_INDEX, ModelConfigError, model_config, random_model,
-                            tensor_headers, weight_map)
+from distill.source import (
+    MODEL_TYPES,
+    WEIGHTS_INDEX,
+    ModelConfigError,
+    model_config,
+    random_model,
+    tensor_headers,
+    weight_map,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-INDEXERS = "indexers.safetensors"
+INDEXERS = "indexers.safetensors"  # the export's indexer file (a checkpoint's: distill.files.INDEXERS)
 MODEL_DIR = "model"
 CONFIG = "config.json"
 UNUSED_NOTE = ("original (untrained) indexers of S layers, kept in model/ only for consumers that fail to load "
@@ -276,7 +284,7 @@ def _model_dir_from_shards(source: Path, model_dir: Path, pattern: Pattern,
             continue
         with safe_open(source / shard, "pt") as f:
             tensors = {}
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118  (safe_open has keys(), no iteration)
                 if name in dropped:
                     dropped_bytes += _nbytes(f.get_slice(name))
                 else:
@@ -577,7 +585,7 @@ def load_export(out_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         if actual != expected:
             raise ExportError(f"{path}: sha256 {actual} does not match {expected} in {MANIFEST} "
                               "(the file was modified or corrupted)")
-    state = _read_safetensors(out_dir / INDEXERS)
+    state = read_safetensors(out_dir / INDEXERS, ExportError)
     try:
         pattern = Pattern.parse(manifest["pattern"])
     except (KeyError, PatternError) as e:
@@ -588,15 +596,6 @@ def load_export(out_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         raise ExportError(f"{out_dir / INDEXERS} holds indexers of layers {sorted(layers, key=str)} but pattern "
                           f"{pattern} has F layers {pattern.full_layers}")
     return manifest, state
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ExportError(f"{path} is missing")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
-        raise ExportError(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def _layer_of(name: str) -> int | None:
@@ -651,23 +650,18 @@ def load_indexers_into(model: nn.Module, export_dir_or_state: str | os.PathLike 
 
 # ---- from a training checkpoint ---------------------------------------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint step dir, given it, a run dir, or a run's checkpoints dir (these follow `latest`)."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    for checkpoints in (path / "checkpoints", path):
-        latest = checkpoints / "latest"
-        if latest.is_file():
-            step_dir = checkpoints / latest.read_text().strip()
-            if not (step_dir / "meta.json").is_file():
-                raise ExportError(f"{latest} names {step_dir}, which has no meta.json")
-            return step_dir
-    raise ExportError(f"{path} is neither a checkpoint (no meta.json) nor a run dir (no checkpoints/latest)")
+    """A checkpoint step dir, given it, a run dir, or a run's checkpoints dir (these follow `latest`):
+    `distill.files.resolve_checkpoint`, its errors as ExportError."""
+    try:
+        return checkpoint_files.resolve_checkpoint(path)
+    except checkpoint_files.CheckpointFileError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, full_model: bool = False,
                       keep_shared_indexers: bool = False) -> Path:
-    """Export a checkpoint's indexers.safetensors for the pattern and model of its meta.json.
+    """Export a checkpoint's indexers.safetensors for the pattern and model of its meta.json (the checkpoint's
+    files as `distill.files` defines and reads them).
 
     The backbone is not built: the indexers are checked against the model's config and its shard headers
     (a random model's: a weightless meta-device instance). With `full_model`, `model/` is made from the
@@ -675,12 +669,12 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     directory's tokenizer is saved there too (a model directory's own tokenizer files are copied with it).
     """
     step_dir = resolve_checkpoint(checkpoint_dir)
-    meta_file = step_dir / "meta.json"
+    meta_file = step_dir / checkpoint_files.META
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = checkpoint_files.read_checkpoint_meta(step_dir)
         pattern, model_cfg = Pattern.parse(meta["pattern"]), meta["model"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{meta_file} is not valid JSON: {e}") from None
+    except checkpoint_files.CheckpointFileError as e:
+        raise ExportError(str(e)) from None
     except KeyError as e:
         raise ExportError(f"{meta_file} has no {e.args[0]!r} entry") from None
     except PatternError as e:
@@ -689,7 +683,10 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
         config = model_config(model_cfg)
     except ModelConfigError as e:
         raise ExportError(f"{meta_file}: cannot read its model's config: {e}") from None
-    state = _read_safetensors(step_dir / INDEXERS)
+    try:
+        state = checkpoint_files.read_checkpoint_indexers(step_dir)
+    except checkpoint_files.CheckpointFileError as e:
+        raise ExportError(str(e)) from None
     _check_checkpoint_indexers(state, pattern, model_cfg, config, step_dir)
     tokenizer_dir = model_cfg.get("tokenizer")
     try:
@@ -741,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write model/: a directory that transformers loads (as GlmMoeDsa, or the "
                              "family's own class)")
     parser.add_argument("--keep-shared-indexers", action="store_true",
-                        help="keep the original S-layer indexers in model/ (marked unused) for consumers that need them")
+                        help="keep the original S-layer indexers in model/ (marked unused) for consumers that "
+                             "need them")
     args = parser.parse_args(argv)
     try:
         export_checkpoint(args.checkpoint, args.out, args.full_model, args.keep_shared_indexers)

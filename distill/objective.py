@@ -1,6 +1,6 @@
 """The distillation objective: each F layer's indexer against the centroid of the layers it serves.
 
-One no-grad forward of the frozen backbone streams group by group (DESIGN.md section 3): a group's loss is
+One no-grad forward of the frozen backbone streams group by group (docs/DESIGN.md section 3): a group's loss is
 computed as soon as its last layer has run, and what the group recorded is freed, so memory holds one group.
 - Dense stage: the served layers' q ([G, B, T, H, Dq]) and k ([G, B, S, H or 1, Dq]: S keys, tokens or
   compressed entries) and each head's LSE, which the backbone's

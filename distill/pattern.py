@@ -1,4 +1,4 @@
-"""F/S indexer patterns (DESIGN.md section 1) and their consumer forms (section 5).
+"""F/S indexer patterns (docs/DESIGN.md section 1) and their consumer forms (section 5).
 
 A `Pattern` holds one letter per DSA layer: `F` runs its own indexer, `S` reuses the top-k
 of the nearest preceding `F` layer (its *owner*). Layer 0 is always `F`.
@@ -22,9 +22,11 @@ class Pattern:
             raise PatternError("pattern is empty: give one letter (F or S) per DSA layer")
         bad = sorted({c for c in self.letters if c not in "FS"})
         if bad:
-            raise PatternError(f"pattern {self.letters!r} has letters {bad}; only 'F' (full) and 'S' (shared) are allowed")
+            raise PatternError(f"pattern {self.letters!r} has letters {bad}; only 'F' (full) and 'S' (shared) "
+                               "are allowed")
         if self.letters[0] != "F":
-            raise PatternError(f"pattern {self.letters!r} starts with S: layer 0 has no earlier layer to share from, it must be F")
+            raise PatternError(f"pattern {self.letters!r} starts with S: layer 0 has no earlier layer to share from, "
+                               "it must be F")
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -72,7 +74,7 @@ class Pattern:
 
     @classmethod
     def from_freq(cls, num_layers: int, freq: int, consumer: str, offset: int = 2) -> "Pattern":
-        """The pattern a consumer's frequency rule gives (DESIGN.md section 5).
+        """The pattern a consumer's frequency rule gives (docs/DESIGN.md section 5).
 
         consumer 'transformers': layer i is F when max(i - offset + 1, 0) % freq == 0.
         consumer 'sglang': layer i is F when max(i - 1, 0) % freq == 0 (offset unused).

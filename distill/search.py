@@ -1,4 +1,4 @@
-"""The paper's training-free greedy layer search (DESIGN.md section 4), and the baselines it is compared with.
+"""The paper's training-free greedy layer search (docs/DESIGN.md section 4), and the baselines it is compared with.
 
 Greedy: start from all-F; at each step turn into S the F layer (never layer 0) whose conversion raises
 the calibration LM loss least; record pattern, retention and loss at every step down to the target
@@ -42,7 +42,8 @@ class _BatchInputs:
 
 @dataclass
 class _PrefixCache:
-    """One batch under one pattern: hidden[i] = input of layer i; topk[f] = top-k of F layer f."""
+    """One batch under one pattern: hidden[i] = input of decoder layer i; topk[f] = top-k of F layer f (a pattern
+    position)."""
     hidden: list[torch.Tensor] = field(default_factory=list)
     topk: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -58,11 +59,11 @@ class LayerwiseRunner:
     def __init__(self, model: nn.Module, batches):
         self.model = model
         self.family = family_of(model)
-        self.num_layers = len(self.family.dsa_attentions(model))
-        if self.num_layers != len(self.family.decoder_layers(model)):
-            raise SearchError(f"the greedy search caches hidden states per DSA layer, which needs every decoder layer "
-                              f"to be one; {model.config.model_type} has {self.num_layers} DSA layers of "
-                              f"{len(self.family.decoder_layers(model))}: distil a pattern given explicitly instead")
+        self.num_layers = len(self.family.dsa_attentions(model))  # pattern positions (DSA layers)
+        # pattern position -> its decoder layer; the layers between DSA layers (DeepSeek-V4's HCA and sliding-window
+        # ones) depend on the pattern only through their input, so a cache per decoder layer resumes at any DSA layer
+        self.decoder_of = self.family.dsa_layer_ids(model.config)
+        self.num_decoder_layers = len(self.family.decoder_layers(model))
         self.layer_forwards = 0
         self.device = next(model.parameters()).device
         self.inputs = [self._prepare(batch) for batch in check_batches(batches)]
@@ -76,24 +77,26 @@ class LayerwiseRunner:
     @torch.no_grad()
     def loss(self, pattern: Pattern, start: int = 0, prefix: list[_PrefixCache] | None = None,
              keep: bool = False) -> tuple[float, list[_PrefixCache] | None]:
-        """Token-mean LM loss under `pattern`, computing layers `start`.. only; and the new caches if `keep`.
+        """Token-mean LM loss under `pattern`, computing DSA layers `start`.. (from `start`'s decoder layer) only; and
+        the new caches if `keep`.
 
-        start > 0 needs `prefix`: the caches of a pattern that agrees with `pattern` on layers < start.
+        start > 0 needs `prefix`: the caches of a pattern that agrees with `pattern` on DSA layers < start.
         """
         if start and prefix is None:
             raise ValueError("resuming at a layer > 0 needs the prefix cache of a pattern that agrees before it")
         nll, tokens, caches = 0.0, 0, []
         for b, inputs in enumerate(self.inputs):
             run = KeepTopk(self.family, pattern, sparse=True, device=self.device, cu_seqlens=inputs.cu_seqlens)
+            first = self.decoder_of[start] if start else 0
             if start:
-                hidden = prefix[b].hidden[start]
+                hidden = prefix[b].hidden[first]
                 owner = pattern.owner(start - 1)  # the latest F layer before `start`: its top-k is still current
                 run.topk[owner] = prefix[b].topk[owner]
-                cache = _PrefixCache(prefix[b].hidden[:start],
+                cache = _PrefixCache(prefix[b].hidden[:first],
                                      {f: t for f, t in prefix[b].topk.items() if f < start and pattern.owner(f) == f})
             else:
                 hidden, cache = inputs.embeds, _PrefixCache()
-            for i in range(start, self.num_layers):
+            for i in range(first, self.num_decoder_layers):
                 if keep:
                     cache.hidden.append(hidden)
                 self.layer_forwards += 1

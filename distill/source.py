@@ -66,14 +66,31 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def random_model(cfg: Mapping) -> PreTrainedModel:
-    """The random model of a mapping without `path` on the CPU, in eval mode: the weights train.model.build_model
-    gives it (seeded by `cfg.init_seed`, cast to `cfg.dtype`); the global RNG is left as it was."""
-    config = model_config(cfg)
-    with torch.random.fork_rng(devices=[]):
+def random_model(cfg: Mapping, config=None, *, dtype: torch.dtype | None = None,
+                 keep_rng: bool = True) -> PreTrainedModel:
+    """The random model of a mapping without `path` (the one owner of its weights: train.model.build_model takes
+    it from here), on the CPU, in eval mode: built from `config` (default: `model_config(cfg)`) seeded by
+    `cfg.init_seed`, cast to `dtype` (default: `cfg.dtype` as resolved for the CPU), RoPE's inverse frequencies
+    kept in fp32 (`rope_in_fp32`). keep_rng: leave the global RNG as it was (False: seeded by init_seed and
+    advanced by the init, as a training job's build leaves it)."""
+    config = config if config is not None else model_config(cfg)
+    dtype = dtype if dtype is not None else resolve_dtype(cfg.get("dtype"), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[], enabled=keep_rng):
         torch.manual_seed(int(cfg.get("init_seed", 0)))
         model = MODEL_TYPES[config.model_type][1](config)
-    return model.to(resolve_dtype(cfg.get("dtype"), torch.device("cpu"))).eval()
+    return rope_in_fp32(model.to(dtype)).eval()
+
+
+def rope_in_fp32(model: PreTrainedModel) -> PreTrainedModel:
+    """RoPE's inverse frequencies in fp32, as `from_pretrained` leaves them: a model cast with .to(bf16) or
+    built under zero.Init (bf16 default dtype) holds them in bf16, which shifts the phases at long context."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and inv_freq.dtype != torch.float32:
+            fresh = type(module)(module.config)  # built in the default fp32
+            module.inv_freq = fresh.inv_freq.to(inv_freq.device)
+            module.original_inv_freq = fresh.original_inv_freq.to(inv_freq.device)
+    return model
 
 
 # ---- a model directory's safetensors shards ---------------------------------------------------------
@@ -93,7 +110,7 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
     single = model_dir / SINGLE_WEIGHTS
     if single.is_file():
         with safe_open(single, "pt") as f:
-            return {name: SINGLE_WEIGHTS for name in f.keys()}
+            return {name: SINGLE_WEIGHTS for name in f.keys()}  # noqa: SIM118  (safe_open: keys() only)
     raise ModelConfigError(f"{model_dir} has neither {WEIGHTS_INDEX} nor {SINGLE_WEIGHTS}: "
                            "not a safetensors model directory (convert its weights to safetensors)")
 
@@ -110,6 +127,6 @@ def tensor_headers(model_dir: str | os.PathLike, names: list[str]) -> dict[str, 
                     if shards[name] == shard:
                         piece = f.get_slice(name)
                         headers[name] = (piece.get_dtype(), tuple(piece.get_shape()))
-        except Exception as e:  # safetensors raises its own error types for missing files, bad headers, names
+        except Exception as e:  # noqa: BLE001  (safetensors' own error types: missing files, bad headers, names)
             raise ModelConfigError(f"cannot read the tensor headers of {model_dir / shard}: {e}") from None
     return headers

@@ -1,4 +1,4 @@
-"""Fused multi-layer centroid KL (DESIGN.md sections 2-3): Triton kernels and their autograd Function.
+"""Fused multi-layer centroid KL (docs/DESIGN.md sections 2-3): Triton kernels and their autograd Function.
 
     loss = (1 / (B T)) sum_{b,t} KL(pbar_t || softmax_s I_t(s))      over the allowed keys s of row t
     pbar_t(s) = 1/(G H) sum_{g,h} exp(scale q_{g,t,h} . k_{g,s,h} - lse_{g,h,t})
@@ -30,72 +30,44 @@ dL/dI) for a chunk of R query rows (R from a 1 GiB budget, or `chunk_size`). Pas
       and d w_j of a row block are complete in one program (registers, no atomics).
    d. `_index_dk_kernel`, grid (key blocks, row splits, B): recompute kI . qI_j; d kI summed over
       the chunk's rows and all HI heads in registers, one fp32 atomic add per program.
-The centroid tiles and the indexer tiles are sized apart (TILES): the first is G*H dots of Dq per pair, the
+The centroid tiles and the indexer tiles are sized apart (kernels.tiles): the first is G*H dots of Dq per pair, the
 others HI dots of D. The indexer logits are computed three times per pair (a, c, d), their gradient dots twice.
 Dense stage: every causal key of the row's document. Sparse stage: the same tiles masked to the rows'
 top-k sets (sorted once; a tile's mask is a binary search plus a merge walk), empty tiles skipped.
 Dots take the input dtype (bf16/fp16/fp32) and accumulate in fp32; fp32 inputs use IEEE dots. dL/dI
 enters the gradient dots as bf16 for bf16 inputs and as fp32 (TF32) for fp16, whose range it would
-underflow. Tile shapes (TILES) were chosen with bench/tune_tiles.py; timings are in docs/BENCHMARKS.md.
+underflow. Tile shapes (kernels.tiles) were chosen with bench/tune_tiles.py; timings are in docs/BENCHMARKS.md.
 On Hopper GPUs (and the CPU interpreter) bf16/fp16 tiles of main q/k, index q/k and of the scratch (in d qI) are
 read by TMA through TensorDescriptors over the tensors flattened to rows of tokens (`tma_tiles`, `index_tiles`),
-where their strides allow it; otherwise, and with TILES 'tma' off, through pointers. A key column piece all heads
+where their strides allow it; otherwise, and with Tiles.tma off, through pointers. A key column piece all heads
 share (main_k_rope, MLA's rope part; all of a one-head main_k) is read once per served layer and tile, not once per
 head (`key_pieces`): at DeepSeek-V3.2's shapes a head's q and k tiles are 80 KiB instead of 96.
 """
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.reference import _check_shapes, check_ratio, document_starts, joined_keys
+from kernels.reference import check_centroid_kl, check_ratio, document_starts, joined_keys
+from kernels.tiles import SCRATCH_BYTES, Tiles, device_kind, tile_config, tiles
+from kernels.triton_utils import (
+    LOG2E,
+    TL_DTYPES,
+    TL_LOG2E,
+    dot_dtype,
+    load_rows,
+    load_tile,
+    online_lse,
+    pow2_pieces,
+    row_tiles,
+    scale_saved_grads,
+    sm_count,
+    strides,
+    tma_ready,
+)
 
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # globals that kernels read must be constexpr
-TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 NO_KEY = tl.constexpr(2**31 - 1)  # sorted top-k lists put invalid entries last
-SCRATCH_BYTES = 1 << 30  # budget of the R x S scratch (I, then dL/dI)
-# Tile shapes: the GPU's, and small ones for the CPU interpreter (tests exercise many tiles on tiny T).
-# block_*/warps/stages: the per-chunk indexer kernels (logits, dq, dk); centroid_*: the centroid kernel's tiles,
-# warps and stages; lse_*: the main LSE pass; group: row blocks per launch group of the tile kernels; min_dot:
-# smallest dot dimension; index_lse_split / index_lse_splits: the least keys per program and the most programs per
-# row of the indexer logits pass (its LSE split over programs, then joined); topk_*: kernels.indexer_topk's key
-# tile, query rows per block, selection chunk, programs per SM, warps; sparse_*:
-# kernels.sparse_attention's heads and gathered keys per block, warps, stages, programs per SM of its persistent
-# grid, the byte budget of its probability scratch (rows per chunk), the probability kernel's entries per
-# program, heads per step and warps, and whether the warpgroups split the score tile's keys (1) or both compute
-# it (0: Triton's own choice for chained dots); sparse_kl_*: kernels.sparse_centroid_kl's gathered keys per
-# block and warps.
-TILES = {"cuda": dict(block_m=64, block_n=64, warps=4, stages=3, centroid_block_m=128, centroid_block_n=128,
-                      centroid_warps=8, centroid_stages=2, lse_block_m=128, lse_block_n=64, lse_warps=8,
-                      lse_stages=2, group=8, min_dot=16, topk_block_s=64, topk_block_t=2, topk_select=1024,
-                      topk_programs=2, topk_warps=4,
-                      sparse_block_h=64, sparse_block_k=64, sparse_warps=8, sparse_stages=2, sparse_programs=2,
-                      sparse_scratch_bytes=SCRATCH_BYTES, sparse_prob_block=512, sparse_prob_heads=32,
-                      sparse_prob_warps=4, sparse_split_scores=1,
-                      sparse_kl_block_k=32, sparse_kl_warps=4, index_lse_split=512, index_lse_splits=64, tma=True),
-         "cpu": dict(block_m=16, block_n=16, warps=4, stages=1, centroid_block_m=8, centroid_block_n=32,
-                     centroid_warps=4, centroid_stages=1, lse_block_m=16, lse_block_n=16, lse_warps=4,
-                     lse_stages=1, group=2, min_dot=1, topk_block_s=8, topk_block_t=2, topk_select=32,
-                     topk_programs=3, topk_warps=4,
-                     sparse_block_h=2, sparse_block_k=4, sparse_warps=4, sparse_stages=1, sparse_programs=3,
-                     sparse_scratch_bytes=512, sparse_prob_block=8, sparse_prob_heads=2, sparse_prob_warps=4,
-                     sparse_split_scores=1, sparse_kl_block_k=4, sparse_kl_warps=4, index_lse_split=16,
-                     index_lse_splits=2, tma=True)}
-
-
-@triton.jit
-def _load_rows(base, rows, row_ok, stride_t, stride_d, D0: tl.constexpr, DW: tl.constexpr, DTOT: tl.constexpr,
-               DTYPE: tl.constexpr):
-    """[len(rows), DW] slice of columns D0 .. D0+DW of a [T, *] matrix (zeros outside), as DTYPE."""
-    cols = D0 + tl.arange(0, DW)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :] * stride_d
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols < DTOT)[None, :], other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -152,17 +124,6 @@ def _sparse_tile_mask(keys_ptr, rows, row_ok, n0, K, BLOCK_N: tl.constexpr, LOG2
 
 
 @triton.jit
-def _tile(base, desc, row, col, rows, row_ok, stride_t, stride_d, DW: tl.constexpr, WIDTH: tl.constexpr,
-          DOT: tl.constexpr, TMA: tl.constexpr):
-    """[len(rows), DW] tile of a column piece (WIDTH columns, zeros past them) of one head's q or k, as DOT: through
-    the descriptor desc at its row `row`, column `col` (TMA: `row_tiles`; rows past the tensor's hold other rows,
-    which the caller masks), else through pointers from base (the piece's first column) at `rows`."""
-    if TMA:
-        return desc.load([row, col]).to(DOT)
-    return _load_rows(base, rows, row_ok, stride_t, stride_d, 0, DW, WIDTH, DOT)
-
-
-@triton.jit
 def _main_scores(qa, qb, ka, kb, DB: tl.constexpr, PREC: tl.constexpr):
     """q . k of one head from its column pieces: qa [M, DA] . ka [N, DA] (+ qb [M, DB] . kb [N, DB]) -> [M, N]
     fp32."""
@@ -179,10 +140,10 @@ def _head_query(mq, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, s
     two column pieces. TMA: read through the q descriptors tq_a, tq_b."""
     q_base = mq + tl.cast(g, tl.int64) * sq_g + b.to(tl.int64) * sq_b + h * sq_h
     r = (g * B + b) * T + row0
-    qa = _tile(q_base, tq_a, r, h * sq_h, rows, row_ok, sq_t, sq_d, DA, DQ, DOT, TMA)
+    qa = load_tile(q_base, tq_a, r, h * sq_h, rows, row_ok, sq_t, sq_d, DA, DQ, DOT, TMA)
     qb = qa
     if DB > 0:
-        qb = _tile(q_base + DA * sq_d, tq_b, r, h * sq_h + DA, rows, row_ok, sq_t, sq_d, DB, DQ - DA, DOT, TMA)
+        qb = load_tile(q_base + DA * sq_d, tq_b, r, h * sq_h + DA, rows, row_ok, sq_t, sq_d, DB, DQ - DA, DOT, TMA)
     return qa, qb
 
 
@@ -190,10 +151,10 @@ def _head_query(mq, tq_a, tq_b, g, b, h, B, T, row0, rows, row_ok, sq_g, sq_b, s
 def _scores_reading_b(qa, qb, key_a, kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB: tl.constexpr,
                       WB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
     """q . k of one head (`_main_scores`) with its key piece b read after the first dot, which then need not wait
-    for that copy: from kb_base, or through tk_b at (row, col_b) (`_tile`)."""
+    for that copy: from kb_base, or through tk_b at (row, col_b) (`load_tile`)."""
     s = tl.dot(qa, tl.trans(key_a), input_precision=PREC)
     if DB > 0:
-        key_b = _tile(kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
+        key_b = load_tile(kb_base, tk_b, row, col_b, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
         s += tl.dot(qb, tl.trans(key_b), input_precision=PREC)
     return s
 
@@ -207,20 +168,11 @@ def _index_logits(iq_base, tq, q_row, iw_base, ki, rows, row_ok, HI, D: tl.const
     acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
     rows64 = rows.to(tl.int64)
     for j in range(HI):
-        qj = _tile(iq_base + j * sq_h, tq, q_row, j * sq_h, rows, row_ok, sq_t, sq_d, DI, D, DOT, TMA)
+        qj = load_tile(iq_base + j * sq_h, tq, q_row, j * sq_h, rows, row_ok, sq_t, sq_d, DI, D, DOT, TMA)
         wj = tl.load(iw_base + rows64 * sw_t + j * sw_h, mask=row_ok, other=0.0).to(tl.float32)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
         acc += wj[:, None] * tl.maximum(s, 0.0)
     return acc
-
-
-@triton.jit
-def _online_lse(m, l, s):
-    """One step of a base-2 online log-sum-exp over rows of s [M, N] (-inf = masked)."""
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
-    return m_new, l
 
 
 @triton.jit
@@ -255,21 +207,21 @@ def _main_lse_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_
             n0 = (nxt // BLOCK_N) * BLOCK_N
             sel, cur, v = _walk(base, cur, v, row_ok, n0, K, BLOCK_N)
             keys = n0 + tl.arange(0, BLOCK_N)
-            key_a = _tile(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
+            key_a = load_tile(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
             s = _scores_reading_b(qa, qb, key_a, kb_base, tk_b, k_row + n0, h * sr_h, keys, keys < S, sr_t, sr_d, DB,
                                   WB, PREC, DOT, TMA)
-            m, l = _online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
+            m, l = online_lse(m, l, tl.where(sel != 0, s * scale_log2, float("-inf")))
             nxt = tl.min(v, 0)
     else:
         lo = (tl.min(doc, 0) // BLOCK_N) * BLOCK_N
         hi = tl.minimum((rb + 1) * BLOCK_M, T) // RATIO  # the keys of the block's last row
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
-            key_a = _tile(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
+            key_a = load_tile(ka_base, tk_a, k_row + n0, h * sk_h, keys, keys < S, sk_t, sk_d, DA, WA, DOT, TMA)
             s = _scores_reading_b(qa, qb, key_a, kb_base, tk_b, k_row + n0, h * sr_h, keys, keys < S, sr_t, sr_d, DB,
                                   WB, PREC, DOT, TMA)
             allowed = _causal_in_document(keys, rows, doc, RATIO)
-            m, l = _online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
+            m, l = online_lse(m, l, tl.where(allowed, s * scale_log2, float("-inf")))
     tl.store(lse_ptr + ghb.to(tl.int64) * T + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
 
 
@@ -334,12 +286,12 @@ def _index_logits_tile(iq_base, iw_base, k_base, tq, tk, q_row, k_row, rows, row
     out_rows, the tile's flag, and the online LSE (m, l) advanced over them. TMA: q and k through the descriptors
     tq, tk from rows q_row and k_row + n0."""
     keys = n0 + tl.arange(0, BLOCK_N)
-    ki = _tile(k_base, tk, k_row + n0, 0, keys, keys < S, ik_t, ik_d, DI, D, DOT, TMA)
+    ki = load_tile(k_base, tk, k_row + n0, 0, keys, keys < S, ik_t, ik_d, DI, D, DOT, TMA)
     logits = _index_logits(iq_base, tq, q_row, iw_base, ki, rows, row_ok, HI, D, iq_t, iq_h, iq_d, iw_t, iw_h,
                            BLOCK_N, DI, PREC, DOT, TMA)
     tl.store(out_rows + keys[None, :], logits, mask=allowed)
     tl.store(flags + n0 // BLOCK_N, tl.max(allowed.to(tl.int8)))
-    return _online_lse(m, l, tl.where(allowed, logits * _LOG2E, float("-inf")))
+    return online_lse(m, l, tl.where(allowed, logits * TL_LOG2E, float("-inf")))
 
 
 @triton.jit
@@ -396,17 +348,17 @@ def _centroid_kernel(mq, mk, mr, tq_a, tq_b, tk_a, tk_b, lse_ptr, doc_ptr, keys_
             ka_layer = mk + tl.cast(g, tl.int64) * sk_g + b.to(tl.int64) * sk_b
             kb_layer = mr + tl.cast(g, tl.int64) * sr_g + b.to(tl.int64) * sr_b
             if A_SHARED:  # read once for the layer's heads
-                key_a = _tile(ka_layer, tk_a, k_row, 0, keys, key_ok, sk_t, sk_d, DA, WA, DOT, TMA)
+                key_a = load_tile(ka_layer, tk_a, k_row, 0, keys, key_ok, sk_t, sk_d, DA, WA, DOT, TMA)
             if B_SHARED and DB > 0:
-                key_b = _tile(kb_layer, tk_b, k_row, 0, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
+                key_b = load_tile(kb_layer, tk_b, k_row, 0, keys, key_ok, sr_t, sr_d, DB, WB, DOT, TMA)
             for h in range(H):
                 qa, qb = _head_query(mq, tq_a, tq_b, g, b, h, B, T, r0 + rb * BLOCK_M, rows, row_ok, sq_g, sq_b,
                                      sq_t, sq_h, sq_d, DA, DB, DQ, DOT, TMA)
                 # before the dots, so that its latency hides behind them (one program fills the SM)
                 lse = tl.load(lse_ptr + ((g * B + b) * H + h).to(tl.int64) * T + rows, mask=row_ok, other=0.0)
                 if not A_SHARED:
-                    key_a = _tile(ka_layer + h * sk_h, tk_a, k_row, h * sk_h, keys, key_ok, sk_t, sk_d, DA,
-                                       WA, DOT, TMA)
+                    key_a = load_tile(ka_layer + h * sk_h, tk_a, k_row, h * sk_h, keys, key_ok, sk_t, sk_d, DA,
+                                      WA, DOT, TMA)
                 if B_SHARED and DB > 0:
                     s = _main_scores(qa, qb, key_a, key_b, DB, PREC)
                 else:
@@ -438,7 +390,7 @@ def _index_dq_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, order_ptr, count_ptr, dq_
     S = T // RATIO
     rows = r0 + rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < tl.minimum(r0 + R, T)
-    qj = _load_rows(iq + b.to(tl.int64) * iq_b + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
+    qj = load_rows(iq + b.to(tl.int64) * iq_b + j * iq_h, rows, row_ok, iq_t, iq_d, 0, DI, D, DOT)
     w_ptrs = iw + b.to(tl.int64) * iw_b + rows.to(tl.int64) * iw_t + j * iw_h
     wj = tl.load(w_ptrs, mask=row_ok, other=0.0).to(tl.float32)
     k_base = ik + b.to(tl.int64) * ik_b
@@ -454,7 +406,7 @@ def _index_dq_kernel(iq, ik, iw, tq, tk, tg, grad_ptr, order_ptr, count_ptr, dq_
         else:
             g_ptrs = grad_ptr + b.to(tl.int64) * R * S + (rows - r0).to(tl.int64)[:, None] * S + keys[None, :]
             grad = tl.load(g_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-        ki = _tile(k_base, tk, b * S + kb * BLOCK_N, 0, keys, key_ok, ik_t, ik_d, DI, D, DOT, TMA)
+        ki = load_tile(k_base, tk, b * S + kb * BLOCK_N, 0, keys, key_ok, ik_t, ik_d, DI, D, DOT, TMA)
         s = tl.dot(qj, tl.trans(ki), input_precision=PREC)
         dw += tl.sum(grad * tl.maximum(s, 0.0), 1)
         ds = tl.where(s > 0, grad, 0.0)
@@ -482,7 +434,7 @@ def _index_dk_kernel(iq, ik, iw, tq, tk, grad_ptr, flag_ptr, dk_ptr,
     S = T // RATIO
     keys = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < S
-    ki = _load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
+    ki = load_rows(ik + b.to(tl.int64) * ik_b, keys, key_ok, ik_t, ik_d, 0, DI, D, DOT)
     iq_base = iq + b.to(tl.int64) * iq_b
     iw_base = iw + b.to(tl.int64) * iw_b
     dk = tl.zeros((BLOCK_N, DI), dtype=tl.float32)
@@ -497,7 +449,7 @@ def _index_dk_kernel(iq, ik, iw, tq, tk, grad_ptr, flag_ptr, dk_ptr,
             grad_t = tl.load(g_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0.0)
             q_row = b * T + r0 + rb * BLOCK_M  # TMA: rows past the chunk read other rows, whose grad_t and wj are 0
             for j in range(HI):
-                qj = _tile(iq_base + j * iq_h, tq, q_row, j * iq_h, rows, row_ok, iq_t, iq_d, DI, D, DOT, TMA)
+                qj = load_tile(iq_base + j * iq_h, tq, q_row, j * iq_h, rows, row_ok, iq_t, iq_d, DI, D, DOT, TMA)
                 wj = tl.load(iw_base + rows.to(tl.int64) * iw_t + j * iw_h, mask=row_ok, other=0.0)
                 s_t = tl.dot(ki, tl.trans(qj), input_precision=PREC)
                 ds_t = tl.where(s_t > 0, grad_t * wj.to(tl.float32)[None, :], 0.0)
@@ -507,58 +459,20 @@ def _index_dk_kernel(iq, ik, iw, tq, tk, grad_ptr, flag_ptr, dk_ptr,
     tl.atomic_add(dk_ptrs, dk * inv_rows, mask=key_ok[:, None] & (cols < D)[None, :], sem="relaxed")
 
 
-def _pow2_pieces(dim: int, min_dot: int) -> tuple[int, int]:
-    """Split a head dim into two power-of-two column pieces (the second may be 0), e.g. 192 -> (128, 64)."""
-    first = max(min_dot, 1 << (dim.bit_length() - 1))
-    rest = dim - first
-    return first, (0 if rest <= 0 else max(min_dot, triton.next_power_of_2(rest)))
-
-
-def wide_head_tiles(cfg: dict, width: int) -> dict:
+def wide_head_tiles(cfg: Tiles, width: int) -> Tiles:
     """cfg for main heads `width` wide, so that the kernels' q and k tiles fit in shared memory: the centroid
     tiles are sized for DeepSeek-V3.2's 192; wider heads (GLM-5's and HY-V4's 256) take 64 x 64 centroid tiles, and
     heads wider than 256 (DeepSeek-V4's 512) also 64-row main-LSE tiles and one pipeline stage in both kernels."""
     if width > 192:
-        cfg = dict(cfg, centroid_block_m=64, centroid_block_n=64, centroid_warps=4)
+        cfg = cfg.replace(centroid_block_m=64, centroid_block_n=64, centroid_warps=4)
     if width > 256:
-        cfg = dict(cfg, lse_block_m=min(cfg["lse_block_m"], 64), lse_stages=1, centroid_stages=1)
+        cfg = cfg.replace(lse_block_m=min(cfg.lse_block_m, 64), lse_stages=1, centroid_stages=1)
     return cfg
-
-
-def strides(x: torch.Tensor, prefix: str, dims: str) -> dict:
-    """A kernel's stride arguments for x: {prefix + dim: stride}, e.g. strides(q, "sq_", "bthd") -> sq_b ... sq_d."""
-    return {prefix + dim: stride for dim, stride in zip(dims, x.stride(), strict=True)}
 
 
 def index_strides(iq: torch.Tensor, ik: torch.Tensor, iw: torch.Tensor) -> dict:
     """The indexer kernels' stride arguments: iq_b .. iq_d, ik_b .. ik_d, iw_b .. iw_h."""
     return dict(**strides(iq, "iq_", "bthd"), **strides(ik, "ik_", "btd"), **strides(iw, "iw_", "bth"))
-
-
-def row_tiles(x: torch.Tensor, lead: int, block: tuple[int, int]) -> TensorDescriptor | None:
-    """A TensorDescriptor of `block` tiles of x flattened to rows of x.stride(lead - 1) elements: one row per index of
-    the first `lead` dims, the others side by side in it (column = their offset, e.g. h * head stride + d; as many
-    columns as they reach, so that a column slice of a wider tensor, e.g. main_k[..., 128:], reads inside it), or
-    None where x does not flatten so: the lead dims not evenly spaced, a later dim reaching outside its row, the
-    last dim not contiguous, a row or the data not 16-byte aligned, a tile row narrower than 16 bytes, or no
-    elements. Tiles past the last row or column hold TMA's zeros."""
-    if x.numel() == 0:
-        return None
-    width = x.stride(lead - 1)
-    even = all(x.shape[i] == 1 or x.stride(i) == x.shape[i + 1] * x.stride(i + 1) for i in range(lead - 1))
-    reach = sum((n - 1) * st for n, st in zip(x.shape[lead:], x.stride()[lead:]))
-    inside = x.stride(-1) == 1 and all(st >= 0 for st in x.stride()[lead:]) and reach < width
-    aligned = (width * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and block[1] * x.element_size() >= 16
-    if not (even and inside and aligned):
-        return None
-    return TensorDescriptor(x, [math.prod(x.shape[:lead]), reach + 1], [width, 1], list(block))
-
-
-def tma_ready(x: torch.Tensor, enabled: bool) -> bool:
-    """Whether the kernels may read x through TMA: enabled (TILES 'tma'), bf16 or fp16 (fp32 is the checking dtype,
-    whose stages would not fit in shared memory), and on a GPU with TMA (Hopper on) or the CPU interpreter."""
-    return (enabled and x.element_size() == 2
-            and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9))
 
 
 def tma_tiles(mq: torch.Tensor, mk: torch.Tensor, mr: torch.Tensor, bm: int, bn: int, da: int, db: int,
@@ -581,8 +495,8 @@ def keys_apart(per_head: int, shared: int, device: torch.device) -> bool:
     """Whether the fused kernels on `device` take main_k_rope as a key piece of its own, read once per layer and
     tile: both widths powers of two of at least the device's smallest dot. Otherwise `key_pieces` joins the shared
     columns back into every head's key, a copy the size of main_k (a capture then keeps its keys joined instead)."""
-    min_dot = TILES["cuda" if device.type == "cuda" else "cpu"]["min_dot"]
-    return all(_pow2_pieces(width, min_dot) == (width, 0) for width in (per_head, shared))
+    min_dot = tiles(device_kind(device)).min_dot
+    return all(pow2_pieces(width, min_dot) == (width, 0) for width in (per_head, shared))
 
 
 def key_pieces(mk: torch.Tensor, mk_rope: torch.Tensor | None, H: int, min_dot: int) -> dict:
@@ -590,7 +504,7 @@ def key_pieces(mk: torch.Tensor, mk_rope: torch.Tensor | None, H: int, min_dot: 
     two column pieces: mk (piece a, WA columns in DA-wide tiles) and mr (piece b, WB columns in DB-wide tiles; DB 0:
     none), both [G, B, S, H, *] views with head stride 0 where all heads share them (A_SHARED, B_SHARED: the
     centroid kernel reads such a piece once per layer). Without main_k_rope, or where it cannot be a piece of its own
-    (`keys_apart`), Dk (+ Dr) splits into `_pow2_pieces` and mr is main_k[..., DA:]; with it, Dk is piece a and Dr
+    (`keys_apart`), Dk (+ Dr) splits into `pow2_pieces` and mr is main_k[..., DA:]; with it, Dk is piece a and Dr
     piece b (DeepSeek-V3.2's nope 128 and shared rope 64)."""
     mk = mk.expand(-1, -1, -1, H, -1)  # one key head: head stride 0, no copy
     if mk_rope is not None:
@@ -600,7 +514,7 @@ def key_pieces(mk: torch.Tensor, mk_rope: torch.Tensor | None, H: int, min_dot: 
                         A_SHARED=mk.stride(3) == 0, B_SHARED=True)
         mk = joined_keys(mk, mk_rope)
     width = mk.shape[-1]
-    da, db = _pow2_pieces(width, min_dot)
+    da, db = pow2_pieces(width, min_dot)
     mr = mk[..., da:] if db else mk
     return dict(mk=mk, mr=mr, DA=da, DB=db, WA=min(da, width), WB=max(0, width - da), A_SHARED=mk.stride(3) == 0,
                 B_SHARED=db > 0 and mr.stride(3) == 0)
@@ -617,21 +531,6 @@ def index_tiles(iq: torch.Tensor, ik: torch.Tensor, scratch: torch.Tensor, bm: i
         return pointers
     tiles = dict(tq=row_tiles(iq, 2, (bm, D)), tk=row_tiles(ik, 2, (bn, D)), tg=row_tiles(scratch, 2, (bm, bn)))
     return pointers if None in tiles.values() else dict(tiles, TMA=True)
-
-
-def tile_config(device: torch.device) -> dict:
-    """TILES for the device; the CPU only under the Triton interpreter."""
-    if device.type == "cuda":
-        return TILES["cuda"]
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton centroid_kl kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
-    return TILES["cpu"]
-
-
-def dot_dtype(x: torch.Tensor):
-    """Operand dtype of the dots: x's, except bf16 on the CPU interpreter, which cannot multiply bf16
-    (Triton's debugging guide) and gets the exactly upcast fp32 values instead."""
-    return tl.float32 if x.device.type != "cuda" and x.dtype == torch.bfloat16 else TL_DTYPES[x.dtype]
 
 
 def sorted_topk(topk_indices: torch.Tensor, doc_start: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -652,20 +551,20 @@ def index_logits(iq, ik, iw, indexer_args, doc, keys, K, sparse, ratio, cfg, pre
     compressed keys' rows t < ratio - 1, top-k lists without a valid key): `_index_logits_kernel`'s partials over
     key splits (one split in the sparse stage), joined here."""
     B, T, HI, D = iq.shape
-    bm, bn = cfg["block_m"], cfg["block_n"]
+    bm, bn = cfg.block_m, cfg.block_n
     rows_per_chunk = scratch.shape[1]
     # at least index_lse_split keys per program, at most index_lse_splits partials per row (memory O(T), not T^2):
     # whole key blocks, so that no block straddles two splits
     chunk_keys = (r0 + R) // ratio
-    split_keys = triton.cdiv(max(cfg["index_lse_split"], triton.cdiv(chunk_keys, cfg["index_lse_splits"])), bn) * bn
+    split_keys = triton.cdiv(max(cfg.index_lse_split, triton.cdiv(chunk_keys, cfg.index_lse_splits)), bn) * bn
     splits = 1 if sparse else max(1, triton.cdiv(chunk_keys, split_keys))
     m = torch.empty(splits, B, rows_per_chunk, device=iq.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _index_logits_kernel[(splits, triton.cdiv(R, bm), B)](
         iq=iq, ik=ik, iw=iw, **indexer_args, m_ptr=m, l_ptr=l, doc_ptr=doc, keys_ptr=keys, logit_ptr=scratch,
         flag_ptr=flags, B=B, T=T, HI=HI, D=D, K=K, r0=r0, R=rows_per_chunk, n_kb=flags.shape[-1], split_keys=split_keys,
-        DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=K.bit_length(),
-        RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        DI=max(cfg.min_dot, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn, SPARSE=sparse, LOG2K=K.bit_length(),
+        RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg.warps, num_stages=cfg.stages)
     top = m.amax(0)
     top = torch.where(torch.isinf(top), 0.0, top)
     total = (l * torch.exp2(m - top)).sum(0)
@@ -685,7 +584,7 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
     G, H, DQ = mq.shape[0], mq.shape[3], mq.shape[4]
     cfg = wide_head_tiles(tile_config(iq.device), DQ)
     S = ik.shape[1]
-    pieces = key_pieces(mk, mk_rope, H, cfg["min_dot"])
+    pieces = key_pieces(mk, mk_rope, H, cfg.min_dot)
     mk, mr = pieces.pop("mk"), pieces.pop("mr")
     main_strides = dict(**strides(mq, "sq_", "gbthd"), **strides(mk, "sk_", "gbthd"), **strides(mr, "sr_", "gbthd"))
     da, db = pieces["DA"], pieces["DB"]
@@ -699,24 +598,24 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
     prec = "ieee" if iq.dtype == torch.float32 else "tf32"
     dot = dot_dtype(iq)
     grad_dtype = tl.bfloat16 if dot == tl.bfloat16 else tl.float32
-    di = max(cfg["min_dot"], triton.next_power_of_2(D))
+    di = max(cfg.min_dot, triton.next_power_of_2(D))
     scale_log2 = float(scale) * LOG2E
-    common = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
+    common = dict(num_warps=cfg.warps, num_stages=cfg.stages)
 
     if main_lse is None:
         lse = torch.empty(G, B, H, T, device=dev, dtype=torch.float32)
-        bm, bn = cfg["lse_block_m"], cfg["lse_block_n"]
+        bm, bn = cfg.lse_block_m, cfg.lse_block_n
         _main_lse_kernel[(triton.cdiv(T, bm), G * B * H)](
-            mq=mq, mk=mk, mr=mr, **tma_tiles(mq, mk, mr, bm, bn, da, db, cfg["tma"]), lse_ptr=lse, doc_ptr=doc,
+            mq=mq, mk=mk, mr=mr, **tma_tiles(mq, mk, mr, bm, bn, da, db, cfg.tma), lse_ptr=lse, doc_ptr=doc,
             keys_ptr=keys, **main_strides, B=B, T=T, H=H, K=K, DQ=DQ, scale_log2=scale_log2, **widths, BLOCK_M=bm,
-            BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg["lse_warps"],
-            num_stages=cfg["lse_stages"])
+            BLOCK_N=bn, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, PREC=prec, DOT=dot, num_warps=cfg.lse_warps,
+            num_stages=cfg.lse_stages)
     else:
         lse = (main_lse.float() * LOG2E).contiguous()
 
-    bm, bn = cfg["block_m"], cfg["block_n"]
-    cbm, cbn = cfg["centroid_block_m"], cfg["centroid_block_n"]
-    centroid_tma = tma_tiles(mq, mk, mr, cbm, cbn, da, db, cfg["tma"])
+    bm, bn = cfg.block_m, cfg.block_n
+    cbm, cbn = cfg.centroid_block_m, cfg.centroid_block_n
+    centroid_tma = tma_tiles(mq, mk, mr, cbm, cbn, da, db, cfg.tma)
     if chunk_size is None:
         row_tile = max(bm, cbm)  # both powers of two: chunks of whole tiles of both kernels
         rows_per_chunk = max(row_tile, min(triton.cdiv(T, row_tile) * row_tile,
@@ -730,7 +629,7 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
         d_iw = torch.empty_like(iw, memory_format=torch.contiguous_format)
         d_ik = torch.zeros(B, S, D, device=dev, dtype=torch.float32)
     inv_rows = 1.0 / (B * T)
-    indexer_args = dict(**index_strides(iq, ik, iw), **index_tiles(iq, ik, scratch, bm, bn, cfg["tma"]))
+    indexer_args = dict(**index_strides(iq, ik, iw), **index_tiles(iq, ik, scratch, bm, bn, cfg.tma))
     scratch_tiles = indexer_args.pop("tg")  # read by d qI alone
     for r0 in range(0, T, rows_per_chunk):
         R = min(rows_per_chunk, T - r0)
@@ -744,8 +643,8 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
             mq=mq, mk=mk, mr=mr, **centroid_tma, lse_ptr=lse, doc_ptr=doc, keys_ptr=keys, grad_ptr=scratch,
             ilse_ptr=ilse, loss_ptr=loss_rows, **main_strides, B=B, T=T, G=G, H=H, K=K, DQ=DQ, r0=r0, R=rows_per_chunk,
             n_rb=n_crb, n_kb=n_ckb, scale_log2=scale_log2, inv_gh=1.0 / (G * H), **pieces, BLOCK_M=cbm, BLOCK_N=cbn,
-            GROUP=cfg["group"], SPARSE=sparse, LOG2K=log2k, RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot,
-            num_warps=cfg["centroid_warps"], num_stages=cfg["centroid_stages"])
+            GROUP=cfg.group, SPARSE=sparse, LOG2K=log2k, RATIO=ratio, WRITE_GRAD=need_grad, PREC=prec, DOT=dot,
+            num_warps=cfg.centroid_warps, num_stages=cfg.centroid_stages)
         if not need_grad:
             continue
         count = flags.sum(-1, dtype=torch.int32)
@@ -762,11 +661,6 @@ def _fused_forward(iq, ik, iw, mq, mk, mk_rope, scale, topk_indices, chunk_size,
             DI=di, BLOCK_M=bm, BLOCK_N=bn, RATIO=ratio, GRAD_DTYPE=grad_dtype, PREC=prec, DOT=dot, **common)
     loss = loss_rows.sum() * inv_rows
     return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 on the CPU interpreter."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 class CentroidKL(torch.autograd.Function):
@@ -787,13 +681,6 @@ class CentroidKL(torch.autograd.Function):
         return scale_saved_grads(ctx, grad_loss) + (None,) * 9
 
 
-def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple:
-    """Backward of a terminal loss whose forward saved its first inputs' gradients: each times grad_loss
-    (None where the input needs none)."""
-    return tuple(grad_loss.to(g.dtype) * g if need else None
-                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad))
-
-
 def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor,
                 main_q: torch.Tensor, main_k: torch.Tensor, scale: float,
                 topk_indices: torch.Tensor | None = None, chunk_size: int | None = None, *,
@@ -809,7 +696,7 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
     ratio: tokens per key; index_k [B, T // ratio, D] and main_k [G, B, T // ratio, H or 1, Dq] then hold
     compressed entries (no cu_seqlens), and rows that see no entry contribute 0 (loss and gradients).
     """
-    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio, main_k_rope)
+    check_centroid_kl(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio, main_k_rope)
     check_ratio(ratio, cu_seqlens)
     return CentroidKL.apply(index_q, index_k, index_w, main_q, main_k, main_k_rope, scale, topk_indices, chunk_size,
                             cu_seqlens, main_lse, ratio)

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
                      cu_seqlens: torch.Tensor | None = None,
                      runs: list[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

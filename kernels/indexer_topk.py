@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from kernels.reference import check_indexer_inputs, check_ratio, document_starts
-from kernels.centroid_kl import TL_DTYPES, dot_dtype, sm_count, tile_config
+from kernels.tiles import tile_config
+from kernels.triton_utils import TL_DTYPES, dot_dtype, sm_count
 
 
 @triton.jit
@@ -188,8 +189,8 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
     dev = index_q.device
     doc = document_starts(cu_seqlens, B, T, dev).to(torch.int32).contiguous()
     out = torch.empty(B, T, k, device=dev, dtype=torch.int32)
-    block_t = cfg["topk_block_t"]
-    n_prog = min(B * triton.cdiv(T, block_t), cfg["topk_programs"] * sm_count(dev))
+    block_t = cfg.topk_block_t
+    n_prog = min(B * triton.cdiv(T, block_t), cfg.topk_programs * sm_count(dev))
     scratch = torch.empty(n_prog, block_t, T, device=dev, dtype=torch.int32)
     _topk_kernel[(n_prog,)](
         iq=index_q, ik=index_k, iw=index_w, doc_ptr=doc, out_ptr=out, scr_ptr=scratch,
@@ -197,8 +198,8 @@ def indexer_topk(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Te
         ik_b=index_k.stride(0), ik_t=index_k.stride(1), ik_d=index_k.stride(2),
         iw_b=index_w.stride(0), iw_t=index_w.stride(1), iw_h=index_w.stride(2),
         B=B, T=T, HI=HI, D=D, K=k, n_prog=n_prog, RATIO=ratio,
-        BLOCK_T=block_t, BLOCK_H=max(cfg["min_dot"], triton.next_power_of_2(HI)),
-        DI=max(cfg["min_dot"], triton.next_power_of_2(D)), BLOCK_S=cfg["topk_block_s"], SEL=cfg["topk_select"],
+        BLOCK_T=block_t, BLOCK_H=max(cfg.min_dot, triton.next_power_of_2(HI)),
+        DI=max(cfg.min_dot, triton.next_power_of_2(D)), BLOCK_S=cfg.topk_block_s, SEL=cfg.topk_select,
         PREC="ieee" if index_q.dtype == torch.float32 else "tf32", DOT=dot_dtype(index_q),
-        num_warps=cfg["topk_warps"])
+        num_warps=cfg.topk_warps)
     return out

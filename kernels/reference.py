@@ -1,6 +1,6 @@
 """Plain-PyTorch references of the fused kernels (same signatures, same semantics), and the target math.
 
-Targets (DESIGN.md section 2):
+Targets (docs/DESIGN.md section 2):
     a^l_t(s) = (1/H) sum_h softmax_s(scale * q^l_{t,h} . k^l_{s,h})   over the allowed keys of row t,
     pbar^f_t = sum_{l in G(f)} w_l a^l_t                             (w_l = 1/|G| unless given).
 Allowed keys: s <= t (dense stage), intersected with the row's top-k set (sparse stage; -1 = no key).
@@ -20,7 +20,7 @@ Shapes (B batch, T tokens, HI indexer heads, D indexer dim, G served layers, H h
 Everything is computed in query-row chunks, so memory is O(chunk * T) per (G, B, H), never
 B * H * T * T; the indexer side is recomputed per chunk in backward (activation checkpointing).
 
-Sparse stage at scale (DESIGN.md section 3): `sparse_mqa_attention` and `sparse_centroid_kl` work on the
+Sparse stage at scale (docs/DESIGN.md section 3): `sparse_mqa_attention` and `sparse_centroid_kl` work on the
 rows' top-k entries only (topk_indices [B, T, K]; entry j of row t is valid iff doc_start(t) <= idx_j <= t),
 gathering the K keys of each row of a chunk: memory O(chunk * K * width), never T x T.
 """
@@ -164,7 +164,7 @@ def centroid_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Ten
     main_k_rope [G, B, S, 1, Dr]: key columns every head shares (MLA's rope part), after main_k's [.., Dq - Dr]
     per-head ones: head h's key is cat(main_k[..., h, :], main_k_rope[..., 0, :]) (`joined_keys`).
     """
-    _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio, main_k_rope)
+    check_centroid_kl(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse, ratio, main_k_rope)
     check_ratio(ratio, cu_seqlens)
     main_k = joined_keys(main_k, main_k_rope)
     B, T = index_q.shape[:2]
@@ -319,8 +319,8 @@ def joined_keys(main_k: torch.Tensor, main_k_rope: torch.Tensor | None) -> torch
     return torch.cat([main_k, main_k_rope.expand(*main_k.shape[:4], -1)], dim=-1)
 
 
-def _check_shapes(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None, ratio: int = 1,
-                  main_k_rope=None):
+def check_centroid_kl(index_q, index_k, index_w, main_q, main_k, topk_indices, main_lse=None, ratio: int = 1,
+                      main_k_rope=None):
     check_indexer_inputs(index_q, index_k, index_w, ratio)
     B, T = index_q.shape[:2]
     S = index_k.shape[1]

@@ -1,4 +1,4 @@
-"""Sparse MQA attention forward with LSE (DESIGN.md section 3, "Sparse stage at scale"): the Triton kernels.
+"""Sparse MQA attention forward with LSE (docs/DESIGN.md section 3, "Sparse stage at scale"): the Triton kernels.
 
     out_{t,h}   = sum_j softmax_j(scale q_{t,h} . kv_{idx_j}) kv_{idx_j}[:v_dim]      over row t's valid entries j
     lse_{h,t}   = log sum_j exp(scale q_{t,h} . kv_{idx_j})
@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.centroid_kl import (LOG2E, TL_DTYPES, _LOG2E, _load_rows, _pow2_pieces, dot_dtype, sm_count, strides,
-                                 tile_config)
 from kernels.reference import check_sparse_attention, document_starts
+from kernels.tiles import Tiles, tile_config
+from kernels.triton_utils import LOG2E, TL_DTYPES, TL_LOG2E, dot_dtype, load_rows, pow2_pieces, sm_count, strides
 
 
 @triton.jit
@@ -74,10 +74,10 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
         p_base = p_scratch + (i.to(tl.int64) * H_PAD + heads[:, None]) * W
         m_base = m_scratch + i.to(tl.int64) * n_kb * H_PAD + heads
         q_base = q + b.to(tl.int64) * q_b + t.to(tl.int64) * q_t
-        qa = _load_rows(q_base, heads, head_ok, q_h, q_d, 0, DA, DK, DOT)
+        qa = load_rows(q_base, heads, head_ok, q_h, q_d, 0, DA, DK, DOT)
         qb = qa
         if DB > 0:
-            qb = _load_rows(q_base, heads, head_ok, q_h, q_d, DA, DB, DK, DOT)
+            qb = load_rows(q_base, heads, head_ok, q_h, q_d, DA, DB, DK, DOT)
         kv_base = kv + b.to(tl.int64) * kv_b
         idx_base = idx_ptr + b.to(tl.int64) * i_b + t.to(tl.int64) * i_t
         start = tl.load(doc_ptr + r)
@@ -88,11 +88,11 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
             j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
             ok = (key >= start) & (key <= t)
-            ka = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DA, DK, DOT)
+            ka = load_rows(kv_base, key, ok, kv_t, kv_d, 0, DA, DK, DOT)
             s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
             if DB > 0:
                 s = _unchained(s, always, SPLIT_S)
-                kb_tile = _load_rows(kv_base, key, ok, kv_t, kv_d, DA, DB, DK, DOT)
+                kb_tile = load_rows(kv_base, key, ok, kv_t, kv_d, DA, DB, DK, DOT)
                 s += tl.dot(qb, tl.trans(kb_tile), input_precision=PREC)
             s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -106,7 +106,7 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
             if V_IS_A:
                 v = ka
             else:
-                v = _load_rows(kv_base, key, ok, kv_t, kv_d, 0, DV, V, DOT)
+                v = load_rows(kv_base, key, ok, kv_t, kv_d, 0, DV, V, DOT)
             p_dot = _unchained(p, always, SPLIT_S).to(DOT)
             alpha_dot = _unchained(alpha, always, SPLIT_S)
             acc = acc * alpha_dot[:, None] + tl.dot(p_dot, v, input_precision=PREC)
@@ -119,7 +119,7 @@ def _sparse_mqa_kernel(q, kv, idx_ptr, doc_ptr, out_ptr, lse_ptr, p_scratch, m_s
                   + cols[None, :] * o_d)
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols < V)[None, :])
         lse_ptrs = lse_ptr + (b * H + heads).to(tl.int64) * T + t
-        tl.store(lse_ptrs, tl.where(has_keys, lse2 / _LOG2E, float("-inf")), mask=head_ok)
+        tl.store(lse_ptrs, tl.where(has_keys, lse2 / TL_LOG2E, float("-inf")), mask=head_ok)
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _sparse_prob_kernel(idx_ptr, doc_ptr, lse_ptr, prob_ptr, p_scratch, m_scratc
         lse = tl.load(lse_ptr + (b * H + heads).to(tl.int64) * T + t, mask=head_ok, other=float("-inf"))
         use = (head_ok & (lse > float("-inf")))[:, None] & (blocks < n_kb)[None, :]
         m = tl.load(m_row + blocks[None, :] * H_PAD + heads[:, None], mask=use, other=0.0)
-        factor = tl.where(use, tl.exp2(m - lse[:, None] * _LOG2E), 0.0)  # [BLOCK_H, NB]
+        factor = tl.where(use, tl.exp2(m - lse[:, None] * TL_LOG2E), 0.0)  # [BLOCK_H, NB]
         p = tl.load(p_row + heads[:, None] * W + j[None, :], mask=head_ok[:, None] & ok[None, :], other=0.0)
         prob += tl.sum(tl.reshape(p.to(tl.float32), (BLOCK_H, NB, BLOCK_K)) * factor[:, :, None], 0)
     prob_ptrs = prob_ptr + r.to(tl.int64) * K + j
@@ -170,13 +170,13 @@ class AttentionTiles(NamedTuple):
     width: int
 
 
-def attention_tiles(cfg: dict, H: int, K: int, DK: int, v_dim: int) -> AttentionTiles:
+def attention_tiles(cfg: Tiles, H: int, K: int, DK: int, v_dim: int) -> AttentionTiles:
     """The tiles for H heads of DK columns (v_dim of them the value) and K entries per row under tile config cfg."""
-    da, db = _pow2_pieces(DK, cfg["min_dot"])
-    block_h = min(cfg["sparse_block_h"], max(cfg["min_dot"], triton.next_power_of_2(H)))
-    block_k = cfg["sparse_block_k"]
-    prob_block = cfg["sparse_prob_block"]  # a multiple of block_k
-    return AttentionTiles(da, db, max(cfg["min_dot"], triton.next_power_of_2(v_dim)), block_h, block_k,
+    da, db = pow2_pieces(DK, cfg.min_dot)
+    block_h = min(cfg.sparse_block_h, max(cfg.min_dot, triton.next_power_of_2(H)))
+    block_k = cfg.sparse_block_k
+    prob_block = cfg.sparse_prob_block  # a multiple of block_k
+    return AttentionTiles(da, db, max(cfg.min_dot, triton.next_power_of_2(v_dim)), block_h, block_k,
                           triton.cdiv(H, block_h), triton.cdiv(K, block_k), triton.cdiv(K, prob_block) * prob_block)
 
 
@@ -203,8 +203,8 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
     out = torch.empty(B, T, H, v_dim, device=dev, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=dev, dtype=torch.float32)
     da, db, dv, block_h, block_k, n_hb, n_kb, width = attention_tiles(cfg, H, K, DK, v_dim)
-    prob_block = cfg["sparse_prob_block"]
-    programs = max(1, cfg["sparse_programs"] * sm_count(dev))
+    prob_block = cfg.sparse_prob_block
+    programs = max(1, cfg.sparse_programs * sm_count(dev))
     rows = B * T
     chunk = rows
     if prob_out is None:
@@ -213,7 +213,7 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
         p_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
         row_bytes = n_hb * block_h * (width * p_dtype.itemsize + n_kb * 4)
         wave = max(1, programs // n_hb)  # rows whose items fill the programs once
-        fit = cfg["sparse_scratch_bytes"] // row_bytes  # rows the budget holds
+        fit = cfg.sparse_scratch_bytes // row_bytes  # rows the budget holds
         chunk = min(rows, max(wave, fit // wave * wave))
         p_scratch = torch.empty(chunk, n_hb * block_h, width, device=dev, dtype=p_dtype)
         m_scratch = torch.empty(chunk, n_kb, n_hb * block_h, device=dev, dtype=torch.float32)
@@ -227,15 +227,15 @@ def sparse_mqa_attention(q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.
             T=T, H=H, K=K, n_hb=n_hb, n_kb=n_kb, W=width, row0=row0, n_items=n_items,
             scale_log2=float(scale) * LOG2E,
             DK=DK, V=v_dim, DA=da, DB=db, DV=dv, BLOCK_H=block_h, BLOCK_K=block_k, V_IS_A=v_dim == da,
-            WRITE_PROB=prob_out is not None, SPLIT_S=bool(cfg["sparse_split_scores"]),
+            WRITE_PROB=prob_out is not None, SPLIT_S=bool(cfg.sparse_split_scores),
             PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot_dtype(q),
-            num_warps=cfg["sparse_warps"], num_stages=cfg["sparse_stages"])
+            num_warps=cfg.sparse_warps, num_stages=cfg.sparse_stages)
         if prob_out is not None:
             _sparse_prob_kernel[(n_rows, triton.cdiv(K, prob_block))](
                 idx_ptr=idx, doc_ptr=doc, lse_ptr=lse, prob_ptr=prob_out, p_scratch=p_scratch, m_scratch=m_scratch,
                 **idx_strides,
                 T=T, H=H, K=K, H_PAD=n_hb * block_h, n_kb=n_kb, W=width, row0=row0,
                 prob_scale=float(prob_weight) / H,
-                BLOCK_H=min(cfg["sparse_prob_heads"], block_h), BLOCK_K=block_k, PROB_BLOCK=prob_block,
-                num_warps=cfg["sparse_prob_warps"])
+                BLOCK_H=min(cfg.sparse_prob_heads, block_h), BLOCK_K=block_k, PROB_BLOCK=prob_block,
+                num_warps=cfg.sparse_prob_warps)
     return out, lse

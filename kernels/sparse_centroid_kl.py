@@ -1,4 +1,4 @@
-"""Fused sparse centroid KL (DESIGN.md section 3, "Sparse stage at scale"): Triton kernel and autograd Function.
+"""Fused sparse centroid KL (docs/DESIGN.md section 3, "Sparse stage at scale"): Triton kernel and autograd Function.
 
     loss   = (1 / (B T)) sum_{b,t} KL(target_t || softmax_j I_t(j))     over row t's valid top-k entries j
     I_t(j) = sum_h w_{t,h} relu(qI_{t,h} . kI_{idx_j})
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.centroid_kl import TL_DTYPES, _LOG2E, _load_rows, _online_lse, dot_dtype, scale_saved_grads, \
-    tile_config
 from kernels.reference import check_sparse_kl, document_starts
+from kernels.tiles import tile_config
+from kernels.triton_utils import TL_DTYPES, TL_LOG2E, dot_dtype, load_rows, online_lse, scale_saved_grads
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _gathered_logits(q, w, k_base, key, ok, ik_t, ik_d, D: tl.constexpr, DI: tl.
                      DOT: tl.constexpr):
     """(I [BLOCK_K] fp32, head dots s [BLOCK_HI, BLOCK_K] fp32, keys [BLOCK_K, DI]) of one row's queries q
     [BLOCK_HI, DI] and weights w [BLOCK_HI] against the keys gathered at `key` (rows where ok)."""
-    k = _load_rows(k_base, key, ok, ik_t, ik_d, 0, DI, D, DOT)
+    k = load_rows(k_base, key, ok, ik_t, ik_d, 0, DI, D, DOT)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     return tl.sum(w[:, None] * tl.maximum(s, 0.0), 0), s, k
 
@@ -47,7 +47,7 @@ def _sparse_kl_kernel(iq, ik, iw, target_ptr, idx_ptr, doc_ptr, loss_ptr, dq_ptr
     t = r % T
     heads = tl.arange(0, BLOCK_HI)
     head_ok = heads < HI
-    q = _load_rows(iq + b.to(tl.int64) * iq_b + t.to(tl.int64) * iq_t, heads, head_ok, iq_h, iq_d, 0, DI, D, DOT)
+    q = load_rows(iq + b.to(tl.int64) * iq_b + t.to(tl.int64) * iq_t, heads, head_ok, iq_h, iq_d, 0, DI, D, DOT)
     w = tl.load(iw + b.to(tl.int64) * iw_b + t.to(tl.int64) * iw_t + heads * iw_h, mask=head_ok,
                 other=0.0).to(tl.float32)
     k_base = ik + b.to(tl.int64) * ik_b
@@ -64,13 +64,13 @@ def _sparse_kl_kernel(iq, ik, iw, target_ptr, idx_ptr, doc_ptr, loss_ptr, dq_ptr
         key = tl.load(idx_base + j * i_k, mask=j < K, other=-1)
         ok = (key >= start) & (key <= t)
         logit, _, _ = _gathered_logits(q, w, k_base, key, ok, ik_t, ik_d, D, DI, PREC, DOT)
-        m, l = _online_lse(m, l, tl.where(ok, logit * _LOG2E, float("-inf"))[None, :])
+        m, l = online_lse(m, l, tl.where(ok, logit * TL_LOG2E, float("-inf"))[None, :])
         p = tl.load(tg_base + j * tg_k, mask=ok, other=0.0)
         entropy += tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
         cross += p * logit
         mass += p
     has_keys = l > 0
-    lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l, 1.0)), 0.0) / _LOG2E  # [1], natural log; 0 if empty
+    lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l, 1.0)), 0.0) / TL_LOG2E  # [1], natural log; 0 if empty
     total = tl.sum(mass, 0)  # ~1 (a centroid of distributions over the valid entries)
     kl = tl.sum(entropy, 0) - tl.sum(cross, 0) + total * lse
     tl.store(loss_ptr + r, tl.sum(kl, 0))
@@ -121,11 +121,11 @@ def _fused_forward(iq, ik, iw, target, topk_indices, cu_seqlens, need_grad):
         iq, ik, iw, target, idx, doc, loss_rows, d_iq, d_ik, d_iw,
         *iq.stride(), *ik.stride(), *iw.stride(), *target.stride(), *idx.stride(),
         T=T, S=S, HI=HI, K=K, inv_rows=1.0 / (B * T),
-        D=D, DI=max(cfg["min_dot"], triton.next_power_of_2(D)),
-        BLOCK_HI=max(cfg["min_dot"], triton.next_power_of_2(HI)),
-        BLOCK_K=cfg["sparse_kl_block_k"], WRITE_GRAD=need_grad,
+        D=D, DI=max(cfg.min_dot, triton.next_power_of_2(D)),
+        BLOCK_HI=max(cfg.min_dot, triton.next_power_of_2(HI)),
+        BLOCK_K=cfg.sparse_kl_block_k, WRITE_GRAD=need_grad,
         GRAD_DTYPE=tl.bfloat16 if dot == tl.bfloat16 else tl.float32,
-        PREC="ieee" if iq.dtype == torch.float32 else "tf32", DOT=dot, num_warps=cfg["sparse_kl_warps"])
+        PREC="ieee" if iq.dtype == torch.float32 else "tf32", DOT=dot, num_warps=cfg.sparse_kl_warps)
     loss = loss_rows.sum() / (B * T)
     return loss, ((d_iq, d_ik.to(ik.dtype), d_iw) if need_grad else None)
 

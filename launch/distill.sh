@@ -84,6 +84,6 @@ else
   echo "launch/distill.sh: $where, $nproc processes per node, SIGTERM grace ${grace} s" >&2
 fi
 
-# exec keeps this pid: the workers (train.distill.die_with_launcher) die with it
+# exec keeps this pid: the workers (train.distributed.die_with_launcher) die with it
 export INDEXCACHE_LAUNCHER_PID=$$
 exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc" "${rdzv[@]}" -m train.distill "$@"

@@ -33,7 +33,7 @@ def kill_runs(tmp_path_factory):
     from tests.jobs import KILL_STEPS, jobs  # here, not at the top: tests.jobs imports ROOT from this module
     straight, killed = (tmp_path_factory.mktemp(name) / "run" for name in ("straight", "killed_in_save"))
     jobs(((straight.parent, straight, *KILL_STEPS), {}),
-         ((killed.parent, killed, *KILL_STEPS), dict(faults="kill_in_save@6", returncode=-signal.SIGKILL)))
+         ((killed.parent, killed, *KILL_STEPS), {"faults": "kill_in_save@6", "returncode": -signal.SIGKILL}))
     return straight, killed
 
 

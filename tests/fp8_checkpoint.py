@@ -1,8 +1,9 @@
 """A tiny checkpoint in the published block-FP8 layout (DeepSeek-V3.2, GLM-5-FP8), written by the tests: every
 quantised linear weight float8_e4m3fn beside its `weight_scale_inv` (fp32, one per block), routed experts as
 per-expert tensors, norms / embeddings / router / lm_head / indexer weights_proj unquantised, an MTP (next-n)
-layer past the decoder's, several shards (each MoE layer's experts in one of their own) under a `model.safetensors.index.json` -- and its dequantised twin, the
-same model with every quantised weight replaced by what its FP8 form dequantises to."""
+layer past the decoder's, several shards (each MoE layer's experts in one of their own) under a
+`model.safetensors.index.json` -- and its dequantised twin, the same model with every quantised weight replaced by
+what its FP8 form dequantises to."""
 import json
 import os
 import re

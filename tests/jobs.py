@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 
 from tests.conftest import ROOT
 
-QUICK = ["model=tiny_glm", "data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2", "distill.eval_batches=2",
-         "distill.warmup_steps=1", "logger=disabled"]
+QUICK = ["model=tiny_glm", "data=stdlib_small", "distill.seq_len=64", "distill.micro_batch_size=2",
+         "distill.eval_batches=2", "distill.warmup_steps=1", "logger=disabled"]
 
 # the single-process runs of conftest's kill_runs (dense and sparse steps, a checkpoint every second step, every step
 # logged), which the killed-run tests of test_job and test_reliability resume
@@ -45,15 +45,15 @@ def launcher_env(tmp_path, nproc):
             "NPROC": str(nproc)}
 
 
-def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, returncode=0):
+def job(tmp_path, run_dir, *overrides, nproc=None, wait=True, faults=None, returncode=0, extra_env=None):
     """Run the job in a fresh process (DeepSpeed initialises torch.distributed once per process); its output.
 
-    faults: INDEXCACHE_FAULTS for train.faults; returncode: the expected exit status (None: any failure).
-    wait=False returns the running process instead.
+    faults: INDEXCACHE_FAULTS for train.faults; returncode: the expected exit status (None: any failure);
+    extra_env: more environment variables. wait=False returns the running process instead.
     """
     args = [*QUICK, f"hydra.run.dir={run_dir}", *overrides]
     environ = {**(launcher_env(tmp_path, nproc) if nproc else env(tmp_path)),
-               **({"INDEXCACHE_FAULTS": faults} if faults else {})}
+               **({"INDEXCACHE_FAULTS": faults} if faults else {}), **(extra_env or {})}
     if nproc:
         cmd = ["bash", "launch/distill.sh", *args]
     else:

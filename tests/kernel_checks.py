@@ -1,4 +1,4 @@
-"""Shared checks of the fused losses against their references (tests/test_kernel_*.py)."""
+"""Shared checks of the fused losses against their references (tests/kernels/test_kernel_*.py)."""
 import os
 import subprocess
 import sys

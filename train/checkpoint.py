@@ -9,6 +9,7 @@ files no longer match their recorded hashes is damaged: `newest_intact_checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -21,12 +22,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from distill.files import files_under, sha256_file
-from train import faults
-
-LATEST = "latest"
-META = "meta.json"
-INDEXERS = "indexers.safetensors"
+from distill.files import (CHECKPOINTS, INDEXERS, LATEST, META, CheckpointFileError, files_under, read_checkpoint_meta,
+                           sha256_file)
+from train.faults import NO_FAULTS, Faults
 
 
 class CheckpointError(ValueError):
@@ -38,7 +36,7 @@ class DamagedCheckpoint(CheckpointError):
 
 
 def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
+    return os.path.join(run_dir, CHECKPOINTS)
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -116,18 +114,23 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def gathered_indexer_state(distiller) -> dict[str, torch.Tensor]:
-    """F-layer indexer weights as fp32 CPU tensors (gathered from all ranks under ZeRO-3). Call on every rank."""
-    params = dict((n, p) for n, p in distiller.backbone.named_parameters() if p.requires_grad)
-    if any(hasattr(p, "ds_id") for p in params.values()):
+    """`distiller.indexer_state_dict()` as fp32 CPU copies, gathered from every rank under ZeRO-3. Call on every
+    rank."""
+    partitioned = [p for p in distiller.backbone.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    if partitioned:
         import deepspeed
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {n: p.detach().float().cpu().clone() for n, p in params.items()}
-    return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+        gathered = deepspeed.zero.GatheredParameters(partitioned)
+    else:
+        gathered = contextlib.nullcontext()
+    with gathered:
+        return {name: t.float().cpu().clone() for name, t in distiller.indexer_state_dict().items()}
 
 
-def save_checkpoint(engine, distiller, run_dir: str, step: int, meta: dict, keep: int) -> str:
+def save_checkpoint(engine, distiller, run_dir: str, step: int, meta: dict, keep: int,
+                    faults: Faults = NO_FAULTS) -> str:
     """Save on every rank (DeepSpeed shards), then rank 0 writes our files (meta.json with every other file's
-    sha256) and moves `latest`; keeps the newest `keep` checkpoints of this run (meta's run_id; 0: all)."""
+    sha256) and moves `latest`; keeps the newest `keep` checkpoints of this run (meta's run_id; 0: all).
+    `faults`: kill_in_save@N SIGKILLs the process between DeepSpeed's files and ours (the tests)."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=True,
@@ -168,17 +171,10 @@ def _run_id_of(path: str) -> str | None:
 
 def read_meta(path: str) -> dict:
     """Checkpoint `path`'s meta.json; DamagedCheckpoint when it is missing (an incomplete write) or not JSON."""
-    file = os.path.join(path, META)
-    if not os.path.isfile(file):
-        raise DamagedCheckpoint(f"checkpoint {path!r} has no {META}: the checkpoint is incomplete")
     try:
-        with open(file) as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DamagedCheckpoint(f"checkpoint {path!r} is damaged: {META} is unreadable ({e})") from e
-    if not isinstance(meta, dict):
-        raise DamagedCheckpoint(f"checkpoint {path!r} is damaged: {META} holds no JSON object")
-    return meta
+        return read_checkpoint_meta(path)
+    except CheckpointFileError as e:
+        raise DamagedCheckpoint(str(e)) from e
 
 
 def check_compatible(meta: dict, pattern: str, target: str, model_cfg: dict, path: str) -> None:
@@ -207,7 +203,7 @@ def universal_checkpoint(path: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
                                "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"converting {path!r} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)

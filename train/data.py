@@ -404,7 +404,8 @@ def eval_batches(dataset: Dataset, batch_size: int, max_batches: int | None = No
     int64 tensors [rows, seq_len], or with `documents` (as for `BatchLoader`) `Batch`es."""
     rows = _batch_rows(dataset, documents)
     num_rows = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
-    return [_batch(rows[start:min(start + batch_size, num_rows)], documents) for start in range(0, num_rows, batch_size)]
+    return [_batch(rows[start:min(start + batch_size, num_rows)], documents)
+            for start in range(0, num_rows, batch_size)]
 
 
 def _document_options(documents: Mapping) -> tuple[bool, bool]:

@@ -18,9 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from torch import nn
 
+from distill.adapters import family_of
 from distill.evaluate import CalibrationError, evaluate, plot_overlap, topk_overlap
 from distill.model import dsa_attentions
 from distill.pattern import Pattern, resolve_pattern
+from train.config_keys import resolve_document_mask
 from train.data import eval_batches, packed_datasets
 from train.logger import Logger
 from train.model import build_model
@@ -35,7 +37,9 @@ def load_model_and_batches(cfg) -> tuple[nn.Module, list]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(cfg.model, device)
-    data = packed_datasets(cfg.data, load_tokenizer(cfg.model), cfg.batches.seq_len, os.path.join(cfg.cache_dir, "data"))
+    resolve_document_mask(cfg.data, family_of(model), model.config.model_type)
+    data = packed_datasets(cfg.data, load_tokenizer(cfg.model), cfg.batches.seq_len,
+                           os.path.join(cfg.cache_dir, "data"))
     split = cfg.batches.split
     if split not in data:
         raise CalibrationError(f"batches.split {split!r} is not one of the data splits {sorted(data)}")

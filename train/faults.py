@@ -1,4 +1,5 @@
-"""Fault injection for the fault-tolerance tests, off unless INDEXCACHE_FAULTS is set.
+"""Fault injection for the fault-tolerance tests: a `Faults` the job's `main` reads from INDEXCACHE_FAULTS once and
+hands to the loop and the checkpoint writer; `NO_FAULTS`, the default, injects nothing.
 
 INDEXCACHE_FAULTS="nan_loss@3,nan_grad@5,kill_in_save@4": at optimizer step 3 rank 0's loss is made NaN; at step 5
 rank 0's gradients are made NaN while its loss stays finite; while saving the checkpoint of step 4, the
@@ -8,25 +9,40 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-_FAULTS = {tuple(item.split("@")) for item in os.environ.get("INDEXCACHE_FAULTS", "").split(",") if "@" in item}
+ENV = "INDEXCACHE_FAULTS"
 
 
-def fires(name: str, step: int) -> bool:
-    return (name, str(step)) in _FAULTS
+@dataclass(frozen=True)
+class Faults:
+    """The faults to inject, as (name, step) pairs."""
+    planned: frozenset[tuple[str, int]] = frozenset()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Faults:
+        """The faults $INDEXCACHE_FAULTS names (`name@step`, comma-separated); none when it is unset."""
+        items = (item.split("@") for item in environ.get(ENV, "").split(",") if "@" in item)
+        return cls(frozenset((name, int(step)) for name, step in items))
+
+    def fires(self, name: str, step: int) -> bool:
+        return (name, step) in self.planned
+
+    def nonfinite_if(self, step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
+        """On rank 0: `loss` made NaN (nan_loss), or its value kept and every gradient from it made NaN (nan_grad)."""
+        if rank == 0 and self.fires("nan_loss", step):
+            return loss * float("nan")
+        if rank == 0 and self.fires("nan_grad", step):
+            loss.register_hook(lambda grad: grad * float("nan"))
+        return loss
+
+    def kill_if(self, name: str, step: int) -> None:
+        """SIGKILL this process when fault `name` is planned at `step`."""
+        if self.fires(name, step):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def nonfinite_if(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
-    """On rank 0: `loss` made NaN (nan_loss), or its value kept and every gradient from it made NaN (nan_grad)."""
-    if rank == 0 and fires("nan_loss", step):
-        return loss * float("nan")
-    if rank == 0 and fires("nan_grad", step):
-        loss.register_hook(lambda grad: grad * float("nan"))
-    return loss
-
-
-def kill_if(name: str, step: int) -> None:
-    if fires(name, step):
-        os.kill(os.getpid(), signal.SIGKILL)
+NO_FAULTS = Faults()

@@ -64,8 +64,8 @@ class _Slot:
 
     def __init__(self, module: nn.Module, attr: str, expert: int | None = None, *, fmt: BlockFp8 | None = None,
                  pair: tuple[str, str] | None = None, pending: dict | None = None, fp32: bool = False):
-        self.module, self.attr, self.expert, self.fmt, self.pair, self.pending = module, attr, expert, fmt, pair, pending
-        self.fp32 = fp32
+        self.module, self.attr, self.expert, self.fmt = module, attr, expert, fmt
+        self.pair, self.pending, self.fp32 = pair, pending, fp32
 
     def place(self, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         if self.pair is not None:  # an FP8 indexer weight or its scale: dequantised once both are read

@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.fp8 import BlockFp8
-from distill.source import MODEL_TYPES, ModelConfigError, model_config, resolve_dtype  # noqa: F401  (re-exported)
+from distill.source import MODEL_TYPES, ModelConfigError, model_config, random_model, resolve_dtype, rope_in_fp32
 from train.fp8_loader import load_block_fp8
 
 
@@ -18,7 +18,8 @@ def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
     With `cfg.path`: loaded from that local directory (`cfg.config` entries override its config); with a
     ZeRO-3 `ds_config`, partitioned over the processes as it loads (no process ever holds the whole model),
     so a model larger than one GPU loads. Without: a random model of `cfg.type` built from `cfg.config`,
-    seeded by `cfg.init_seed`, whole on every process (the same weights under every ZeRO stage).
+    seeded by `cfg.init_seed`, whole on every process (the same weights under every ZeRO stage):
+    `distill.source.random_model`'s, moved to `device`.
     A block-FP8 directory (its config's `quantization_config`) loads through `train.fp8_loader`: frozen linear
     weights stay FP8 on `device`, indexer weights are dequantised to the dtype, and the indexers of
     `shared_layers` (pattern positions a pattern makes S) are not loaded.
@@ -28,8 +29,7 @@ def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
     config = config if config is not None else model_config(cfg)
     model_cls = MODEL_TYPES[config.model_type][1]
     if not cfg.get("path"):
-        torch.manual_seed(int(cfg.get("init_seed", 0)))
-        return _rope_in_fp32(model_cls(config).to(dtype)).to(device).eval()
+        return random_model(cfg, config, dtype=dtype, keep_rng=False).to(device).eval()
     fp8 = BlockFp8.of(config)
     if fp8 is not None:
         check_fp8_stage(ds_config)
@@ -38,7 +38,7 @@ def build_model(cfg: Mapping, device: torch.device | str = "cpu", config=None,
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
         keep = HfDeepSpeedConfig(dict(ds_config))  # noqa: F841  while set, transformers loads under zero.Init
         try:
-            return _rope_in_fp32(model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype)).eval()
+            return rope_in_fp32(model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype)).eval()
         finally:
             unset_hf_deepspeed_config()
     return model_cls.from_pretrained(cfg["path"], config=config, dtype=dtype).to(device).eval()
@@ -51,16 +51,3 @@ def check_fp8_stage(ds_config: Mapping | None) -> None:
         raise ModelConfigError("deepspeed=zero3 with a block-FP8 checkpoint: the FP8 backbone is not partitioned by "
                                "ZeRO-3 and would load whole on every process; use deepspeed=zero1 or zero2 (the "
                                "frozen FP8 weights are replicated, the indexers' optimizer state sharded)")
-
-
-def _rope_in_fp32(model: PreTrainedModel) -> PreTrainedModel:
-    """RoPE's inverse frequencies in fp32, as `from_pretrained` leaves them: a model cast with .to(bf16) or
-    built under zero.Init (bf16 default dtype) holds them in bf16, which shifts the phases at long context."""
-    for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor) and inv_freq.dtype != torch.float32:
-            fresh = type(module)(module.config)  # built in the default fp32
-            module.inv_freq = fresh.inv_freq.to(inv_freq.device)
-            module.original_inv_freq = fresh.original_inv_freq.to(inv_freq.device)
-    return model
-

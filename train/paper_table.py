@@ -145,7 +145,8 @@ def write(out: str, rows: list[dict], prefill_len: int, cfg) -> None:
     lines = [f"Held-out LM loss ({cfg.batches.max_batches} x {cfg.batches.batch_size} rows of {cfg.batches.seq_len} "
              f"tokens, validation split) on {device}; prefill of 1 x {prefill_len} tokens in transformers.", "",
              "| method | pattern kind | pattern | retention | loss | ppl | top-k recall | adjacent overlap | "
-             "indexer GFLOPs | prefill s | prefill speed-up vs all-F |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "indexer GFLOPs | prefill s | prefill speed-up vs all-F |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['method']} | {r['pattern_kind']} | `{r['pattern']}` | {r['retention']:.3f} | "
@@ -158,7 +159,8 @@ def write(out: str, rows: list[dict], prefill_len: int, cfg) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for method in ("training-free", "distilled (own)", "distilled (centroid)"):
         for kind, style in (("uniform", "--"), ("greedy", "-")):
-            pts = sorted((r["retention"], r["loss"]) for r in rows if r["method"] == method and r["pattern_kind"] == kind)
+            pts = sorted((r["retention"], r["loss"]) for r in rows
+                         if r["method"] == method and r["pattern_kind"] == kind)
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=f"{method}, {kind}")
     for r in rows[:2]:

@@ -13,7 +13,7 @@ and fused experts module but lm_head, the indexers and `modules_to_not_convert`)
 transformers keeps a module in fp32 (`_keep_in_fp32_modules`, for a model read from a directory), S-layer indexers
 not loaded.
 
-Per GPU, at the peak of a stage (the streamed forward holds one group; DESIGN.md section 3):
+Per GPU, at the peak of a stage (the streamed forward holds one group; docs/DESIGN.md section 3):
   weights + gathered layer (ZeRO-3) + optimizer state + the stage's peak activations + framework overhead.
 The stage's peak activations: the residual stream, what the largest group holds (dense: main_q, main_k,
 main_k_rope, main_lse and the F layer's indexer projections; sparse: the [B, T, K] fp32 target and the int32
@@ -39,7 +39,8 @@ from distill.adapters import family_of
 from distill.fp8 import BlockFp8
 from distill.pattern import resolve_pattern
 from distill.source import MODEL_TYPES, model_config, resolve_dtype
-from kernels import centroid_kl, reference
+from kernels import reference
+from kernels.tiles import DEFAULT_TILES, SCRATCH_BYTES  # SCRATCH_BYTES: the dense loss's R x S fp32 scratch budget
 from train.fp8_loader import fused_experts
 
 GIB = 2 ** 30
@@ -51,11 +52,10 @@ FRAMEWORK_BYTES = int(1.5 * GIB)
 # launch/distill.sh sets PYTORCH_CUDA_ALLOC_CONF; without them a 128K step has needed up to 20% more)
 FRAGMENTATION = 0.05
 SM_COUNT = 132                  # H100 / H200 SXM: the fused top-k's programs scale with it
-SCRATCH_BYTES = centroid_kl.SCRATCH_BYTES  # the dense loss's R x S fp32 scratch budget
-_TILES = centroid_kl.TILES["cuda"]
-SPARSE_SCRATCH_BYTES = _TILES["sparse_scratch_bytes"]  # the sparse loss's p scratch budget
-TOPK_PROGRAMS, TOPK_BLOCK_T = _TILES["topk_programs"], _TILES["topk_block_t"]  # top-k programs per SM, rows each
-CENTROID_ROW_TILE = max(_TILES["block_m"], _TILES["centroid_block_m"])  # the scratch's row granularity
+_TILES = DEFAULT_TILES["cuda"]
+SPARSE_SCRATCH_BYTES = _TILES.sparse_scratch_bytes  # the sparse loss's p scratch budget
+TOPK_PROGRAMS, TOPK_BLOCK_T = _TILES.topk_programs, _TILES.topk_block_t  # top-k programs per SM, rows each
+CENTROID_ROW_TILE = max(_TILES.block_m, _TILES.centroid_block_m)  # the scratch's row granularity
 CHUNK_ELEMENTS = reference.CHUNK_ELEMENTS  # DeepSeek-V4's compressed attention's row chunks
 MOE_IMBALANCE = 4               # the busiest routed expert's tokens, as a multiple of the mean (T * k / E)
 DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce_bucket_size default: the bf16 gradient bucket of ZeRO-2/3
@@ -181,7 +181,10 @@ class Shapes:
         kinds = list(getattr(c, "mlp_layer_types", None) or [])
         first_dense = getattr(c, "first_k_dense_replace", None)
         has_dense = ("dense" in kinds) if kinds else bool(first_dense)
-        get = lambda k, d=0: getattr(c, k, d) or d
+
+        def get(k, d=0):
+            return getattr(c, k, d) or d
+
         if v4:
             head = c.head_dim
             return cls(True, c.hidden_size, c.num_attention_heads, c.q_lora_rank, 0, get("qk_rope_head_dim", 64), head,
@@ -393,7 +396,8 @@ class Plan:
             else:
                 lines.append(f"     try {change}: {alt.peak / GIB:.1f} GiB per GPU, "
                              f"{'fits' if alt.fits else 'does not fit'}"
-                             + ("" if alt.supported else " (not yet supported by the job)") + (f"; {note}" if note else ""))
+                             + ("" if alt.supported else " (not yet supported by the job)")
+                             + (f"; {note}" if note else ""))
         return "\n".join(lines)
 
 
@@ -451,7 +455,8 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
     for stage, T in (("dense", dense_seq_len), ("sparse", sparse_seq_len)):
         if not T:
             continue
-        terms = {"residual stream (hidden, normed, attention / MLP out) x streams": 4 * B * T * s.hidden * a * s.streams}
+        terms = {"residual stream (hidden, normed, attention / MLP out) x streams":
+                 4 * B * T * s.hidden * a * s.streams}
         terms.update(group_terms(s, B, T, G, stage, a))
         saved = saved_per_f_layer(s, B, T, a, weights_proj_fp32=fp32_modules)
         if not offload_saved:
@@ -484,11 +489,12 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
     result = Plan(name or config.model_type, setting, gpu, stages, peak, int(gpu_gib * GIB), host,
                   None if host_gib is None else int(host_gib * GIB), not unsupported, unsupported)
     if suggest and not result.fits:
-        again = {"pattern": pattern, "gpus_per_node": gpus_per_node, "nodes": nodes, "gpu_gib": gpu_gib, "host_gib": host_gib,
-                     "micro_batch": micro_batch, "dense_seq_len": dense_seq_len, "sparse_seq_len": sparse_seq_len,
-                     "weights": "fp8" if fp8 else "bf16", "zero": zero, "offload_param": offload_param,
-                     "offload_saved": offload_saved, "target": target, "dtype_bytes": dtype_bytes, "optimizer": optimizer,
-                     "fp32_modules": fp32_modules, "random_init": random_init, "name": name, "suggest": False}
+        again = {"pattern": pattern, "gpus_per_node": gpus_per_node, "nodes": nodes, "gpu_gib": gpu_gib,
+                     "host_gib": host_gib, "micro_batch": micro_batch, "dense_seq_len": dense_seq_len,
+                     "sparse_seq_len": sparse_seq_len, "weights": "fp8" if fp8 else "bf16", "zero": zero,
+                     "offload_param": offload_param, "offload_saved": offload_saved, "target": target,
+                     "dtype_bytes": dtype_bytes, "optimizer": optimizer, "fp32_modules": fp32_modules,
+                     "random_init": random_init, "name": name, "suggest": False}
         result.suggestions = _suggestions(config, again, inv)
     return result
 

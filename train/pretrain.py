@@ -18,7 +18,8 @@ stage=corpus: the train and validation documents of `data` as jsonl files in `co
 stage=reference: `reference_outputs.json` of `reference.model_dir`, computed on the CPU in fp32 with plain
 transformers: greedy tokens of a fixed prompt and the held-out losses on a CPU-sized slice of
 `heldout.safetensors` with dense attention, with DSA (all-F, the shipped index_topk) and with DSA at
-retention 1/8 (uniform pattern, untrained sharing). tests/test_reference_model.py checks the shipped model against it.
+retention 1/8 (uniform pattern, untrained sharing). tests/train/test_reference_model.py checks the shipped model
+against it.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from distill.model import dsa_attentions
+from distill.adapters import family_of
 from distill.pattern import Pattern
 from train.data import SPLITS, BatchLoader, build_corpus, eval_batches, packed_datasets
 from train.logger import Logger
@@ -80,19 +81,21 @@ class IdleIndexer(nn.Module):
 @contextlib.contextmanager
 def dense_attention(model: nn.Module):
     """Dense causal attention inside the block: the indexers are set aside (out of `model.parameters()`,
-    so they get no gradient and no optimizer state) and put back afterwards."""
-    attentions = dsa_attentions(model)
-    indexers = [attn.indexer for attn in attentions]
+    so they get no gradient and no optimizer state) and put back afterwards, each through the family adapter
+    (which knows where a family keeps its indexer)."""
+    family = family_of(model)
+    attentions = family.dsa_attentions(model)
+    indexers = [family.indexer(attn) for attn in attentions]
     previous = model.config._attn_implementation
     for attn in attentions:
-        attn.indexer = IdleIndexer()
+        family.set_indexer(attn, IdleIndexer())
     model.set_attn_implementation(DENSE_ATTENTION)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
         for attn, indexer in zip(attentions, indexers):
-            attn.indexer = indexer
+            family.set_indexer(attn, indexer)
 
 
 def pretraining_tokenizer(tokenizer_cfg, data_cfg):
@@ -117,8 +120,8 @@ def export_corpus(data_cfg, out_dir: str) -> dict[str, str]:
     for split in SPLITS:
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
         with open(paths[split], "w", encoding="utf-8") as f:
-            for document in corpus[split]:
-                f.write(json.dumps({"text": document["text"], "source": document["source"]}) + "\n")
+            f.writelines(json.dumps({"text": document["text"], "source": document["source"]}) + "\n"
+                         for document in corpus[split])
         print(f"[pretrain] {len(corpus[split])} {split} documents written to {paths[split]}", flush=True)
     return paths
 
@@ -162,7 +165,9 @@ def lm_loss(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def pretrain(cfg: DictConfig, run_dir: str) -> dict:
@@ -217,7 +222,8 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"pretraining loss is {loss} at step {step}")
                 metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                           "train/tokens": step * tokens_per_step, "train/tokens_per_s": step * tokens_per_step / elapsed,
+                           "train/tokens": step * tokens_per_step,
+                           "train/tokens_per_s": step * tokens_per_step / elapsed,
                            "train/epoch": step * tokens_per_step / (len(data["train"]) * t.seq_len)}
                 if step % t.eval_every == 0 or last:
                     model.eval()
@@ -225,8 +231,8 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
                     model.train()
                     evals.append({"step": step, "tokens": step * tokens_per_step, "loss": metrics["eval/loss"]})
                 logger.log(metrics, step)
-                print(f"[pretrain] step {step}: loss {loss:.4f}, lr {lr:.2e}, {metrics['train/tokens_per_s']:.0f} tok/s, "
-                      f"epoch {metrics['train/epoch']:.2f}, {elapsed:.0f} s"
+                print(f"[pretrain] step {step}: loss {loss:.4f}, lr {lr:.2e}, "
+                      f"{metrics['train/tokens_per_s']:.0f} tok/s, epoch {metrics['train/epoch']:.2f}, {elapsed:.0f} s"
                       + (f", held-out loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""), flush=True)
         wall_s = time.perf_counter() - start
     record = {
@@ -269,7 +275,8 @@ def reference_outputs(model_dir: str, prompt: str, new_tokens: int, rows: int, t
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     heldout = heldout_tokens(model_dir)
     if not (0 < rows <= heldout.shape[0] and 1 < tokens <= heldout.shape[1]):
-        raise ValueError(f"the held-out slice [:{rows}, :{tokens}] does not fit the shipped {tuple(heldout.shape)} rows")
+        raise ValueError(f"the held-out slice [:{rows}, :{tokens}] does not fit the shipped "
+                         f"{tuple(heldout.shape)} rows")
     heldout = heldout[:rows, :tokens]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids

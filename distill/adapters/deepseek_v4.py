@@ -176,7 +176,7 @@ class DeepseekV4Family(DsaFamily):
         streams = hidden.unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()
         return streams, LayerInputs(rope, position_ids, input_ids)
 
-    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, layer_inputs: LayerInputs, capture: "Capture"):
+    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, layer_inputs: LayerInputs, capture: Capture):
         """Decoder layer i on the streams [B, T, hc_mult, hidden]; a CSA layer attends through the capture."""
         block = model.model.layers[i]
         dtype = hidden.dtype
@@ -197,7 +197,7 @@ class DeepseekV4Family(DsaFamily):
         return model.model.norm(model.model.hc_head(hidden))
 
     def attention(self, attn: nn.Module, position: int | None, x: torch.Tensor, layer_inputs: LayerInputs,
-                  capture: "Capture") -> torch.Tensor:
+                  capture: Capture) -> torch.Tensor:
         """The attention of one layer on its normed input x [B, T, hidden] -> [B, T, hidden]; `position`: the
         layer's pattern position (a CSA layer), None for HCA and sliding layers (they bypass the capture)."""
         B, T, _ = x.shape

@@ -35,6 +35,7 @@ class DsaFamily:
     documents: the forward keeps packed documents apart (cu_seqlens).
     export_as: the model_type of the transformers class a full-model export loads as (one that shares top-k by
       `config.indexer_types`); None: the family has none.
+    shares_topk (derived): the family's own transformers class shares top-k (export_as is the family itself).
     """
 
     model_type: str
@@ -85,14 +86,25 @@ class DsaFamily:
             owner = getattr(owner, part, None)
         return owner, name
 
+    @property
+    def shares_topk(self) -> bool:
+        """Whether transformers' class of this family shares top-k across layers itself (GlmMoeDsa, HY-V4): its
+        decoder loop hands each layer's top-k to the next, and a layer whose indexer is None reuses it."""
+        return self.export_as == self.model_type
+
     def indexer(self, attn: nn.Module) -> nn.Module | None:
-        """The indexer of a DSA layer's attention (None where the checkpoint shares the layer natively)."""
+        """The indexer of a DSA layer's attention (None where the layer is shared natively)."""
         owner, name = self._indexer_slot(attn)
         return getattr(owner, name)
 
     def set_indexer(self, attn: nn.Module, indexer: nn.Module | None) -> None:
+        """Put `indexer` in the attention's indexer slot (None: the layer is shared, for a family that `shares_topk`).
+        An attention with transformers' `skip_topk` flag (GlmMoeDsa, HY-V4: what their __init__ derives from
+        `config.indexer_types`) gets it set to match."""
         owner, name = self._indexer_slot(attn)
         setattr(owner, name, indexer)
+        if hasattr(attn, "skip_topk"):
+            attn.skip_topk = indexer is None
 
     @staticmethod
     def key_ratio(indexer: nn.Module) -> int:
@@ -100,7 +112,7 @@ class DsaFamily:
         return 1
 
     # ---- the forward -------------------------------------------------------------------------------
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, capture: "Capture",
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, capture: Capture,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final normed hidden states [B, T, hidden] of the backbone under `capture`."""
         hidden, layer_inputs = self.embed(model, input_ids, position_ids)
@@ -112,7 +124,7 @@ class DsaFamily:
         """(hidden before the first decoder layer, what every layer reads besides it)."""
         raise NotImplementedError
 
-    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, layer_inputs, capture: "Capture"):
+    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, layer_inputs, capture: Capture):
         """Decoder layer i; the capture decides how its DSA attention (if it is a DSA layer) attends."""
         raise NotImplementedError
 

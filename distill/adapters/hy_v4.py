@@ -38,7 +38,7 @@ class HyV4Family(MlaDsaFamily):
         streams = hidden.unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()
         return streams, position_embeddings
 
-    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, position_embeddings, capture: "Capture"):
+    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, position_embeddings, capture: Capture):
         """Decoder layer i on the streams [B, T, hc_mult, hidden]; the capture decides how its attention attends."""
         block = model.model.layers[i]
         post, x = block.attn_hc(hidden)

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
-from distill.adapters.family import DsaFamily, NotDSAModelError
+from distill.adapters.family import DsaFamily
 from kernels.dense_attention import causal_attention
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ class MlaDsaFamily(DsaFamily):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         return hidden, inner.rotary_emb(hidden, position_ids=position_ids)
 
-    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, position_embeddings, capture: "Capture"):
+    def layer(self, model: nn.Module, i: int, hidden: torch.Tensor, position_embeddings, capture: Capture):
         """Decoder layer i on hidden [B, T, hidden]; the capture decides how its attention attends."""
         block = model.model.layers[i]
         attended = self.attention(block.self_attn, i, block.input_layernorm(hidden), position_embeddings, capture)
@@ -223,7 +223,7 @@ class MlaDsaFamily(DsaFamily):
         capture.layer_done(i)
         return hidden
 
-    def attention(self, attn: nn.Module, i: int, x: torch.Tensor, position_embeddings, capture: "Capture"):
+    def attention(self, attn: nn.Module, i: int, x: torch.Tensor, position_embeddings, capture: Capture):
         """MLA + DSA of layer i on the normed input x [B, T, hidden] -> [B, T, hidden]."""
         B, T, _ = x.shape
         H, nope, rope = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim

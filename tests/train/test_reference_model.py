@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmMoeDsaForCausalLM
 
 from distill.pattern import Pattern
+from tests.conftest import ROOT
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "reference"
+MODEL_DIR = Path(ROOT) / "models" / "reference"
 LOSS_TOLERANCE = 2e-3  # nats: fp32 CPU runs on different machines and library versions agree to ~1e-6
 MIN_SHARING_PENALTY = 0.1  # nats: the card's claim that retention 1/8 with untrained sharing is measurably worse
 

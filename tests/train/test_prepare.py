@@ -118,6 +118,7 @@ def test_a_prepared_directory_opens_without_tokenizing_and_refuses_a_mismatch(pr
         packed_datasets(cfg(f"data.prepared={prepared}/missing").data, BYTE, 64)
 
 
+@pytest.mark.slow
 def test_stages_of_two_row_lengths_resume_across_the_boundary(prepared, tmp_path):
     """Dense rows of 32 tokens, sparse rows of 64, from the prepared directory; resumed from the last dense
     checkpoint (the sparse loader's state, fresh) and from a mid-dense one, the weights equal an uninterrupted run's."""

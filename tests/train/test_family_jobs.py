@@ -23,6 +23,8 @@ from tests.conftest import ROOT, tiny
 from train.distill import prepare, run
 from train.model import build_model
 
+pytestmark = pytest.mark.slow  # jobs in processes of their own, or the whole job in this one
+
 # the tiny config (conf/model/) of every family
 TINY = {"glm_moe_dsa": "tiny_glm", "deepseek_v32": "tiny_dsv32", "hy_v4": "tiny_hy_v4", "axk2": "tiny_axk2",
         "deepseek_v4": "tiny_dsv4"}
@@ -40,9 +42,10 @@ def test_every_family_has_a_tiny_config_and_a_bench_model():
 
 
 def cfg(model_type, *overrides):
-    documents = [] if family_of(model_type).documents else ["data.document_mask=false"]
+    """The job's config for the family's tiny model and STEPS, the defaults otherwise (data.document_mask: null, on
+    where the family's forward keeps packed documents apart)."""
     with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"model={TINY[model_type]}", *STEPS, *documents, *overrides])
+        return compose("config", overrides=[f"model={TINY[model_type]}", *STEPS, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +59,9 @@ def in_process(tmp_path_factory):
     sigterm, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                               WORLD_SIZE="1", DS_ACCELERATOR="cpu",
-                               INDEXCACHE_CACHE=str(tmp_path_factory.mktemp("cache"))).items():
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                           "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu",
+                           "INDEXCACHE_CACHE": str(tmp_path_factory.mktemp("cache"))}.items():
             patch.setenv(key, value)
         yield
         if dist.is_initialized():
@@ -126,8 +129,22 @@ def test_bench_model_has_the_real_shapes(model_type):
 def test_deepseek_v4_refuses_what_its_forward_cannot_run_before_any_weight_loads(tmp_path, monkeypatch):
     with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
         packed = compose("config", overrides=["model=tiny_dsv4", *STEPS, "data.document_mask=true"])
-    with pytest.raises(ValueError, match="deepseek_v4 forward cannot keep packed documents apart"):
+    with pytest.raises(ValueError, match="deepseek_v4 forward cannot keep packed documents apart; set "
+                                         "data.document_mask=false"):
         prepare(packed, str(tmp_path / "packed"), 1, torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the fused kernels on this CPU
     prepare(cfg("deepseek_v4", "distill.kernel=triton"), str(tmp_path / "fused"), 1,
             torch.device("cpu"))  # the fused kernels of both stages take compressed entries
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "glm_moe_dsa"])
+def test_document_mask_defaults_to_what_the_family_can(tmp_path, capsys, model_type):
+    """data.document_mask left null (the default) becomes the family's: off for DeepSeek-V4, said in one line, on
+    for the others, said nowhere; an explicit false stays false, silently."""
+    default, off = cfg(model_type), cfg(model_type, "data.document_mask=false")
+    for config in (default, off):
+        prepare(config, str(tmp_path), 1, torch.device("cpu"))
+    said = capsys.readouterr().out
+    assert default.data.document_mask is family_of(model_type).documents and off.data.document_mask is False
+    assert said.count("data.document_mask=false: the deepseek_v4 forward cannot keep packed documents apart") == \
+        (model_type == "deepseek_v4")

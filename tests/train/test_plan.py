@@ -13,11 +13,11 @@ from tests.jobs import cfg
 from train import plan as planning
 from train.distill import prepare
 
-TINY = {"vocab_size": 260, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 8,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-            "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32, "q_lora_rank": 48,
-            "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "index_topk": 16, "index_head_dim": 32,
-            "index_n_heads": 4}
+TINY = {"vocab_size": 260, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+            "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+            "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
+            "index_topk": 16, "index_head_dim": 32, "index_n_heads": 4}
 PATTERN = Pattern("FSSSFSSS")
 
 
@@ -26,7 +26,8 @@ def tiny(**over):
 
 
 def tiny_plan(config=None, **kw):
-    args = {"pattern": PATTERN, "gpu_gib": 80, "dense_seq_len": 1024, "sparse_seq_len": 1024, "weights": "bf16", "zero": 2}
+    args = {"pattern": PATTERN, "gpu_gib": 80, "dense_seq_len": 1024, "sparse_seq_len": 1024, "weights": "bf16",
+            "zero": 2}
     return planning.plan(config or tiny(), **{**args, **kw})
 
 

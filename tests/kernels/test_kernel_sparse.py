@@ -11,12 +11,14 @@ from kernels import enable_cpu_interpreter
 enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
 
 from kernels import reference, sparse_attention_fn, sparse_centroid_kl_fn  # noqa: E402
-from kernels.centroid_kl import TILES  # noqa: E402
 from kernels.reference import allowed_keys  # noqa: E402
 from kernels.sparse_attention import sparse_mqa_attention  # noqa: E402
 from kernels.sparse_centroid_kl import sparse_centroid_kl  # noqa: E402
+from kernels.tiles import tiles_override  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
 from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 
 
 def topk_lists(kind, B, T, K, cu, seed):
@@ -159,16 +161,16 @@ def test_grad_output_scaling_and_no_grad():
 
 
 @pytest.mark.parametrize("split_scores", [0, 1])
-def test_sparse_attention_without_prob_out(split_scores, monkeypatch):
-    monkeypatch.setitem(TILES["cpu"], "sparse_split_scores", split_scores)  # both layouts of the score tile
-    B, T, H, Dk, K = 1, 9, 3, 8, 3
-    g = torch.Generator().manual_seed(13)
-    q, kv = torch.randn(B, T, H, Dk, generator=g), torch.randn(B, T, Dk, generator=g)
-    topk = topk_lists("random", B, T, K, None, seed=13)
-    with torch.no_grad():
-        for got, want in zip(sparse_mqa_attention(q, kv, topk, 0.5, 8),
-                             reference.sparse_mqa_attention(q, kv, topk, 0.5, 8)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+def test_sparse_attention_without_prob_out(split_scores):
+    with tiles_override("cpu", sparse_split_scores=split_scores):  # both layouts of the score tile
+        B, T, H, Dk, K = 1, 9, 3, 8, 3
+        g = torch.Generator().manual_seed(13)
+        q, kv = torch.randn(B, T, H, Dk, generator=g), torch.randn(B, T, Dk, generator=g)
+        topk = topk_lists("random", B, T, K, None, seed=13)
+        with torch.no_grad():
+            for got, want in zip(sparse_mqa_attention(q, kv, topk, 0.5, 8),
+                                 reference.sparse_mqa_attention(q, kv, topk, 0.5, 8)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind,T,K", [("reference", 512, 4), ("triton", 64, 2)])  # the interpreter is slow

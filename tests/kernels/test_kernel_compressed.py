@@ -14,6 +14,8 @@ from kernels.indexer_topk import indexer_topk as fused_topk  # noqa: E402
 from kernels.reference import allowed_keys, centroid_kl, indexer_logits, indexer_topk  # noqa: E402
 from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
+
 
 def inputs(B=2, T=23, H=1, Dq=8, HI=2, D=8, ratio=4, G=2, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +111,7 @@ def test_distiller_dense_stage_on_deepseek_v4_with_the_fused_kl_equals_the_refer
     head weights): the same group losses and indexer gradients as the references."""
     from distill.objective import Distiller
     from distill.pattern import Pattern
-    from tests.test_families import build_dsv4
+    from tests.distill.test_families import build_dsv4
     x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
     results = []
     for kernel in ("reference", "triton"):

@@ -53,11 +53,12 @@ def test_hidden_states_and_topk_of_a_packed_row_equal_each_document_alone():
 def test_losses_and_gradients_of_a_packed_row_are_those_of_each_document(sparse):
     """Group losses are means over rows: packed = (A * alone_a + B * alone_b) / (A + B), gradients alike.
     The reference kernels run here; the fused kernels' documents are checked against the references in
-    tests/test_kernel_centroid_kl.py and tests/test_kernel_sparse.py (a whole model under the Triton
+    tests/kernels/test_kernel_centroid_kl.py and tests/kernels/test_kernel_sparse.py (a whole model under the Triton
     interpreter is too slow for the suite)."""
     a, b, packed, cu, positions = documents()
     results = {}
-    for name, ids, kwargs in (("a", a, {}), ("b", b, {}), ("packed", packed, dict(cu_seqlens=cu, position_ids=positions))):
+    for name, ids, kwargs in (("a", a, {}), ("b", b, {}),
+                              ("packed", packed, dict(cu_seqlens=cu, position_ids=positions))):
         distiller = Distiller(tiny("tiny_glm"), Pattern.parse("FSSFSSSS"))
         out = distiller(ids, sparse=sparse, **kwargs)
         out.loss.backward()

@@ -6,16 +6,20 @@ import subprocess
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from distill.pattern import PatternError
-from train.checkpoint import CheckpointError
-from train.distill import prepare
 from tests.conftest import ROOT, tiny
 from tests.jobs import KILL_STEPS, QUICK, cfg, copy_run, job, jobs, launcher_env, metrics
+from train.checkpoint import CheckpointError
+from train.distill import prepare
+from train.errors import ConfigError
 from train.model import ModelConfigError
+
+pytestmark = pytest.mark.slow  # jobs in processes of their own, or the whole job in this one
 
 
 def stage(zero: str) -> list[str]:
@@ -115,7 +119,7 @@ def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
     proc = subprocess.run(
         ["bash", "launch/distill.sh", "-m", "distill.retention=0.5,0.25", *QUICK, "distill.dense_steps=2",
          "distill.sparse_steps=0", "distill.eval_every=2", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, env=launcher_env(tmp_path, 1), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=launcher_env(tmp_path, 1), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     patterns = sorted(json.loads(p.read_text())["pattern"] for p in sweep.glob("*/export/manifest.json"))
     assert patterns == ["FSFSFSFS", "FSSSFSSS"]
@@ -125,40 +129,53 @@ def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
     (["distill.pattern=FSSF"], PatternError, "has 4 letters but the model has 8"),
     (["distill.pattern=FSXSFSSS"], PatternError, "only 'F'"),
     (["distill.retention=0.05"], PatternError, "rounds to 0 F layers"),
-    (["distill.seq_len=4096"], ValueError, "exceeds the model's max_position_embeddings"),
+    (["distill.seq_len=4096"], ConfigError, "exceeds the model's max_position_embeddings"),
     (["model.type=llama"], ModelConfigError, "not a DSA model type"),
-    (["+deepspeed.train_batch_size=64"], ValueError, "conflicts with distill.micro_batch_size"),
-    (["distill.dense_steps=0", "distill.sparse_steps=0"], ValueError, "at least one step"),
-    (["deepspeed.zero_optimization.stage=0"], ValueError, "needs ZeRO stage 1, 2 or 3"),
-    (["deepspeed.bf16.enabled=true", "+deepspeed.bf16.check_grad_overflow=false"], ValueError,
+    (["+deepspeed.train_batch_size=64"], ConfigError, "conflicts with distill.micro_batch_size"),
+    (["distill.dense_steps=0", "distill.sparse_steps=0"], ConfigError, "at least one step"),
+    (["deepspeed.zero_optimization.stage=0"], ConfigError, "needs ZeRO stage 1, 2 or 3"),
+    (["deepspeed.bf16.enabled=true", "+deepspeed.bf16.check_grad_overflow=false"], ConfigError,
      "bf16.check_grad_overflow left on"),
     # a value that is set is used, and refused with its key named (no fall-through to distill.retention)
     (["distill.freq=0"], PatternError, r"distill\.freq=0: freq must be a positive integer"),
     (["distill.pattern=''"], PatternError, r"distill\.pattern='': pattern is empty"),
     (["distill.retention=abc"], PatternError, r"distill\.retention='abc'"),
     # every other key the job reads, checked before the weights, the data, training and the export
-    (["distill.kernel=fast"], ValueError, r"distill\.kernel 'fast' is not one of"),
-    (["distill.kernel=triton"], ValueError, "needs a CUDA device"),
-    (["export.keep_shared_indexers=true"], ValueError, "it needs export.full_model=true"),
-    (["export.full_model=yes"], ValueError, "export.full_model must be true or false"),
-    (["deepspeed=zero3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=abc"], ValueError,
+    (["distill.kernel=fast"], ConfigError, r"distill\.kernel 'fast' is not one of"),
+    (["distill.kernel=triton"], ConfigError, "needs a CUDA device"),
+    (["export.keep_shared_indexers=true"], ConfigError, "it needs export.full_model=true"),
+    (["export.full_model=yes"], ConfigError, "export.full_model must be true or false"),
+    (["deepspeed=zero3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=abc"], ConfigError,
      "DeepSpeed refuses the config"),
-    (["+deepspeed.zero_optimization.overlap_com=true"], ValueError, "DeepSpeed refuses the config"),
-    (["distill.lr=-1"], ValueError, r"distill\.lr must be a number > 0"),
-    (["distill.betas=[0.9]"], ValueError, r"distill\.betas must be a list of two numbers"),
-    (["distill.seq_len=64.5"], ValueError, r"distill\.seq_len must be an integer"),
-    (["distill.target=both"], ValueError, r"distill\.target='both' is not one of"),
-    (["distill.loss_reduction=max"], ValueError, r"distill\.loss_reduction='max' is not one of"),
-    (["distill.eval_batches=0"], ValueError, "lm_eval=true evaluates on the validation batches"),
+    (["+deepspeed.zero_optimization.overlap_com=true"], ConfigError, "DeepSpeed refuses the config"),
+    (["distill.lr=-1"], ConfigError, r"distill\.lr must be a number > 0"),
+    (["distill.betas=[0.9]"], ConfigError, r"distill\.betas must be a list of 2 numbers"),
+    (["distill.seq_len=64.5"], ConfigError, r"distill\.seq_len must be an integer"),
+    (["distill.target=both"], ConfigError, r"distill\.target='both' is not one of"),
+    (["distill.loss_reduction=max"], ConfigError, r"distill\.loss_reduction='max' is not one of"),
+    (["distill.eval_batches=0"], ConfigError, "lm_eval=true evaluates on the validation batches"),
     (["model.dtype=int8"], ModelConfigError, "model.dtype 'int8'"),
-    (["logger.mode=off"], ValueError, r"logger\.mode='off' is not one of"),
-    (["device=cuda"], ValueError, "no CUDA device is visible"),
+    (["logger.mode=off"], ConfigError, r"logger\.mode='off' is not one of"),
+    (["device=cuda"], ConfigError, "no CUDA device is visible"),
     (["resume=/nonexistent/step_4"], CheckpointError, "is no checkpoint directory"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, monkeypatch, overrides, error, message):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests (the CPU interpreter)
     with pytest.raises(error, match=message):
         prepare(cfg(*overrides), str(tmp_path), world_size=2, device=torch.device("cpu"))
+
+
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
+    """A bad pattern: one `error:` line naming the key and what is wrong (on one process, and from rank 0 alone on
+    two), exit status 2 and no traceback; with HYDRA_FULL_ERROR=1, the traceback."""
+    said = "error: distill.pattern='FSSF': pattern 'FSSF' has 4 letters but the model has 8 DSA layers"
+    short, two, full = jobs(((tmp_path, tmp_path / "short", "distill.pattern=FSSF"), {"returncode": 2}),
+                            ((tmp_path, tmp_path / "two", "distill.pattern=FSSF"), {"nproc": 2, "returncode": None}),
+                            ((tmp_path, tmp_path / "full", "distill.pattern=FSSF"),
+                             {"returncode": None, "extra_env": {"HYDRA_FULL_ERROR": "1"}}))
+    assert [line for line in short.splitlines() if "FSSF" in line] == [said] and "Traceback" not in short
+    assert [line for line in two.splitlines() if "FSSF" in line] == [said] and "exitcode: 2" in two
+    assert "Traceback" in full and "PatternError: distill.pattern='FSSF'" in full
 
 
 def test_model_directory_without_dsa_is_refused(tmp_path):
@@ -184,18 +201,18 @@ def test_checkpoint_of_another_pattern_or_model_is_refused(tmp_path):
     (step / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         prepare(c, str(tmp_path), 1, torch.device("cpu"))
-    assert prepare(cfg("resume=never"), str(tmp_path), 1, torch.device("cpu"))[2] is None
+    assert prepare(cfg("resume=never"), str(tmp_path), 1, torch.device("cpu")).resume_from is None
     (step / "meta.json").write_text(json.dumps({"pattern": "FSSSFSSS", "model": model, "world_size": 2}))
-    assert prepare(c, str(tmp_path), 1, torch.device("cpu"))[3]["checkpoint"] == {"load_universal": True}
-    assert prepare(c, str(tmp_path), 2, torch.device("cpu"))[3]["checkpoint"] == {"load_universal": False}
+    assert prepare(c, str(tmp_path), 1, torch.device("cpu")).ds_config["checkpoint"] == {"load_universal": True}
+    assert prepare(c, str(tmp_path), 2, torch.device("cpu")).ds_config["checkpoint"] == {"load_universal": False}
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     steps = ["distill.dense_steps=5", "distill.sparse_steps=0", "distill.eval_every=100", "distill.log_every=1"]
     run_dir = tmp_path / "skip"
-    skipped, stopped = jobs(((tmp_path, run_dir, *steps), dict(faults="nan_loss@2")),
+    skipped, stopped = jobs(((tmp_path, run_dir, *steps), {"faults": "nan_loss@2"}),
                             ((tmp_path, tmp_path / "stop", *steps, "distill.max_bad_steps=3"),
-                             dict(faults="nan_loss@2,nan_grad@3,nan_loss@4", returncode=None)))
+                             {"faults": "nan_loss@2,nan_grad@3,nan_loss@4", "returncode": None}))
     assert "step 2: non-finite loss on some rank, step skipped (1 in a row)" in skipped
     assert any(m.get("train/skipped_nonfinite") == 1 and m["step"] == 2 for m in metrics(run_dir))
     assert "3 steps in a row with a non-finite loss or gradient (last at step 4: loss); stopping" in stopped
@@ -230,7 +247,7 @@ def local_model_runs(tmp_path_factory):
     zero2, zero3 = (tmp_path_factory.mktemp(f"local_{zero}") / "run" for zero in ("zero2", "zero3"))
     steps = ["model=local", f"model.path={model}", *ACCUM]
     outs = jobs(((zero2.parent, zero2, *steps, *stage("zero2"), "distill.micro_batch_size=2"), {}),
-                ((zero3.parent, zero3, *steps, *stage("zero3"), "distill.micro_batch_size=1"), dict(nproc=2)))
+                ((zero3.parent, zero3, *steps, *stage("zero3"), "distill.micro_batch_size=1"), {"nproc": 2}))
     return {"zero2": (zero2, outs[0]), "zero3": (zero3, outs[1])}
 
 
@@ -287,11 +304,13 @@ def test_config_validation_fuzz(tmp_path, pattern, retention, seq_len, steps):
                  f"distill.dense_steps={steps[0]}", f"distill.sparse_steps={steps[1]}",
                  "distill.pattern=" + ("null" if pattern is None else repr(pattern).replace("'", '"')), "resume=never"]
     try:
-        _, p, _, ds = prepare(cfg(*overrides), str(tmp_path), 1, torch.device("cpu"))
+        prepared = prepare(cfg(*overrides), str(tmp_path), 1, torch.device("cpu"))
     except (PatternError, ValueError) as e:
         assert str(e)
     else:
-        assert len(p) == 8 and str(p)[0] == "F" and 1 <= seq_len <= 1024 and ds["train_batch_size"] == 2
+        pattern = prepared.pattern
+        assert len(pattern) == 8 and str(pattern)[0] == "F" and 1 <= seq_len <= 1024
+        assert prepared.ds_config["train_batch_size"] == 2
 
 
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])

@@ -1,11 +1,13 @@
 """The pattern on the backbone and the streamed Distiller on tiny models (the family forward and its equivalence
-with transformers, per family: tests/test_families.py)."""
+with transformers, per family: tests/distill/test_families.py)."""
 from unittest import mock
 
 import pytest
 import torch
 
-from distill.model import NotDSAModelError, SharedIndexer, apply_pattern, dsa_attentions
+from distill.adapters import family_of
+from distill.capture import Capture
+from distill.model import NotDSAModelError, RelayedForward, SharedIndexer, apply_pattern, dsa_attentions
 from distill.objective import Distiller
 from distill.pattern import Pattern, PatternError
 from tests.conftest import tiny
@@ -14,15 +16,53 @@ from tests.conftest import tiny
 def test_apply_pattern_freezes_backbone_and_drops_shared_indexers():
     model = tiny("tiny_glm")
     indexers = apply_pattern(model, Pattern.parse("FSSFSSFS"))
-    assert sorted(indexers) == [0, 3, 6]
+    assert sorted(indexers) == [0, 3, 6] and indexers.relay is None  # GlmMoeDsa shares top-k natively
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".self_attn.indexer." in n for n in trainable)
     assert {int(n.split(".")[2]) for n in trainable} == {0, 3, 6}
     assert not any(n.startswith("model.layers.1.self_attn.indexer") for n in model.state_dict())
-    assert isinstance(dsa_attentions(model)[1].indexer, SharedIndexer)
+    attentions = dsa_attentions(model)
+    assert attentions[1].indexer is None and attentions[1].skip_topk and not attentions[0].skip_topk
     assert model.config.indexer_types[:4] == ["full", "shared", "shared", "full"]
     with pytest.raises(PatternError, match="has 4 letters but the model has 8"):
         apply_pattern(tiny("tiny_glm"), Pattern.parse("FSSS"))
+
+
+def test_transformers_forward_under_an_applied_pattern_shares_topk():
+    """transformers' own forward of a model under an applied pattern runs the pattern: GlmMoeDsa by its own
+    sharing (S layers without an indexer, as transformers builds them from indexer_types), DeepseekV32 through the
+    pattern's TopkRelay; both equal the family forward under the pattern. Closing the relay restores the class's
+    forward; a refused pattern changes nothing."""
+    x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(6))
+    for name, letters in (("tiny_glm", "FSSFSFSS"), ("tiny_dsv32", "FSFS")):
+        model, pattern = tiny(name), Pattern.parse(letters)
+        family = family_of(model)
+        with torch.no_grad():
+            ours = model.lm_head(family.forward(model, x, Capture(family, pattern, sparse=True, device=x.device)))
+            before = model(x).logits
+        applied = apply_pattern(model, pattern)
+        with torch.no_grad():
+            shared = model(x).logits
+        torch.testing.assert_close(shared, ours, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(shared, before, rtol=1e-4, atol=1e-4)
+        attentions = dsa_attentions(model)
+        if family.shares_topk:
+            assert applied.relay is None and attentions[1].indexer is None
+            continue
+        relay = applied.relay
+        assert isinstance(attentions[1].indexer, SharedIndexer) and attentions[1].indexer.owner == 0
+        assert sorted(relay.topk) == [0, 2] and isinstance(attentions[0].indexer.forward, RelayedForward)
+        relay.close()
+        assert all("forward" not in vars(applied[f]) for f in applied) and relay.topk == {}
+        with pytest.raises(RuntimeError, match="before its owner F layer 0"):
+            model(x)  # S layers still stand in, but nothing relays their owners' top-k any more
+
+    model = tiny("tiny_dsv32")
+    apply_pattern(model, Pattern.parse("FSFS"))
+    with pytest.raises(NotDSAModelError, match="layer 1 is F"):
+        apply_pattern(model, Pattern.parse("FFFS"))
+    assert isinstance(dsa_attentions(model)[1].indexer, SharedIndexer)
+    assert model.config.indexer_types == Pattern.parse("FSFS").indexer_types()
 
 
 def test_model_without_dsa_is_refused():

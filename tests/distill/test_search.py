@@ -1,5 +1,6 @@
 """distill.search on tiny models: prefix-cached and naive greedy search agree, and match distill.evaluate;
 the train.search app writes its files."""
+import itertools
 import json
 import os
 
@@ -10,8 +11,9 @@ from hydra import compose, initialize_config_dir
 from distill.evaluate import CalibrationError, evaluate
 from distill.pattern import Pattern, PatternError
 from distill.search import SearchError, calibration_loss, greedy_search, similarity_search, uniform_patterns
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny
 from train.search import run_search
+
 
 @pytest.fixture(scope="module")
 def batches():
@@ -41,7 +43,7 @@ def test_greedy_steps_convert_one_layer_each_and_match_evaluate(glm, glm_searche
     steps = glm_searches[0]
     assert steps[0]["pattern"] == "FFFFFFFF"
     assert [s["retention"] for s in steps] == [(8 - i) / 8 for i in range(7)]
-    for before, after in zip(steps, steps[1:]):
+    for before, after in itertools.pairwise(steps):
         changed = [i for i, (a, b) in enumerate(zip(before["pattern"], after["pattern"])) if a != b]
         assert len(changed) == 1 and changed[0] > 0 and before["pattern"][changed[0]] == "F"
     for step in steps:
@@ -50,7 +52,7 @@ def test_greedy_steps_convert_one_layer_each_and_match_evaluate(glm, glm_searche
 
 def test_greedy_step_picks_the_conversion_with_least_loss(glm, glm_searches, batches):
     steps = glm_searches[0]
-    for before, after in zip(steps[:2], steps[1:3]):
+    for before, after in itertools.pairwise(steps[:3]):
         current = Pattern(before["pattern"])
         losses = {}
         for layer in current.full_layers[1:]:
@@ -64,7 +66,7 @@ def test_similarity_search_merges_the_most_overlapping_pair_first(glm, batches):
     overlap = torch.rand(8, 8, generator=torch.Generator().manual_seed(2))
     steps = similarity_search(glm, batches, 0.25, overlap=overlap)
     assert steps[0]["pattern"] == "FFFFFFFF" and steps[-1]["pattern"].count("F") == 2
-    for before, after in zip(steps, steps[1:]):
+    for before, after in itertools.pairwise(steps):
         current = Pattern(before["pattern"])
         scores = {f: float(overlap[current.owner(f - 1), f]) for f in current.full_layers[1:]}
         layer = max(scores, key=scores.get)
@@ -107,3 +109,17 @@ def test_search_entry_point_writes_json_and_plot(tmp_path):
         assert all(Pattern.parse(s["pattern"], 8).retention == s["retention"] >= 0.5 for s in result[name])
     assert result["greedy"][-1]["retention"] == 0.5
     assert (run_dir / "search.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_deepseek_v4_search_resumes_at_its_csa_layers(batches):
+    """DeepSeek-V4: the pattern runs over the CSA layers only, with HCA and sliding-window layers between them; the
+    prefix cache (per decoder layer) resumes a candidate at its CSA layer's decoder layer and agrees with the naive
+    search and with distill.evaluate."""
+    v4 = tiny("tiny_dsv4")
+    unpacked = [b[:, :32] for b in batches]
+    cached = greedy_search(v4, unpacked, 0.5, prefix_cache=True)
+    naive = greedy_search(v4, unpacked, 0.5, prefix_cache=False)
+    assert [(s["pattern"], s["loss"]) for s in cached] == [(s["pattern"], s["loss"]) for s in naive]
+    assert len(cached) > 1 and sum(s["layer_forwards"] for s in cached) < sum(s["layer_forwards"] for s in naive)
+    for step in cached:
+        assert evaluate(v4, step["pattern"], unpacked)["loss"] == pytest.approx(step["loss"], rel=1e-5)

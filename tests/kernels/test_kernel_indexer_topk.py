@@ -6,9 +6,11 @@ from kernels import enable_cpu_interpreter
 
 enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
 
-from kernels.reference import allowed_keys  # noqa: E402
 from kernels import indexer_topk_fn, reference  # noqa: E402
 from kernels.indexer_topk import indexer_topk  # noqa: E402
+from kernels.reference import allowed_keys  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 
 
 def selected_scores(indices, logits):

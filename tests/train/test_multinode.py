@@ -16,6 +16,8 @@ from distill.export import load_export
 from tests.conftest import ROOT
 from tests.jobs import launcher_env, metrics
 
+pytestmark = pytest.mark.slow  # jobs in processes of their own, or the whole job in this one
+
 LAUNCH = os.path.join(ROOT, "launch", "distill.sh")
 
 

@@ -4,10 +4,11 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
+from tests.conftest import ROOT
 from train.data import stdlib_sources
 from train.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
-CONF_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "conf")
+CONF_DIR = os.path.join(ROOT, "conf")
 SAMPLE = "def f(x):\n\treturn x  # naïve 漢字 🙂\n\n"
 
 

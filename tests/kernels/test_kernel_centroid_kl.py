@@ -9,11 +9,14 @@ from kernels import enable_cpu_interpreter
 
 enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
 
-from kernels.reference import allowed_keys, document_starts  # noqa: E402
 from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
-from kernels.centroid_kl import TILES, centroid_kl, index_tiles, key_pieces, tma_tiles  # noqa: E402
+from kernels.centroid_kl import centroid_kl, index_tiles, key_pieces, tma_tiles  # noqa: E402
+from kernels.reference import allowed_keys, document_starts  # noqa: E402
+from kernels.tiles import tiles_override  # noqa: E402
 from tests.allocations import OutputShapes  # noqa: E402
 from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 
 # (B, T, HI, D, G, H, Dq, cu_seqlens, chunk_size): T not a multiple of the 16-row CPU tile, one head,
 # G = 1..4, B > 1, documents (one crossing the batch-row boundary), several scratch chunks.
@@ -109,61 +112,61 @@ def test_tma_descriptors_only_where_they_read_the_right_tiles():
 
 
 @pytest.mark.parametrize("tma", [True, False])
-def test_tma_and_pointer_loads_match_the_reference(monkeypatch, tma):
-    """bf16 inputs through TMA descriptors or pointers (TILES 'tma'), main and indexer kernels alike, with one key
+def test_tma_and_pointer_loads_match_the_reference(tma):
+    """bf16 inputs through TMA descriptors or pointers (Tiles.tma), main and indexer kernels alike, with one key
     head broadcast, B = 2, documents, G = 2, scratch chunks and T not a multiple of the tiles (the descriptors read
     rows past T and past a chunk from the next batch row, layer or chunk row): values and gradients as the
     reference's, main LSE computed and given."""
-    monkeypatch.setitem(TILES["cpu"], "tma", tma)
-    B, T, HI, D, G, H, Dq, chunk = 2, 28, 2, 8, 2, 3, 24, 16
-    cu = torch.tensor([0, 5, 17, 30, 56], dtype=torch.int32)
-    index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.bfloat16, seed=4)
-    mk = mk[:, :, :, :1].clone()
-    heads = mk.expand(-1, -1, -1, H, -1)
-    assert tma_tiles(mq, heads, heads[..., 16:], 8, 32, 16, 8, True)["TMA"]
-    assert index_tiles(*index[:2], torch.empty(B, chunk, T), 16, 16, True)["TMA"]
-    lse = head_lse(mq, mk, 0.4, None, cu)
-    for main_lse in (None, lse):
-        got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, None, chunk, cu_seqlens=cu,
-                                        main_lse=main_lse)
-        ref_index = [t.detach().float().requires_grad_() for t in index]
-        want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), mk.float(), 0.4, None, None,
-                                          cu_seqlens=cu, main_lse=main_lse)
-        assert_matches_reference(index, got, got_grads, want, want_grads)
+    with tiles_override("cpu", tma=tma):
+        B, T, HI, D, G, H, Dq, chunk = 2, 28, 2, 8, 2, 3, 24, 16
+        cu = torch.tensor([0, 5, 17, 30, 56], dtype=torch.int32)
+        index, mq, mk = make_inputs(B, T, HI, D, G, H, Dq, torch.bfloat16, seed=4)
+        mk = mk[:, :, :, :1].clone()
+        heads = mk.expand(-1, -1, -1, H, -1)
+        assert tma_tiles(mq, heads, heads[..., 16:], 8, 32, 16, 8, True)["TMA"]
+        assert index_tiles(*index[:2], torch.empty(B, chunk, T), 16, 16, True)["TMA"]
+        lse = head_lse(mq, mk, 0.4, None, cu)
+        for main_lse in (None, lse):
+            got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, None, chunk, cu_seqlens=cu,
+                                            main_lse=main_lse)
+            ref_index = [t.detach().float().requires_grad_() for t in index]
+            want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), mk.float(), 0.4, None, None,
+                                              cu_seqlens=cu, main_lse=main_lse)
+            assert_matches_reference(index, got, got_grads, want, want_grads)
 
 
 @pytest.mark.parametrize("dtype,tma,stage", [(torch.float32, False, "dense"), (torch.float32, False, "messy"),
                                              (torch.bfloat16, True, "dense"), (torch.bfloat16, False, "dense"),
                                              (torch.bfloat16, True, "messy")])
-def test_shared_rope_keys_match_the_reference(monkeypatch, dtype, tma, stage):
+def test_shared_rope_keys_match_the_reference(dtype, tma, stage):
     """main_k_rope (MLA's rope key columns, one copy for all heads, read once per layer and tile): values and
     gradients as the reference's on every head's full key cat(nope_h, rope), with G = 2 (each layer its own rope),
     B = 2, documents, scratch chunks, T not a multiple of the tiles, through TMA and pointers, main LSE computed and
     given; and a nope width that is not a power of two (the keys joined before the kernels)."""
-    monkeypatch.setitem(TILES["cpu"], "tma", tma)
-    B, T, HI, D, G, H, chunk = 2, 23, 2, 8, 2, 3, 16
-    cu = torch.tensor([0, 5, 17, 30, 46], dtype=torch.int32)
-    topk = messy_topk(B, T, 7, seed=5) if stage == "messy" else None
-    for nope, rope in ((16, 8), (12, 4)):
-        index, mq, mk = make_inputs(B, T, HI, D, G, H, nope + rope, dtype, seed=5)
-        mk_rope = mk[:, :, :, :1, nope:].contiguous()
-        mk = mk[..., :nope].contiguous()
-        full_k = torch.cat([mk, mk_rope.expand(-1, -1, -1, H, -1)], dim=-1).float()
-        assert key_pieces(mk, mk_rope, H, 1)["B_SHARED"] == (nope == 16)
-        lse = head_lse(mq, full_k, 0.4, topk, cu)
-        for main_lse in (None, lse):
-            got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu,
-                                            main_lse=main_lse, main_k_rope=mk_rope)
-            ref_index = [t.detach().float().requires_grad_() for t in index]
-            want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), full_k, 0.4, topk, None,
-                                              cu_seqlens=cu, main_lse=main_lse)
-            assert_matches_reference(index, got, got_grads, want, want_grads)
-    with pytest.raises(ValueError, match="main_k_rope"):
-        centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.expand(-1, -1, -1, H, -1))
-    with pytest.raises(ValueError, match="Dq-4"):
-        centroid_kl(*index, mq, mk[..., :8], 0.4, main_k_rope=mk_rope)
-    with pytest.raises(ValueError, match="main_k_rope"):  # one dtype for all
-        centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.half())
+    with tiles_override("cpu", tma=tma):
+        B, T, HI, D, G, H, chunk = 2, 23, 2, 8, 2, 3, 16
+        cu = torch.tensor([0, 5, 17, 30, 46], dtype=torch.int32)
+        topk = messy_topk(B, T, 7, seed=5) if stage == "messy" else None
+        for nope, rope in ((16, 8), (12, 4)):
+            index, mq, mk = make_inputs(B, T, HI, D, G, H, nope + rope, dtype, seed=5)
+            mk_rope = mk[:, :, :, :1, nope:].contiguous()
+            mk = mk[..., :nope].contiguous()
+            full_k = torch.cat([mk, mk_rope.expand(-1, -1, -1, H, -1)], dim=-1).float()
+            assert key_pieces(mk, mk_rope, H, 1)["B_SHARED"] == (nope == 16)
+            lse = head_lse(mq, full_k, 0.4, topk, cu)
+            for main_lse in (None, lse):
+                got, got_grads = loss_and_grads(centroid_kl, index, mq, mk, 0.4, topk, chunk, cu_seqlens=cu,
+                                                main_lse=main_lse, main_k_rope=mk_rope)
+                ref_index = [t.detach().float().requires_grad_() for t in index]
+                want, want_grads = loss_and_grads(reference.centroid_kl, ref_index, mq.float(), full_k, 0.4, topk, None,
+                                                  cu_seqlens=cu, main_lse=main_lse)
+                assert_matches_reference(index, got, got_grads, want, want_grads)
+        with pytest.raises(ValueError, match="main_k_rope"):
+            centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.expand(-1, -1, -1, H, -1))
+        with pytest.raises(ValueError, match="Dq-4"):
+            centroid_kl(*index, mq, mk[..., :8], 0.4, main_k_rope=mk_rope)
+        with pytest.raises(ValueError, match="main_k_rope"):  # one dtype for all
+            centroid_kl(*index, mq, mk, 0.4, main_k_rope=mk_rope.half())
 
 
 @pytest.mark.parametrize("sparse", [False, True])

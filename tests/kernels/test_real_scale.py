@@ -1,4 +1,4 @@
-"""No T x T tensor on any path a user runs (DESIGN.md section 3), and memory that holds one group.
+"""No T x T tensor on any path a user runs (docs/DESIGN.md section 3), and memory that holds one group.
 
 Every op's outputs are watched through a TorchDispatchMode on a narrow model at a T where T^2 dwarfs every
 per-token width (T = 2048: T^2 = 4M elements, against 128 per token for a group's q/k and 260 for the

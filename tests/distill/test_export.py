@@ -1,4 +1,4 @@
-"""The export (DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity,
+"""The export (docs/DESIGN.md section 5): round trip, transformers loading with equal logits, integrity, atomicity,
 model directories written shard by shard without building the backbone, what a re-export may replace, file modes."""
 import gc
 import json
@@ -15,19 +15,19 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV32ForCausalLM,
-                          GlmMoeDsaForCausalLM)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM
 
 import distill.export as export_module
-from distill.export import (ExportError, consumer_lines, export, export_checkpoint, load_export,
-                            load_indexers_into, main)
+from distill.export import ExportError, consumer_lines, export, export_checkpoint, load_export, load_indexers_into, main
 from distill.files import sha256_file
 from distill.model import apply_pattern
 from distill.pattern import Pattern
+from distill.source import random_model
+from tests.conftest import ROOT
 from train.model import build_model
 from train.tokenizer import train_bpe_tokenizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(ROOT) / "conf" / "model"
 PATTERNS = {"tiny_glm": "FSSFSFSS", "tiny_dsv32": "FSFS"}
 
 
@@ -108,7 +108,7 @@ def test_full_model_loads_with_equal_logits(tmp_path, input_ids, name, keep_shar
     assert "model/config.json" in manifest["files"]
     shared = [i for i, c in enumerate(pattern) if c == "S"]
     with safe_open(out / "model" / "model.safetensors", "pt") as f:
-        kept = {k: f.get_tensor(k) for k in f.keys() if ".indexer." in k and int(k.split(".")[2]) in shared}
+        kept = {k: f.get_tensor(k) for k in f.keys() if ".indexer." in k and int(k.split(".")[2]) in shared}  # noqa: SIM118
     if keep_shared:
         assert manifest["unused_shared_indexers"]["layers"] == shared
         base = build_model(cfg)
@@ -209,6 +209,7 @@ def test_failed_write_keeps_previous_export(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
+@pytest.mark.slow
 def test_killed_write_keeps_previous_export(small_export):
     """SIGKILL while the new export is being written: the earlier export still loads."""
     _, before = load_export(small_export)
@@ -229,7 +230,7 @@ def test_killed_write_keeps_previous_export(small_export):
         export_module.sha256_file = killed
         export_module.export(model, "FSSFSFSS", {str(small_export)!r}, model_cfg=cfg)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True)
     assert result.returncode == -9, result.stderr
     _, after = load_export(small_export)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -325,7 +326,26 @@ def test_export_checkpoint_errors(tmp_path):
         export_checkpoint(step_dir, tmp_path / "export")
     with pytest.raises(ExportError, match="neither a checkpoint"):
         export_checkpoint(tmp_path, tmp_path / "export")
+    (step_dir / "meta.json").write_text("{garbage")
+    with pytest.raises(ExportError, match="step_20' is damaged: meta.json is unreadable"):
+        export_checkpoint(step_dir, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_the_random_model_has_one_builder():
+    """train.model.build_model's random model is distill.source.random_model's (the export rebuilds it from there):
+    the same weights, RoPE frequencies in fp32 under a bf16 cast; the export's rebuild leaves the global RNG alone."""
+    cfg = model_cfg("tiny_glm")
+    cfg["dtype"] = "bfloat16"
+    built = build_model(cfg)
+    rng = torch.get_rng_state()
+    rebuilt = random_model(cfg)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in built.state_dict().items())
+    for model in (built, rebuilt):
+        freqs = [m.inv_freq for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        assert freqs and all(f.dtype == torch.float32 for f in freqs)
+        assert next(model.parameters()).dtype == torch.bfloat16
 
 
 def test_cli(tmp_path, capsys):
@@ -466,7 +486,8 @@ def test_full_model_from_shards(tmp_path, monkeypatch, source_dirs, input_ids, n
         assert (model_dir / copied).read_bytes() == (source / copied).read_bytes()
         assert f"model/{copied}" in manifest["files"]
     text = "return x + 1"
-    assert AutoTokenizer.from_pretrained(model_dir)(text).input_ids == AutoTokenizer.from_pretrained(source)(text).input_ids
+    assert (AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+            == AutoTokenizer.from_pretrained(source)(text).input_ids)
     loaded = AutoModelForCausalLM.from_pretrained(model_dir)
     assert isinstance(loaded, GlmMoeDsaForCausalLM) and loaded.dtype == dtype
     assert loaded.config.indexer_types == Pattern.parse(pattern).indexer_types()
@@ -508,7 +529,8 @@ def test_full_model_of_a_live_model_from_a_single_file(tmp_path, input_ids):
     build_model(model_cfg("tiny_dsv32")).to(torch.bfloat16).save_pretrained(source)
     tensors = load_file(source / "model.safetensors")
     mtp = torch.randn(16, 64).to(torch.bfloat16)
-    save_file({**tensors, "model.layers.4.eh_proj.weight": mtp}, source / "model.safetensors", metadata={"format": "pt"})
+    save_file({**tensors, "model.layers.4.eh_proj.weight": mtp}, source / "model.safetensors",
+              metadata={"format": "pt"})
     (source / ".cache").mkdir()
     (source / ".cache" / "download.lock").write_text("")
     cfg = {**model_cfg("local"), "path": str(source), "type": "deepseek_v32", "name": "dsv32"}

@@ -6,11 +6,12 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 
+from tests.conftest import ROOT
 import train.data as data
 from train.data import BatchLoader, DataError, build_corpus, eval_batches, packed_datasets, stdlib_sources
 from train.tokenizer import ByteTokenizer, train_bpe_tokenizer
 
-CONF_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "conf")
+CONF_DIR = os.path.join(ROOT, "conf")
 BYTE = ByteTokenizer()
 SMALL_STDLIB = {"source": "stdlib", "val_fraction": 0.05, "max_documents": 200}
 

@@ -155,6 +155,7 @@ def test_streamed_forward_builds_no_mask_and_runs_no_transformers_indexer(model)
 def test_natively_shared_hy_v4_layer_cannot_be_full():
     """transformers' HY-V4 drops the indexer of a layer `indexer_types` marks shared: it can only be S."""
     from omegaconf import OmegaConf
+
     from tests.conftest import ROOT
     from train.model import build_model
     cfg = OmegaConf.load(f"{ROOT}/conf/model/tiny_hy_v4.yaml")
@@ -163,8 +164,9 @@ def test_natively_shared_hy_v4_layer_cannot_be_full():
     assert sorted(apply_pattern(copy.deepcopy(model), Pattern.parse("FSFS"))) == [0, 2]
     with pytest.raises(NotDSAModelError, match="layer 1 is F in FFFF but the model has no indexer there"):
         apply_pattern(model, Pattern.parse("FFFF"))
+    assert all(p.requires_grad for p in model.parameters())  # the refused pattern left the model as it was
     family = family_of(model)
-    with pytest.raises(NotDSAModelError, match="layer 1 is F in FFFF but the model has no indexer there"):
+    with torch.no_grad(), pytest.raises(NotDSAModelError, match="layer 1 is F in FFFF but the model has no indexer"):
         family.forward(model, torch.zeros(1, 4, dtype=torch.long),
                        Capture(family, Pattern.parse("FFFF"), sparse=True, device=torch.device("cpu")))
 
@@ -183,6 +185,7 @@ def test_full_model_export(tmp_path):
     A.X-K2 has no such class: only its indexers export."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, HYV4ForCausalLM
+
     from distill.export import ExportError, export
     from tests.conftest import ROOT
     x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
@@ -287,8 +290,8 @@ def test_dsv4_forward_equals_transformers_and_shares_the_owners_topk(dsv4):
 
 
 def test_dsv4_indexer_projections_reproduce_the_backbone_topk(dsv4):
-    from kernels.reference import indexer_logits, indexer_topk
     from distill.adapters.deepseek_v4 import IndexerInputs
+    from kernels.reference import indexer_logits, indexer_topk
     B, T = 2, 37  # an incomplete trailing window
     x = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
     family = family_of(dsv4)
@@ -339,7 +342,9 @@ def test_dsv4_distillation_dense_and_sparse_trains_only_f_indexers():
 def test_dsv4_export_names_the_csa_layers(tmp_path):
     """Indexers and manifest only (transformers has no V4 sharing); the pattern is over the CSA layers."""
     import json
+
     from omegaconf import OmegaConf
+
     from distill.export import ExportError, export, load_indexers_into
     from tests.conftest import ROOT
     cfg = OmegaConf.to_container(OmegaConf.load(f"{ROOT}/conf/model/tiny_dsv4.yaml"))
@@ -352,7 +357,8 @@ def test_dsv4_export_names_the_csa_layers(tmp_path):
     assert manifest["pattern_over"] == "csa_layers" and manifest["dsa_layers"] == [1, 3, 4]
     assert manifest["index_topk_freq"] == {} and manifest["full_layers"] == [0, 2]
     assert manifest["consumer_lines"]["sglang"] == """--json-model-override-args '{"index_topk_pattern": "FSF"}'"""
-    assert all(name.startswith(("model.layers.1.", "model.layers.4.")) for name in manifest["indexer_weights"]["tensors"])
+    assert all(name.startswith(("model.layers.1.", "model.layers.4."))
+               for name in manifest["indexer_weights"]["tensors"])
     fresh = build_dsv4()
     assert sorted(load_indexers_into(fresh, out)) == [0, 2]
     for name, p in fresh.named_parameters():

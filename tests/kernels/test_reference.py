@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from kernels.reference import centroid_target
-from kernels.reference import centroid_kl, indexer_topk
+from kernels.reference import centroid_kl, centroid_target, indexer_topk
 
 
 def inputs(B=2, T=9, HI=3, D=4, G=3, H=2, Dq=5, dtype=torch.float64, seed=0):

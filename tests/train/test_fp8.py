@@ -166,13 +166,14 @@ def _f_layer_topk(model, ids, layers):
     return found
 
 
+@pytest.mark.slow
 def test_fp8_job_distils_and_exports_in_the_source_format(tmp_path):
     source, _ = write_fp8_checkpoint(tmp_path / "source", tiny("tiny_dsv32"), block=(8, 8))
     run_dir = tmp_path / "run"
     # two processes under ZeRO-2: the frozen FP8 weights are broadcast as bytes, the checkpoints hold the indexers only
-    out = job(tmp_path, run_dir, "model=local", f"model.path={source}", "distill.dense_steps=1", "distill.sparse_steps=1",
-              "distill.pattern=FSFS", "distill.seq_len=32", "distill.lm_eval=false", "export.full_model=true",
-              "deepspeed=zero2", "distill.save_every=1", nproc=2)
+    out = job(tmp_path, run_dir, "model=local", f"model.path={source}", "distill.dense_steps=1",
+              "distill.sparse_steps=1", "distill.pattern=FSFS", "distill.seq_len=32", "distill.lm_eval=false",
+              "export.full_model=true", "deepspeed=zero2", "distill.save_every=1", nproc=2)
     assert "world 2" in out
     saved = torch.load(run_dir / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt", weights_only=False)
     assert {str(t.dtype) for t in saved["module"].values()} == {"torch.float32"}  # no FP8 backbone weight in it
