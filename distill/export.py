@@ -58,7 +58,7 @@ from distill import files as checkpoint_files  # a training checkpoint's file na
 from distill.adapters import FAMILIES, family_of
 from distill.containers import plain
 from distill.files import files_under, read_safetensors, sha256_file
-from distill.fp8 import SCALE, BlockFp8
+from distill.fp8 import SCALE, BlockFp8, scale_name
 from distill.model import SharedIndexer, apply_pattern, dsa_attentions
 from distill.pattern import Pattern, PatternError
 from distill.source import (
@@ -312,7 +312,7 @@ def _rewritten_indexers(source: Path, shards: Mapping[str, str], names: set[str]
     for name in sorted(n for n in names if not n.endswith(SCALE)):
         original = _read_tensor(source, shards, name)
         where = f"{source / shards[name]}: {name}"
-        scale = name.removesuffix("weight") + SCALE
+        scale = scale_name(name)
         quantised = original.dtype == FP8 and scale in shards
         if quantised and fmt is None:
             raise ExportError(f"{where} is float8 but {source / CONFIG} has no block-FP8 quantization_config")
@@ -337,7 +337,7 @@ def _rewritten_indexers(source: Path, shards: Mapping[str, str], names: set[str]
     for name, value in values.items():
         dtype, quantised = originals[name]
         if quantised:
-            out[name], out[name.removesuffix("weight") + SCALE] = fmt.quantize(value)
+            out[name], out[scale_name(name)] = fmt.quantize(value)
         else:
             out[name] = value.to(dtype).contiguous()
     return out, dtypes

@@ -23,6 +23,11 @@ SCALE = "weight_scale_inv"
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+def scale_name(weight_name: str) -> str:
+    """The checkpoint name of a block-FP8 weight's scales: '<m>.weight' -> '<m>.weight_scale_inv'."""
+    return weight_name.removesuffix("weight") + SCALE
+
+
 class Fp8FormatError(ModelConfigError):
     """A block-FP8 checkpoint this framework cannot read as it says it is (config, scale shapes or values)."""
 

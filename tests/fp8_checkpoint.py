@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from distill.fp8 import SCALE, BlockFp8
+from distill.fp8 import SCALE, BlockFp8, scale_name
 from train.model import build_model
 
 NOT_CONVERTED = ("lm_head", "indexer.weights_proj")
@@ -46,7 +46,7 @@ def published_tensors(model: nn.Module, fmt: BlockFp8) -> tuple[dict[str, torch.
             tensors[name] = tensor.to(torch.bfloat16) if tensor.dtype == torch.float32 and "bias" not in name \
                 else tensor
             continue
-        tensors[name], tensors[name[:-len("weight")] + SCALE] = fmt.quantize(tensor)
+        tensors[name], tensors[scale_name(name)] = fmt.quantize(tensor)
     for name, tensor in twin.items():  # the twin: each weight as its FP8 form dequantises
         m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name)
         if m:
@@ -55,8 +55,8 @@ def published_tensors(model: nn.Module, fmt: BlockFp8) -> tuple[dict[str, torch.
             twin[name] = torch.stack([torch.cat([
                 fmt.dequantize(tensors[f"{m.group(1)}.{e}.{p}.weight"], tensors[f"{m.group(1)}.{e}.{p}.{SCALE}"],
                                torch.float32) for p in projections]) for e in range(E)])
-        elif name in tensors and name.endswith(".weight") and name[:-len("weight")] + SCALE in tensors:
-            twin[name] = fmt.dequantize(tensors[name], tensors[name[:-len("weight")] + SCALE], torch.float32)
+        elif name in tensors and name.endswith(".weight") and scale_name(name) in tensors:
+            twin[name] = fmt.dequantize(tensors[name], tensors[scale_name(name)], torch.float32)
         elif name in tensors:
             twin[name] = tensors[name].float()
     return tensors, twin

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from distill.adapters import family_of
-from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, Fp8FormatError
+from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, Fp8FormatError, scale_name
 from distill.source import MODEL_TYPES, tensor_headers, weight_map
 
 FP8_HEADER = "F8_E4M3"
@@ -59,16 +59,17 @@ def load_block_fp8(path: str, config, device: torch.device, dtype: torch.dtype, 
 
 
 class _Slot:
-    """Where one checkpoint tensor goes: a module's parameter or buffer, whole or one expert's row; `dequantize`
-    names the scale tensor of an FP8 weight that loads dequantised (into `pending` until both are read)."""
+    """Where one checkpoint tensor goes: a module's parameter or buffer, whole or one expert's row. An FP8 weight that
+    loads dequantised (an indexer's) and its scale share a `pending` dict, which holds them until both are read;
+    `fmt` dequantises them. `fp32`: a parameter transformers keeps in fp32."""
 
     def __init__(self, module: nn.Module, attr: str, expert: int | None = None, *, fmt: BlockFp8 | None = None,
-                 pair: tuple[str, str] | None = None, pending: dict | None = None, fp32: bool = False):
+                 pending: dict | None = None, fp32: bool = False):
         self.module, self.attr, self.expert, self.fmt = module, attr, expert, fmt
-        self.pair, self.pending, self.fp32 = pair, pending, fp32
+        self.pending, self.fp32 = pending, fp32
 
     def place(self, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-        if self.pair is not None:  # an FP8 indexer weight or its scale: dequantised once both are read
+        if self.pending is not None:  # an FP8 indexer weight or its scale: dequantised once both are read
             self.pending[self.attr] = tensor
             if len(self.pending) < 2:
                 return
@@ -96,16 +97,22 @@ class _Slot:
             self.module._buffers[self.attr] = tensor
 
 
-def _skipped_indexers(model: nn.Module, shared_layers: tuple[int, ...]) -> set[str]:
-    """The module names of the indexers that are not loaded (the S layers')."""
+def _indexer_names(model: nn.Module, positions=None) -> list[str]:
+    """The module names of the indexers of the DSA layers at pattern `positions` (None: every DSA layer)."""
     family = family_of(model)
     decoder = family.dsa_layer_ids(model.config)
-    return {f"model.layers.{decoder[p]}.self_attn.{family.indexer_path}" for p in shared_layers}
+    return [f"model.layers.{decoder[p]}.self_attn.{family.indexer_path}"
+            for p in (range(len(decoder)) if positions is None else positions)]
+
+
+def _skipped_indexers(model: nn.Module, shared_layers: tuple[int, ...]) -> set[str]:
+    """The module names of the indexers that are not loaded (the S layers')."""
+    return set(_indexer_names(model, shared_layers))
 
 
 def indexer_prefixes(model: nn.Module) -> tuple[str, ...]:
-    family = family_of(model)
-    return tuple(f"model.layers.{i}.self_attn.{family.indexer_path}." for i in family.dsa_layer_ids(model.config))
+    """'<indexer module name>.' of every DSA layer's indexer: what its tensors' names start with."""
+    return tuple(f"{name}." for name in _indexer_names(model))
 
 
 def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], path: str) -> dict[str, _Slot]:
@@ -133,9 +140,9 @@ def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], pat
                                     ("down_proj", (hidden, inter))):
                     w = f"{prefix}{e}.{proj}.weight"
                     expect(w, shape, FP8_HEADER)
-                    expect(f"{w[:-len('weight')]}{SCALE}", fmt.scale_shape(shape))
+                    expect(scale_name(w), fmt.scale_shape(shape))
                     slots[w] = _Slot(fp8, proj, e)
-                    slots[f"{w[:-len('weight')]}{SCALE}"] = _Slot(fp8, f"{proj}_{SCALE}", e)
+                    slots[scale_name(w)] = _Slot(fp8, f"{proj}_{SCALE}", e)
             continue
         if experts is not None:
             _refuse_packed_experts(headers, prefix, path)
@@ -145,18 +152,17 @@ def _plan(model: nn.Module, headers: dict, fmt: BlockFp8, skipped: set[str], pat
             full = f"{prefix}{pname}"
             if isinstance(module, nn.Linear) and pname == "weight" and _is_fp8(headers.get(full)):
                 expect(full, tensor.shape, FP8_HEADER)
-                expect(f"{prefix}{SCALE}", fmt.scale_shape(tuple(tensor.shape)))
+                expect(scale_name(full), fmt.scale_shape(tuple(tensor.shape)))
                 if full.startswith(indexers):  # trains (F) or may: dequantised once
                     pending: dict = {}
                     fp32 = any(k in full for k in keep_fp32)
-                    slots[full] = _Slot(module, "weight", fmt=fmt, pair=(full, SCALE), pending=pending, fp32=fp32)
-                    slots[f"{prefix}{SCALE}"] = _Slot(module, SCALE, fmt=fmt, pair=(full, SCALE), pending=pending,
-                                                      fp32=fp32)
+                    slots[full] = _Slot(module, "weight", fmt=fmt, pending=pending, fp32=fp32)
+                    slots[scale_name(full)] = _Slot(module, SCALE, fmt=fmt, pending=pending, fp32=fp32)
                     continue
                 fp8 = fp8_form(module, fmt.block)
                 replace_module(model, name, fp8)
                 slots[full] = _Slot(fp8, "weight")
-                slots[f"{prefix}{SCALE}"] = _Slot(fp8, SCALE)
+                slots[scale_name(full)] = _Slot(fp8, SCALE)
                 if module.bias is not None:
                     expect(f"{prefix}bias", module.bias.shape)
                     slots[f"{prefix}bias"] = _Slot(fp8, "bias")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from distill.export import _half_to_interleaved_rope
-from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, Fp8FormatError
+from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, Fp8FormatError, scale_name
 from distill.source import load_config
 from kernels import reference
 from tests.conftest import ROOT
@@ -184,13 +184,13 @@ def test_fp8_job_distils_and_exports_in_the_source_format(tmp_path):
     fmt, config = BlockFp8((8, 8)), load_config(source)
     quantised = 0
     for name, weight in trained.items():
-        scale_name = name.removesuffix("weight") + SCALE
-        if scale_name not in index:  # k_norm, weights_proj: unquantised in the source, so in the export
+        scales = scale_name(name)
+        if scales not in index:  # k_norm, weights_proj: unquantised in the source, so in the export
             continue
         with safe_open(model_dir / index[name], "pt") as f:
             fp8 = f.get_tensor(name)
-        with safe_open(model_dir / index[scale_name], "pt") as f:
-            scale = f.get_tensor(scale_name)
+        with safe_open(model_dir / index[scales], "pt") as f:
+            scale = f.get_tensor(scales)
         # the export converted DeepseekV32's half-split indexer RoPE rows: compare against the converted weights
         converted = _half_to_interleaved_rope({name: weight}, config)[name]
         assert fp8.dtype == torch.float8_e4m3fn
