@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -189,6 +190,43 @@ def check_offload(T=4096, layers=4, tol=2e-2):
     return ok
 
 
+def check_offload_shares_an_input(T=4096, hidden=7168, heads=64):
+    """One tensor saved by two layers (x, by wk through a reshaped view and by the fp32 weights_proj as an
+    UpcastLinear, as an F layer's indexer saves it) is copied to the host once, and the gradients equal those
+    without offload."""
+    import distill.objective as objective
+    from distill.upcast import UpcastLinear
+    torch.manual_seed(0)
+    wk = torch.nn.Linear(hidden, 128, bias=False, device="cuda", dtype=torch.bfloat16)
+    weights_proj = torch.nn.Linear(hidden, heads, bias=False, device="cuda")
+    UpcastLinear.convert(weights_proj)
+    x = torch.randn(1, T, hidden, device="cuda", dtype=torch.bfloat16)
+    grads, copies = [], []
+    copy = objective._copy_to_host
+
+    def counted(tensor, stream):
+        copies.append(tensor.numel() * tensor.element_size())
+        return copy(tensor, stream)
+    objective._copy_to_host = counted
+    try:
+        for offload in (False, True):
+            context = objective.PinnedOffload(torch.cuda.Stream()) if offload else contextlib.nullcontext()
+            with context:
+                loss = wk(x).float().square().mean() + weights_proj(x).square().mean()
+            loss.backward()
+            grads.append([wk.weight.grad.clone(), weights_proj.weight.grad.clone()])
+            wk.weight.grad = weights_proj.weight.grad = None
+    finally:
+        objective._copy_to_host = copy
+    errors = [relative_error(a, b) for a, b in zip(grads[1], grads[0])]
+    x_copies = sum(1 for c in copies if c == x.numel() * x.element_size())
+    ok = max(errors) < 1e-6 and x_copies == 1
+    print(f"offload of x saved twice (T={T}): {x_copies} host cop{'y' if x_copies == 1 else 'ies'} of x, "
+          f"{len(copies)} copies in all; gradients' rel.err {max(errors):.1e}" + ("  ok" if ok else "  FAIL"),
+          flush=True)
+    return ok
+
+
 def check_block_fp8(M, N, K, *, tol=2e-3):
     """quantize_rows against its reference (the fused kernel's fp8 bytes and scales), and block_fp8_linear through
     the FP8 GEMM against the fp32 product of the same FP8 operands (the activations quantised by the reference,
@@ -235,6 +273,7 @@ def main() -> int:
         check_sparse(777, H=16, dtype=torch.float32, tol=1e-4),
         check_compressed(2048),
         check_offload(),
+        check_offload_shares_an_input(),
         check_block_fp8(4096, 1536, 7168),
         check_block_fp8(1000, 576, 7168),     # kv_a_proj_with_mqa: rows not a whole number of 128-blocks
         check_block_fp8(77, 7168, 2048),       # a routed expert's few tokens: rows padded to 16

@@ -62,11 +62,10 @@ from bench.common import measure
 from bench.real_scale import optimizer_step
 from distill.adapters import family_of
 from distill.capture import Capture
-from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear
+from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, fp8_bits
 from distill.objective import Distiller
 from distill.pattern import Pattern
 from distill.source import resolve_dtype
-from kernels.block_fp8 import FP8
 from train import fp8_loader
 
 # DeepSeek-V3.2 (deepseek-ai/DeepSeek-V3.2-Exp): transformers 5.17 DeepseekV32Config defaults, spelled out
@@ -150,15 +149,16 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype, std
     for name, module in model.named_modules():
         if isinstance(module, BlockFp8Linear):
             weight, scale = _random_fp8(module.out_features, module.in_features, std, device)
-            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.weight = nn.Parameter(fp8_bits(weight), requires_grad=False)
             module.register_buffer(SCALE, scale, persistent=False)
         elif isinstance(module, BlockFp8Experts):
             for proj, meta in list(module.named_parameters(recurse=False)):  # gate_proj, up_proj, down_proj
                 E, rows, cols = meta.shape
-                weight = torch.empty(E, rows, cols, dtype=FP8, device=device)
+                weight = torch.empty(E, rows, cols, dtype=torch.uint8, device=device)
                 scale = torch.empty(FP8_FORMAT.scale_shape((E, rows, cols)), device=device)
                 for e in range(E):
-                    weight[e], scale[e] = _random_fp8(rows, cols, std, device)
+                    fp8, scale[e] = _random_fp8(rows, cols, std, device)
+                    weight[e] = fp8_bits(fp8)
                 setattr(module, proj, nn.Parameter(weight, requires_grad=False))
                 module.register_buffer(f"{proj}_{SCALE}", scale, persistent=False)
         prefix = f"{name}." if name else ""
@@ -179,10 +179,11 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype, std
 
 
 def weight_memory(model: nn.Module) -> dict[str, float]:
-    """GiB of the model's parameters and buffers, by dtype ('float8_e4m3fn', 'bfloat16', ...) and in all."""
+    """GiB of the model's parameters and buffers, by dtype ('float8_e4m3fn' for the FP8 modules' weights, kept as
+    their bits in uint8; 'bfloat16', ...) and in all."""
     by_dtype: dict[str, float] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
-        key = str(tensor.dtype).removeprefix("torch.")
+        key = "float8_e4m3fn" if tensor.dtype == torch.uint8 else str(tensor.dtype).removeprefix("torch.")
         by_dtype[key] = by_dtype.get(key, 0.0) + tensor.numel() * tensor.element_size() / 2**30
     return dict(by_dtype, total=sum(by_dtype.values()))
 

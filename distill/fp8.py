@@ -83,18 +83,29 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
+def fp8_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A float8_e4m3fn tensor's bytes as uint8 (a view, no copy): the form the frozen modules keep their weights in.
+
+    Every engine moves uint8 as is (zero.Init casts a float8 tensor made under it to the training dtype, and
+    gloo cannot gather float8), while FP8 is FP8 again by `.view(FP8)`, free, at each GEMM."""
+    if tensor.dtype != FP8:
+        raise TypeError(f"expected a float8_e4m3fn tensor, got {tensor.dtype}")
+    return tensor.view(torch.uint8)
+
+
 class BlockFp8Linear(nn.Module):
     """A frozen linear layer y = x W^T (+ b) whose weight stays block-FP8 on the device.
 
-    weight [out, in] float8_e4m3fn: a frozen Parameter (DeepSpeed neither casts float8 nor saves frozen parameters in
-    a checkpoint); weight_scale_inv [ceil(out / bn), ceil(in / bk)] fp32 and its GEMM layout: buffers outside the
-    state dict (fp32 kept whatever the engine's dtype; the export reads the source's shards, never this module).
+    weight [out, in] uint8, the float8_e4m3fn bits (`fp8_bits`): a frozen Parameter, so ZeRO-3 partitions,
+    gathers and offloads it as bytes and no checkpoint saves it; weight_scale_inv [ceil(out / bn), ceil(in / bk)]
+    fp32 and its GEMM layout: buffers outside the state dict (fp32 kept whatever the engine's dtype; the export
+    reads the source's shards, never this module).
     """
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int], bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
-        self.weight = _frozen(torch.empty(out_features, in_features, dtype=FP8))
+        self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.uint8))
         self.bias = _frozen(torch.empty(out_features)) if bias else None
         self.register_buffer(SCALE, torch.empty(BlockFp8(self.block).scale_shape((out_features, in_features))),
                              persistent=False)
@@ -102,11 +113,12 @@ class BlockFp8Linear(nn.Module):
 
     def loaded(self) -> None:
         """Called once the weights are in place: the scales' GEMM layout, where the GEMM runs."""
-        if uses_gemm(self.weight, self.block):
+        if uses_gemm(self.weight.view(FP8), self.block):
             self.gemm_scale = gemm_scales(self.weight_scale_inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias, self.gemm_scale)
+        return block_fp8_linear(x, self.weight.view(FP8), self.weight_scale_inv, self.block, self.bias,
+                                self.gemm_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"
@@ -116,7 +128,8 @@ class BlockFp8Experts(nn.Module):
     """The routed experts of an MoE layer with block-FP8 weights, in place of transformers' fused experts module
     (same call: hidden [N, hidden], top_k_index [N, k], top_k_weights [N, k] -> [N, hidden]).
 
-    gate_proj, up_proj [E, I, hidden] and down_proj [E, hidden, I] float8 (frozen Parameters), each with its
+    gate_proj, up_proj [E, I, hidden] and down_proj [E, hidden, I]: float8_e4m3fn bits as uint8 (frozen Parameters,
+    as BlockFp8Linear's weight), each with its
     `<name>_scale_inv` [E, ...] fp32 buffer. Each expert's tokens are gathered (one sort of the routing), its
     input quantised once for the gate and up GEMMs, and its output scattered back, weighted.
     """
@@ -127,7 +140,7 @@ class BlockFp8Experts(nn.Module):
         fmt = BlockFp8(self.block)
         for name, (rows, cols) in (("gate_proj", (intermediate, hidden)), ("up_proj", (intermediate, hidden)),
                                    ("down_proj", (hidden, intermediate))):
-            setattr(self, name, _frozen(torch.empty(num_experts, rows, cols, dtype=FP8)))
+            setattr(self, name, _frozen(torch.empty(num_experts, rows, cols, dtype=torch.uint8)))
             self.register_buffer(f"{name}_{SCALE}", torch.empty(fmt.scale_shape((num_experts, rows, cols))),
                                  persistent=False)
             self.register_buffer(f"{name}_gemm_scale", None, persistent=False)
@@ -146,14 +159,14 @@ class BlockFp8Experts(nn.Module):
     def loaded(self) -> None:
         for name in EXPERT_PROJECTIONS:
             weight = getattr(self, name)
-            if uses_gemm(weight[0], self.block):
+            if uses_gemm(weight[0].view(FP8), self.block):
                 scales = getattr(self, f"{name}_{SCALE}")
                 # stored [E, N / 128, L4]: expert e's GEMM layout is the transpose of its slice (gemm_scales' strides)
                 setattr(self, f"{name}_gemm_scale", torch.stack([gemm_scales(s).t() for s in scales]))
 
     def _linear(self, name: str, e: int, x: torch.Tensor, quantized=None) -> torch.Tensor:
         gemm = getattr(self, f"{name}_gemm_scale")
-        return block_fp8_linear(x, getattr(self, name)[e], getattr(self, f"{name}_{SCALE}")[e], self.block,
+        return block_fp8_linear(x, getattr(self, name)[e].view(FP8), getattr(self, f"{name}_{SCALE}")[e], self.block,
                                 gemm_scale=None if gemm is None else gemm[e].t(), quantized=quantized)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -20,6 +20,7 @@ from torch import nn
 
 from distill.adapters import NotDSAModelError, family_of
 from distill.pattern import Pattern
+from distill.upcast import UpcastLinear
 
 __all__ = ["AppliedPattern", "NotDSAModelError", "RelayedForward", "SharedIndexer", "TopkRelay", "apply_pattern",
            "dsa_attentions", "full_layer_indexer"]
@@ -141,5 +142,6 @@ def apply_pattern(model: nn.Module, pattern: Pattern) -> AppliedPattern:
     for indexer in indexers.values():
         for p in indexer.parameters():
             p.requires_grad_(True)
+        UpcastLinear.convert(indexer)  # backward keeps weights_proj's bf16 input, not its fp32 copy
     model.config.indexer_types = pattern.indexer_types()
     return AppliedPattern(indexers, pattern, relay)

@@ -14,6 +14,7 @@ indexer-input gradients in their forward, so backward only scales them and runs 
 from __future__ import annotations
 
 import contextlib
+import weakref
 import functools
 from typing import NamedTuple
 
@@ -90,28 +91,49 @@ class PinnedOffload(torch.autograd.graph.saved_tensors_hooks):
     copy overlaps the forward's next kernels instead of stalling the host (torch's save_on_cpu copies
     synchronously). A saved tensor's GPU memory is not reused before its copy is done (record_stream); backward
     waits for the copy, then copies it back on the stream it runs on. Tensors not on CUDA (or no stream: a CPU
-    run) are kept as they are."""
+    run) are kept as they are.
+
+    One tensor saved twice while the context is open (the hidden states x, which both wk and weights_proj keep, one
+    of them through a reshaped view) is copied once: a saved tensor that spans the whole of a contiguous tensor
+    `base` (itself or a view of all of it) shares the host copy of `base`, while `base` lives and is unchanged."""
 
     def __init__(self, stream: torch.cuda.Stream | None):
+        copies: dict[int, tuple] = {}  # id(base) -> (weakref to base, its version, (device, host, copied))
+
         def pack(tensor: torch.Tensor):
             if stream is None or tensor.device.type != "cuda":
                 return tensor
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            stream.wait_stream(torch.cuda.current_stream(tensor.device))
-            with torch.cuda.stream(stream):
-                host.copy_(tensor, non_blocking=True)
-                copied = stream.record_event()
-            tensor.record_stream(stream)
-            return tensor.device, host, copied
+            base = tensor if tensor._base is None else tensor._base
+            whole = (base.is_contiguous() and tensor.numel() == base.numel()
+                     and tensor.storage_offset() == base.storage_offset())
+            if not whole:
+                return _copy_to_host(tensor, stream), None
+            known = copies.get(id(base))
+            if known is None or known[0]() is not base or known[1] != base._version:
+                known = (weakref.ref(base), base._version, _copy_to_host(base, stream))
+                copies[id(base)] = known
+            return known[2], (tensor.shape, tensor.stride())
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):
                 return packed
-            device, host, copied = packed
+            (device, host, copied), view = packed
             torch.cuda.current_stream(device).wait_event(copied)
-            return host.to(device, non_blocking=True)
+            back = host.to(device, non_blocking=True)
+            return back if view is None else back.as_strided(*view)
 
         super().__init__(pack, unpack)
+
+
+def _copy_to_host(tensor: torch.Tensor, stream: torch.cuda.Stream) -> tuple:
+    """(device, pinned host copy, the event its copy on `stream` records) of a CUDA tensor."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+        copied = stream.record_event()
+    tensor.record_stream(stream)
+    return tensor.device, host, copied
 
 
 class GroupLosses(Capture):

@@ -63,9 +63,11 @@ def published_tensors(model: nn.Module, fmt: BlockFp8) -> tuple[dict[str, torch.
 
 
 def write_fp8_checkpoint(directory, model_cfg: dict, block=(128, 128), shards: int = 3, mtp: bool = True,
-                         power_of_two: bool = False) -> tuple[str, nn.Module]:
+                         power_of_two: bool = False, by_layer: bool = False) -> tuple[str, nn.Module]:
     """Write the random model of `model_cfg` (a conf/model mapping) in the published block-FP8 layout to
-    `directory`; returns (directory, its dequantised twin: the float model that the FP8 one should equal)."""
+    `directory`; returns (directory, its dequantised twin: the float model that the FP8 one should equal).
+    by_layer: one shard per decoder layer in layer order (as the published checkpoints nearly are), the other
+    tensors in a last one; else the shards below."""
     os.makedirs(directory, exist_ok=True)
     model = build_model(model_cfg)
     fmt = BlockFp8(tuple(block), power_of_two)
@@ -77,12 +79,16 @@ def write_fp8_checkpoint(directory, model_cfg: dict, block=(128, 128), shards: i
         eh = torch.randn(model.config.hidden_size, 2 * model.config.hidden_size)
         tensors[f"model.layers.{layers}.eh_proj.weight"], tensors[f"model.layers.{layers}.eh_proj.{SCALE}"] = \
             fmt.quantize(eh)
-    # each MoE layer's routed experts in a shard of their own (shards the export leaves alone), the rest dealt
-    # round-robin over `shards` shards (a weight and its scale land in different ones)
-    names = sorted(n for n in tensors if ".mlp.experts." not in n)
-    parts = [names[s::shards] for s in range(shards)]
-    for layer in sorted({n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}):
-        parts.append([n for n in tensors if n.startswith(f"{layer}.mlp.experts.")])
+    if by_layer:
+        parts = [[n for n in tensors if n.startswith(f"model.layers.{i}.")] for i in range(layers + mtp)]
+        parts.append([n for n in tensors if not n.startswith("model.layers.")])
+    else:
+        # each MoE layer's routed experts in a shard of their own (shards the export leaves alone), the rest dealt
+        # round-robin over `shards` shards (a weight and its scale land in different ones)
+        names = sorted(n for n in tensors if ".mlp.experts." not in n)
+        parts = [names[s::shards] for s in range(shards)]
+        for layer in sorted({n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}):
+            parts.append([n for n in tensors if n.startswith(f"{layer}.mlp.experts.")])
     weight_map = {}
     for s, part_names in enumerate(parts):
         shard = f"model-{s + 1:05d}-of-{len(parts):05d}.safetensors"

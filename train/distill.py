@@ -47,8 +47,8 @@ from train.distributed import StopOnSigterm, die_with_launcher, is_rank0, on_ran
 from train.errors import ConfigError, exit_on_user_error
 from train.faults import NO_FAULTS, Faults
 from train.logger import Logger
-from train.model import build_model, check_fp8_stage
-from train.plan import check_plan
+from train.model import build_model
+from train.plan import check_plan, layer_elements
 from train.run_dir import hold_run_lock, record_config, run_tag, set_aside_outputs
 from train.step import BadSteps, Evaluation, step_metrics, train_step
 from train.tokenizer import load_tokenizer
@@ -99,6 +99,19 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
     return ds
 
 
+def fill_zero3_auto(ds_config: dict, config: PretrainedConfig) -> None:
+    """ZeRO-3's `auto` sizes (conf/deepspeed/zero3.yaml) from the model: prefetch one decoder layer's parameters
+    ahead, keep at most two layers whole (`train.plan` counts the same two)."""
+    zero = ds_config.get("zero_optimization", {})
+    keys = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters")
+    if not any(zero.get(k) == "auto" for k in keys):
+        return
+    layer = layer_elements(config)
+    for key, value in zip(keys, (layer, 2 * layer)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
 class Prepared(NamedTuple):
     """What `prepare` checked and resolved, before anything loads."""
     config: PretrainedConfig  # the model's transformers config
@@ -133,8 +146,8 @@ def prepare(cfg: DictConfig, run_dir: str, world_size: int, device: torch.device
                               f"{config.max_position_embeddings}")
     resume_from = _resume_path(cfg, run_dir, str(pattern), OmegaConf.to_container(cfg.model, resolve=True))
     ds_config = deepspeed_config(cfg, world_size, device)
-    if BlockFp8.of(config) is not None:  # the quantization_config read (and refused) before anything loads
-        check_fp8_stage(ds_config)
+    fill_zero3_auto(ds_config, config)
+    BlockFp8.of(config)  # the quantization_config read (and refused) before anything loads
     saved_world = read_meta(resume_from).get("world_size", world_size) if resume_from else world_size
     # re-shard through DeepSpeed's universal form
     ds_config["checkpoint"] = {"load_universal": saved_world != world_size}
@@ -377,8 +390,18 @@ def announce(cfg: DictConfig, prepared: Prepared, training: Training, world_size
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in training.distiller.parameters() if p.requires_grad)
     print(f"[distill] {cfg.name}: pattern {pattern} (retention {pattern.retention:.3f}), groups {pattern.groups()}, "
           f"{trainable} trainable parameters, world {world_size}, {device}"
-          + (", backbone loaded partitioned" if training.loaded_partitioned else "")
+          + (f", backbone loaded partitioned ({backbone_shard(training.distiller.backbone)})"
+             if training.loaded_partitioned else "")
           + (f", resumed at step {step}" if step else ""), flush=True)
+
+
+def backbone_shard(backbone: torch.nn.Module) -> str:
+    """What this process holds of a ZeRO-3 backbone: '<held> of <whole> MiB of frozen parameters on <device>'."""
+    frozen = [p for p in backbone.parameters() if hasattr(p, "ds_tensor") and not p.requires_grad]
+    held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in frozen)
+    whole = sum(p.ds_numel * p.ds_tensor.element_size() for p in frozen)
+    where = sorted({p.ds_tensor.device.type for p in frozen})
+    return f"{held / 2**20:.3f} of {whole / 2**20:.3f} MiB of frozen parameters on {'+'.join(where)}"
 
 
 def export(cfg: DictConfig, run_dir: str) -> None:

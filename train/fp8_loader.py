@@ -10,12 +10,15 @@ The model is built on the meta device (no memory), then:
 2. Check every scale's values (finite, > 0): scales are 1/(bn * bk) of the weights, so they are read before any
    weight is.
 3. Stream: one shard open at a time (memory-mapped), each tensor copied straight to its place on `device`; host
-   memory holds one tensor at a time.
+   memory holds one tensor at a time. Under ZeRO-3 (`partition`), each decoder layer (and each module outside the
+   layers) is handed to DeepSpeed as soon as its last tensor is in place, which keeps only this process's shard: the
+   device holds the layers being read, never the model.
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from distill.adapters import family_of
-from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, Fp8FormatError, scale_name
+from distill.fp8 import SCALE, BlockFp8, BlockFp8Experts, BlockFp8Linear, Fp8FormatError, fp8_bits, scale_name
 from distill.source import MODEL_TYPES, tensor_headers, weight_map
 
 FP8_HEADER = "F8_E4M3"
@@ -32,10 +35,13 @@ _FLOAT_HEADERS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.flo
 
 
 def load_block_fp8(path: str, config, device: torch.device, dtype: torch.dtype, fmt: BlockFp8,
-                   shared_layers: tuple[int, ...] = ()) -> nn.Module:
+                   shared_layers: tuple[int, ...] = (),
+                   partition: Callable[[list[nn.Parameter]], None] | None = None) -> nn.Module:
     """The causal LM of the block-FP8 directory `path` on `device`, in eval mode: frozen linear weights in FP8,
     everything else in `dtype` (buffers in their own dtype); see the module docstring. `shared_layers`: pattern
-    positions whose indexers are not loaded (they stay on the meta device until `apply_pattern` replaces them)."""
+    positions whose indexers are not loaded (they stay on the meta device until `apply_pattern` replaces them).
+    `partition`: called with the parameters of each decoder layer, and of each module outside the layers, once all
+    of them are in place (ZeRO-3's partitioning, `train.model`); every process calls it in the same order."""
     with torch.device("meta"):
         model = MODEL_TYPES[config.model_type][1](config)
     shards = weight_map(path)
@@ -43,6 +49,7 @@ def load_block_fp8(path: str, config, device: torch.device, dtype: torch.dtype, 
     skipped = _skipped_indexers(model, shared_layers)
     slots = _plan(model, headers, fmt, skipped, path)
     _check_scales(path, shards, [name for name in slots if name.endswith(SCALE)])
+    units = _Units(model, slots)
     by_shard = defaultdict(list)
     for name in slots:
         by_shard[shards[name]].append(name)
@@ -50,12 +57,38 @@ def load_block_fp8(path: str, config, device: torch.device, dtype: torch.dtype, 
         with safe_open(Path(path) / shard, "pt") as f:
             for name in by_shard[shard]:
                 slots[name].place(f.get_tensor(name), device, dtype)
-    for module in model.modules():
-        if isinstance(module, (BlockFp8Linear, BlockFp8Experts)):
-            module.loaded()
+                done = units.placed(name)
+                if done is not None:
+                    _finish(done, partition)
     rebuild_computed_buffers(model, device)
     _check_complete(model, skipped, path)
     return model.eval()
+
+
+class _Units:
+    """The modules that complete as a whole: each decoder layer, and each module outside the layers that a slot
+    fills; `placed(name)` returns a unit once the last of its tensors is in place."""
+
+    def __init__(self, model: nn.Module, slots: dict[str, _Slot]):
+        owner = {id(m): layer for layer in family_of(model).decoder_layers(model) for m in layer.modules()}
+        self.unit_of = {name: owner.get(id(slot.module), slot.module) for name, slot in slots.items()}
+        self.left: dict[int, int] = defaultdict(int)
+        for unit in self.unit_of.values():
+            self.left[id(unit)] += 1
+
+    def placed(self, name: str) -> nn.Module | None:
+        unit = self.unit_of[name]
+        self.left[id(unit)] -= 1
+        return unit if self.left[id(unit)] == 0 else None
+
+
+def _finish(unit: nn.Module, partition: Callable[[list[nn.Parameter]], None] | None) -> None:
+    """A unit whose tensors are all in place: its FP8 modules' GEMM layouts made, then its parameters partitioned."""
+    for module in unit.modules():
+        if isinstance(module, (BlockFp8Linear, BlockFp8Experts)):
+            module.loaded()
+    if partition is not None:
+        partition([p for p in unit.parameters() if not p.is_meta])  # an S layer's indexer is not loaded
 
 
 class _Slot:
@@ -76,6 +109,8 @@ class _Slot:
             tensor, self.attr = self.fmt.dequantize(self.pending["weight"], self.pending[SCALE], dtype), "weight"
         current = getattr(self.module, self.attr)
         is_param = self.attr in self.module._parameters
+        if tensor.dtype == torch.float8_e4m3fn:  # a frozen FP8 weight, kept as its bits
+            tensor = fp8_bits(tensor)
         if self.expert is not None:
             if current.is_meta:
                 current = torch.empty(current.shape, dtype=current.dtype, device=device)
@@ -84,8 +119,8 @@ class _Slot:
             return
         if not tensor.is_floating_point():
             keep = tensor.dtype
-        elif current.dtype == torch.float8_e4m3fn or not is_param:
-            keep = current.dtype  # FP8 weights, and buffers in the dtype their module gives them
+        elif not is_param:
+            keep = current.dtype  # buffers in the dtype their module gives them
         else:
             keep = torch.float32 if self.fp32 else dtype
         self._set(tensor.to(device=device, dtype=keep), is_param)

@@ -79,12 +79,14 @@ FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "
 class Inventory:
     """Bytes of the model's weights as the job holds them, counted on the meta device.
 
-    total: every weight and buffer on a GPU when replicated; layer: per decoder layer (the ZeRO-3 gather unit's
+    total: every weight and buffer on a GPU when replicated; replicated: the part ZeRO-3 does not partition (buffers:
+    the FP8 scales and their GEMM layout, RoPE's tables); layer: per decoder layer (the ZeRO-3 gather unit's
     upper bound: DeepSpeed gathers module by module, the largest being a layer's fused experts); largest_tensor: the
     largest single checkpoint tensor (what the loader holds on the host at a time); trainable: the F-layer indexers'
     parameter count; params: every parameter's count (fp32 random init on the host)."""
 
     total: int
+    replicated: int
     layer: tuple[int, ...]
     largest_tensor: int
     trainable: int
@@ -96,6 +98,14 @@ class Inventory:
 def _meta_model(config):
     with torch.device("meta"):
         return MODEL_TYPES[config.model_type][1](config)
+
+
+def layer_elements(config) -> int:
+    """The parameter count of the largest decoder layer of `config` (counted on the meta device): ZeRO-3's unit of
+    prefetch and residency (conf/deepspeed/zero3.yaml's `auto`). An FP8 weight is one element per byte, as the
+    frozen modules keep it."""
+    model = _meta_model(config)
+    return max(sum(p.numel() for p in layer.parameters()) for layer in family_of(model).decoder_layers(model))
 
 
 def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bool = True) -> Inventory:
@@ -113,6 +123,7 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
     keep32 = tuple(model._keep_in_fp32_modules or ()) + tuple(model._keep_in_fp32_modules_strict or ())
     sizes: dict[str, int] = {}  # parameter / buffer name -> bytes
     fp8_tensors: set[str] = set()
+    replicated = 0
     if fp8:
         for name, module in model.named_modules():
             if name == "lm_head" or f"{name}.".startswith(tuple(prefixes)) or any(n in name for n in not_converted):
@@ -124,10 +135,13 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
                 mats = [(f"{name}.weight", module.weight.shape)]
             for key, shape in mats:
                 *lead, rows, cols = shape
-                n = math.prod(lead)
-                # float8_e4m3fn weight + weight_scale_inv fp32 per (bn x bk) block
-                sizes[key] = n * (rows * cols + 4 * math.ceil(rows / block[0]) * math.ceil(cols / block[1]))
+                n, k_blocks = math.prod(lead), math.ceil(cols / block[1])
+                # float8_e4m3fn weight + weight_scale_inv fp32 per (bn x bk) block + the scales' GEMM layout (K-blocks
+                # padded to 4, kernels.block_fp8.gemm_scales), both buffers
+                scales = n * 4 * math.ceil(rows / block[0]) * (k_blocks + -(-k_blocks // 4) * 4)
+                sizes[key] = n * rows * cols + scales
                 fp8_tensors.add(key)
+                replicated += scales
     trainable = trainable_bytes = 0
     for table in (model.named_parameters(), model.named_buffers()):
         for name, t in table:
@@ -136,6 +150,8 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
             item = 4 if (fp32_modules and any(k in name for k in keep32)) or t.dtype == torch.float32 and \
                 not isinstance(t, torch.nn.Parameter) else dtype_bytes
             sizes[name] = t.numel() * item
+            if not isinstance(t, torch.nn.Parameter):
+                replicated += sizes[name]
             if name.startswith(trainable_prefixes):
                 trainable += t.numel()
                 trainable_bytes += t.numel() * item
@@ -147,7 +163,7 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
     # the checkpoint stores routed experts one expert's projection at a time; other tensors whole
     largest = max(b for name, b in sizes.items() if name not in fp8_tensors or not name.endswith("_proj"))
     params = sum(p.numel() for p in model.parameters())
-    return Inventory(sum(sizes.values()), tuple(layer), largest, trainable, trainable_bytes, params, fp8)
+    return Inventory(sum(sizes.values()), replicated, tuple(layer), largest, trainable, trainable_bytes, params, fp8)
 
 
 # ---- the activations ----------------------------------------------------------------------------------------
@@ -290,13 +306,15 @@ def topk_transient(s: Shapes, B: int, T: int, a: int) -> int:
     return programs * TOPK_BLOCK_T * S * 4 + 2 * B * T * s.index_heads * s.index_dim * a
 
 
-def saved_per_f_layer(s: Shapes, B: int, T: int, a: int, weights_proj_fp32: bool) -> int:
+def saved_per_f_layer(s: Shapes, B: int, T: int, a: int) -> int:
     """Bytes autograd saves for one F layer's indexer backward (offloaded to pinned host memory under
-    offload_saved): the inputs of wq_b (q_resid [B,T,q_lora]), wk (x [B,T,hidden]), weights_proj (x, fp32 where the
-    module is), k_norm's input [B,T,D] and its mean / rstd, RoPE's cos and sin for q and k, and the fused loss's
-    input gradients (d_iq [B,T,HI,D], d_ik [B,S,D], d_iw [B,T,HI] fp32; ctx.save_for_backward)."""
+    offload_saved): the inputs of wq_b (q_resid [B,T,q_lora]), wk and weights_proj (x [B,T,hidden], once: the same
+    tensor, which distill.upcast keeps in its own dtype where transformers casts it to fp32 for weights_proj, and
+    distill.objective.PinnedOffload copies once), k_norm's input [B,T,D] and its mean / rstd, RoPE's cos and sin for
+    q and k, and the fused loss's input gradients (d_iq [B,T,HI,D], d_ik [B,S,D], d_iw [B,T,HI] fp32;
+    ctx.save_for_backward)."""
     S = T // s.ratio
-    inputs = (B * T * s.q_lora * a + B * T * s.hidden * a + B * T * s.hidden * (4 if weights_proj_fp32 else a)
+    inputs = (B * T * s.q_lora * a + B * T * s.hidden * a
               + B * S * s.index_dim * a + 2 * B * S * 4 + 4 * B * T * s.index_rope * a)
     if s.v4:  # the indexer's own compressor: kv_proj and gate_proj on x (fp32 modules)
         inputs += 2 * B * T * s.hidden * 4
@@ -357,7 +375,7 @@ class Plan:
         if not self.fits_host:
             where.append(f"host {sum(self.host.values()) / GIB:.0f} of {self.host_bytes / GIB:.0f} GiB per node")
         state = "fits" if self.fits else "does NOT fit (" + "; ".join(where) + ")"
-        return state + ("" if self.supported else "; not yet supported by the job: " + "; ".join(self.unsupported))
+        return state + ("" if self.supported else "; not supported by the job: " + "; ".join(self.unsupported))
 
     def fix(self) -> str:
         """The first suggestion that fits and the job supports, as a one-line hint."""
@@ -396,7 +414,7 @@ class Plan:
             else:
                 lines.append(f"     try {change}: {alt.peak / GIB:.1f} GiB per GPU, "
                              f"{'fits' if alt.fits else 'does not fit'}"
-                             + ("" if alt.supported else " (not yet supported by the job)")
+                             + ("" if alt.supported else " (not supported by the job)")
                              + (f"; {note}" if note else ""))
         return "\n".join(lines)
 
@@ -425,21 +443,18 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
     B, a = micro_batch, dtype_bytes
 
     unsupported = []
-    if zero == 3 and fp8:
-        unsupported.append("ZeRO-3 with block-FP8 weights (train.model.check_fp8_stage refuses it: the FP8 modules "
-                           "load whole on every process)")
-    if offload_param:
-        unsupported.append("parameter offload (DeepSpeed offload_param is neither set nor tested by the job)")
     if offload_param and zero != 3:
-        unsupported.append("parameter offload needs ZeRO-3")
+        unsupported.append("parameter offload needs ZeRO-3 (deepspeed=zero3_offload)")
 
     layer = max(inv.layer)
     gpu: dict[str, int] = {}
     if zero == 3 and offload_param:
-        gpu["weights: resident layers (parameter offload: about two)"] = 2 * layer
+        gpu["weights: two whole layers (offload: this one and the next, prefetched)"] = 2 * layer
+        gpu["buffers, whole on every GPU (FP8 scales, RoPE tables)"] = inv.replicated
     elif zero == 3:
-        gpu["weights: 1/world shard (ZeRO-3)"] = inv.total // world
-        gpu["gathered layer (ZeRO-3, the largest decoder layer)"] = layer
+        gpu["weights: 1/world shard (ZeRO-3)"] = (inv.total - inv.replicated) // world
+        gpu["buffers, whole on every GPU (FP8 scales, RoPE tables)"] = inv.replicated
+        gpu["gathered layers (ZeRO-3: this one and the next, prefetched)"] = 2 * layer
     else:
         gpu[f"weights ({'block-FP8' if fp8 else 'bf16'}, replicated under ZeRO-{zero})"] = inv.total
     P = inv.trainable
@@ -458,7 +473,7 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
         terms = {"residual stream (hidden, normed, attention / MLP out) x streams":
                  4 * B * T * s.hidden * a * s.streams}
         terms.update(group_terms(s, B, T, G, stage, a))
-        saved = saved_per_f_layer(s, B, T, a, weights_proj_fp32=fp32_modules)
+        saved = saved_per_f_layer(s, B, T, a)
         if not offload_saved:
             terms["indexer saved tensors, every F layer (offload_saved=false)"] = F * saved
         transient = {f"attention of the group's last layer ({'expanded' if stage == 'dense' else 'absorbed'})":
@@ -477,7 +492,7 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
     if host_saved:
         host["pinned offload buffers (every F layer's saved tensors) x GPUs"] = host_saved * gpus_per_node
     if zero == 3 and offload_param:
-        host["CPU-offloaded weights (the node's ranks' shards)"] = inv.total * gpus_per_node // world
+        host["CPU-offloaded weights (the node's ranks' shards)"] = (inv.total - inv.replicated) * gpus_per_node // world
     if random_init:
         host["random init: the whole model in fp32 per rank, then cast"] = inv.params * 4 * gpus_per_node
     else:
@@ -519,7 +534,7 @@ def _suggestions(config, kw: dict, inv: Inventory) -> list[tuple[str, Plan | Non
         while T and T > 1024:
             T //= 2
             alt = plan(config, **{**kw, **dict.fromkeys(keys, T)}, _inventory=inv)
-            if alt.fits or T <= 1024:
+            if alt.fits:
                 out.append((f"distill.{'seq_len' if same else keys[0]}={T}", alt, "fewer tokens per step"))
                 break
     if kw["micro_batch"] > 1:
@@ -533,7 +548,7 @@ def _suggestions(config, kw: dict, inv: Inventory) -> list[tuple[str, Plan | Non
     for nodes in (2 * kw["nodes"], 4 * kw["nodes"]):
         tried(f"{nodes} nodes with deepspeed=zero3", "a smaller weight shard", nodes=nodes, zero=3)
     if not kw["offload_param"]:
-        tried("ZeRO-3 parameter offload to CPU", zero=3, offload_param=True)
+        tried("deepspeed=zero3_offload", "ZeRO-3 with the parameters on the host", zero=3, offload_param=True)
     return out
 
 

@@ -31,6 +31,7 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
 
 from distill.adapters.family import DsaFamily
+from distill.upcast import linear_in_weight_dtype
 from kernels.compressed_attention import compressed_attention, merge_with_sink, window_attention
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class DeepseekV4Family(DsaFamily):
         q = indexer.q_b_proj(q_resid).view(B, T, -1, indexer.head_dim)
         q = apply_rotary_pos_emb(q, cos, sin, unsqueeze_dim=2)
         scorer = indexer.scorer
-        weights = scorer.weights_proj(x.to(scorer.weights_proj.weight.dtype)).float() * scorer.weights_scaling
+        weights = linear_in_weight_dtype(scorer.weights_proj, x).float() * scorer.weights_scaling
         return q, k, weights
 
     @staticmethod

@@ -34,6 +34,7 @@ from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
 from distill.adapters.family import DsaFamily
+from distill.upcast import linear_in_weight_dtype
 from kernels.dense_attention import causal_attention
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ class MlaDsaFamily(DsaFamily):
             q_b, k_b = ROPE[self.indexer_rope](q_b, k_b, inputs.cos, inputs.sin, unsqueeze_dim=2)
         q = torch.cat([q_a, q_b], dim=-1)
         k = torch.cat([k_a, k_b], dim=-1).squeeze(2)
-        weights = indexer.weights_proj(x.to(indexer.weights_proj.weight.dtype)).float() * indexer.n_heads ** -0.5
+        weights = linear_in_weight_dtype(indexer.weights_proj, x).float() * indexer.n_heads ** -0.5
         return q, k, weights
 
     @staticmethod

@@ -19,9 +19,9 @@ from distill.source import load_config
 from kernels import reference
 from tests.conftest import ROOT
 from tests.fp8_checkpoint import write_fp8_checkpoint
-from tests.jobs import job
+from tests.jobs import job, jobs, metrics
 from train import fp8_loader
-from train.model import ModelConfigError, build_model
+from train.model import build_model
 
 CONF = Path(ROOT) / "conf" / "model"
 
@@ -74,7 +74,8 @@ def test_fp8_model_equals_its_dequantised_twin(tmp_path, name, block):
     path, twin = write_fp8_checkpoint(tmp_path, tiny(name), block=block, power_of_two=name == "tiny_glm")
     model = build_model(local(path))
     linears = [m for m in model.modules() if isinstance(m, BlockFp8Linear)]
-    assert linears and all(m.weight.dtype == torch.float8_e4m3fn and not m.weight.requires_grad for m in linears)
+    # the FP8 weights kept as their bytes (distill.fp8.fp8_bits), frozen
+    assert linears and all(m.weight.dtype == torch.uint8 and not m.weight.requires_grad for m in linears)
     assert any(isinstance(m, BlockFp8Experts) for m in model.modules())
     assert model.model.layers[0].self_attn.indexer.wq_b.weight.dtype == torch.float32  # dequantised: it trains
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -147,10 +148,41 @@ def test_missing_and_unknown_tensors_are_refused(fp8_copy, no_weight_loads):
         build_model(local(fp8_copy))
 
 
-def test_zero3_with_fp8_is_refused_before_loading(dsv32_fp8, no_weight_loads):
-    with pytest.raises(ModelConfigError, match="deepspeed=zero3 with a block-FP8 checkpoint.*use deepspeed=zero1 or "
-                                               "zero2"):
-        build_model(local(dsv32_fp8[0]), ds_config={"zero_optimization": {"stage": 3}})
+def test_zero3_partitions_each_layer_as_soon_as_it_is_read(tmp_path, monkeypatch):
+    """Under ZeRO-3 the loader hands each decoder layer to the partitioner whole, once, as soon as its last tensor is
+    in place: with the published layout (a shard per layer) no other layer is whole meanwhile, so loading holds one
+    layer on the device, never the model. What it hands are the FP8 weights as bytes, GEMM layouts already made."""
+    path, _ = write_fp8_checkpoint(tmp_path, tiny("tiny_dsv32"), block=(16, 16), by_layer=True)
+    events = []  # ("placed", checkpoint tensor name) and ("partition", parameter ids), in order
+    placed = fp8_loader._Units.placed
+    monkeypatch.setattr(fp8_loader._Units, "placed",
+                        lambda self, name: events.append(("placed", name)) or placed(self, name))
+
+    def partition(params):
+        assert all(p.dtype != torch.float8_e4m3fn for p in params)
+        events.append(("partition", [id(p) for p in params]))
+
+    config = load_config(path)
+    model = fp8_loader.load_block_fp8(path, config, torch.device("cpu"), torch.float32, BlockFp8.of(config),
+                                      shared_layers=(1, 3), partition=partition)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    handed = [name_of[i] for kind, ids in events if kind == "partition" for i in ids]
+    loaded = [n for n, p in model.named_parameters() if not p.is_meta]
+    assert sorted(handed) == sorted(loaded)  # every loaded parameter once; the S layers' indexers never loaded
+    assert not any(".indexer." in n for n in handed if n.startswith(("model.layers.1.", "model.layers.3.")))
+    layer = re.compile(r"model\.layers\.(\d+)\.")
+    open_layers = set()
+    for kind, what in events:
+        if kind == "placed":
+            m = layer.match(what)
+            open_layers |= {int(m.group(1))} if m else set()
+            continue
+        layers = {int(layer.match(name_of[i]).group(1)) for i in what if layer.match(name_of[i])}
+        assert len(layers) <= 1 and open_layers == layers, (open_layers, layers)  # this layer whole, no other
+        if layers:
+            n = layers.pop()
+            assert sorted(name_of[i] for i in what) == sorted(x for x in loaded if x.startswith(f"model.layers.{n}."))
+        open_layers -= {int(layer.match(name_of[i]).group(1)) for i in what if layer.match(name_of[i])}
 
 
 # ---- the job and its export ------------------------------------------------------------------------------------
@@ -164,6 +196,35 @@ def _f_layer_topk(model, ids, layers):
     for hook in hooks:
         hook.remove()
     return found
+
+
+@pytest.mark.slow
+def test_fp8_backbone_partitioned_or_offloaded_trains_as_replicated(tmp_path):
+    """The FP8 backbone partitioned by ZeRO-3 over two processes (each holding half of it), and offloaded to the
+    host, trains as the replicated one under ZeRO-2 on one process: the same losses, gradient norms and indexers
+    after dense and sparse steps of the same rows."""
+    source, _ = write_fp8_checkpoint(tmp_path / "source", tiny("tiny_dsv32"), block=(8, 8))
+    steps = ["model=local", f"model.path={source}", "distill.dense_steps=2", "distill.sparse_steps=1",
+             "distill.pattern=FSFS", "distill.seq_len=32", "distill.lm_eval=false", "distill.log_every=1",
+             "distill.save_every=3", "export.enabled=false"]
+    partition_all = "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"  # the tiny model's too
+    runs = {zero: tmp_path / zero for zero in ("zero2", "zero3", "zero3_offload")}
+    outs = jobs(((tmp_path, runs["zero2"], *steps, "deepspeed=zero2", "distill.micro_batch_size=2"), {}),
+                ((tmp_path, runs["zero3"], *steps, "deepspeed=zero3", partition_all, "distill.micro_batch_size=1"),
+                 {"nproc": 2}))
+    outs.append(job(tmp_path, runs["zero3_offload"], *steps, "deepspeed=zero3_offload", partition_all,
+                    "distill.micro_batch_size=1", nproc=2))
+    for out in outs[1:]:
+        held, whole = map(float, re.search(r"backbone loaded partitioned \(([\d.]+) of ([\d.]+) MiB", out).groups())
+        assert abs(held / whole - 0.5) < 0.02
+    curves = {zero: [m[key] for m in metrics(run) if "train/loss" in m for key in ("train/loss", "train/grad_norm")]
+              for zero, run in runs.items()}
+    assert len(curves["zero2"]) == 6  # 3 steps
+    saved = {zero: load_file(run / "checkpoints" / "step_3" / "indexers.safetensors") for zero, run in runs.items()}
+    for zero in ("zero3", "zero3_offload"):
+        assert curves[zero] == pytest.approx(curves["zero2"], rel=1e-4)
+        for k in saved["zero2"]:
+            torch.testing.assert_close(saved[zero][k], saved["zero2"][k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from distill.pattern import PatternError
+from distill.source import ModelConfigError
 from tests.conftest import ROOT, tiny
 from tests.jobs import KILL_STEPS, QUICK, cfg, copy_run, job, jobs, launcher_env, metrics
 from train.checkpoint import CheckpointError
 from train.distill import prepare
 from train.errors import ConfigError
-from train.model import ModelConfigError
 
 pytestmark = pytest.mark.slow  # jobs in processes of their own, or the whole job in this one
 

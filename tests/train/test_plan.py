@@ -54,16 +54,24 @@ def test_double_tokens_double_the_activations():
     assert stage(one, "dense").terms["main_q [G,B,T,H,Dq]"] == 4 * 1024 * 4 * 48 * 2
 
 
-def test_zero3_divides_the_weights_by_world():
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_zero3_divides_the_parameters_by_world_and_keeps_the_buffers_whole(weights):
     config = tiny()
-    one = tiny_plan(config, zero=2, gpus_per_node=8)
-    three = tiny_plan(config, zero=3, gpus_per_node=8)
+    inv = planning.inventory(config, PATTERN, fp8=weights == "fp8")
+    one = tiny_plan(config, zero=2, gpus_per_node=8, weights=weights)
+    three = tiny_plan(config, zero=3, gpus_per_node=8, weights=weights)
+    offload = tiny_plan(config, zero=3, gpus_per_node=8, weights=weights, offload_param=True)
     replicated = next(v for k, v in one.gpu.items() if k.startswith("weights"))
     shard = next(v for k, v in three.gpu.items() if k.startswith("weights"))
-    assert shard == replicated // 8
-    assert any(k.startswith("gathered layer") for k in three.gpu)
-    assert three.supported  # bf16 ZeRO-3 is implemented; FP8 ZeRO-3 is not
-    assert not tiny_plan(config, zero=3, weights="fp8").supported
+    buffers = next(v for k, v in three.gpu.items() if k.startswith("buffers"))
+    assert replicated == inv.total and 0 < inv.replicated < inv.total
+    assert shard == (replicated - buffers) // 8 and buffers == inv.replicated
+    assert next(v for k, v in three.gpu.items() if k.startswith("gathered layers")) == 2 * max(inv.layer)
+    assert next(v for k, v in offload.gpu.items() if k.startswith("weights")) == 2 * max(inv.layer)
+    host = next(v for k, v in offload.host.items() if k.startswith("CPU-offloaded"))
+    assert host == (inv.total - inv.replicated) * 8 // 8  # one node: its 8 ranks' shards are the whole model
+    assert three.supported and offload.supported
+    assert not tiny_plan(config, zero=2, offload_param=True).supported  # offload needs ZeRO-3
 
 
 def test_fp8_halves_the_linear_weights():
