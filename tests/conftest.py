@@ -1,12 +1,21 @@
 """Shared test helpers: the repository root, the tiny random models of conf/model/, and the single-process job
-runs (tests/jobs.py) that test_job and test_reliability both resume from."""
+runs (tests/jobs.py) that test_job and test_reliability both resume from.
+
+Without a GPU the whole suite runs the Triton kernels on Triton's CPU interpreter, switched on here, before any test
+module is collected (not as a side effect of importing one); tests of what happens without it unset
+TRITON_INTERPRET themselves (monkeypatch)."""
 import os
 import signal
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from kernels import enable_cpu_interpreter
 from train.model import build_model
+
+if not torch.cuda.is_available():
+    enable_cpu_interpreter()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,16 +5,12 @@ from unittest import mock
 import pytest
 import torch
 
-from kernels import enable_cpu_interpreter
-
-enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
-
-from kernels import centroid_kl_fn, indexer_topk_fn, reference  # noqa: E402
-from kernels.centroid_kl import centroid_kl, index_tiles, key_pieces, tma_tiles  # noqa: E402
-from kernels.reference import allowed_keys, document_starts  # noqa: E402
-from kernels.tiles import tiles_override  # noqa: E402
-from tests.allocations import OutputShapes  # noqa: E402
-from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
+from kernels import centroid_kl_fn, indexer_topk_fn, reference
+from kernels.centroid_kl import centroid_kl, index_tiles, key_pieces, tma_tiles
+from kernels.reference import allowed_keys, document_starts
+from kernels.tiles import tiles_override
+from tests.allocations import OutputShapes
+from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads
 
 pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 

@@ -5,14 +5,10 @@ fp32)."""
 import pytest
 import torch
 
-from kernels import enable_cpu_interpreter
-
-enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
-
-from kernels.centroid_kl import centroid_kl as fused_centroid_kl  # noqa: E402
-from kernels.indexer_topk import indexer_topk as fused_topk  # noqa: E402
-from kernels.reference import allowed_keys, centroid_kl, indexer_logits, indexer_topk  # noqa: E402
-from tests.kernel_checks import assert_matches_reference, loss_and_grads  # noqa: E402
+from kernels.centroid_kl import centroid_kl as fused_centroid_kl
+from kernels.indexer_topk import indexer_topk as fused_topk
+from kernels.reference import allowed_keys, centroid_kl, indexer_logits, indexer_topk
+from tests.kernel_checks import assert_matches_reference, loss_and_grads
 
 pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 

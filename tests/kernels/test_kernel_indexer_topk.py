@@ -2,13 +2,9 @@
 import pytest
 import torch
 
-from kernels import enable_cpu_interpreter
-
-enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
-
-from kernels import indexer_topk_fn, reference  # noqa: E402
-from kernels.indexer_topk import indexer_topk  # noqa: E402
-from kernels.reference import allowed_keys  # noqa: E402
+from kernels import indexer_topk_fn, reference
+from kernels.indexer_topk import indexer_topk
+from kernels.reference import allowed_keys
 
 pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 

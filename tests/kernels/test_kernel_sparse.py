@@ -6,17 +6,13 @@ import json
 import pytest
 import torch
 
-from kernels import enable_cpu_interpreter
-
-enable_cpu_interpreter()  # TRITON_INTERPRET=1 (set before the kernel modules are imported or reloaded)
-
-from kernels import reference, sparse_attention_fn, sparse_centroid_kl_fn  # noqa: E402
-from kernels.reference import allowed_keys  # noqa: E402
-from kernels.sparse_attention import sparse_mqa_attention  # noqa: E402
-from kernels.sparse_centroid_kl import sparse_centroid_kl  # noqa: E402
-from kernels.tiles import tiles_override  # noqa: E402
-from tests.allocations import OutputShapes  # noqa: E402
-from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads  # noqa: E402
+from kernels import reference, sparse_attention_fn, sparse_centroid_kl_fn
+from kernels.reference import allowed_keys
+from kernels.sparse_attention import sparse_mqa_attention
+from kernels.sparse_centroid_kl import sparse_centroid_kl
+from kernels.tiles import tiles_override
+from tests.allocations import OutputShapes
+from tests.kernel_checks import assert_matches_reference, kernel_layouts, loss_and_grads
 
 pytestmark = pytest.mark.slow  # the Triton kernels on the CPU interpreter
 

@@ -161,7 +161,7 @@ def test_retention_sweep_makes_one_run_and_export_per_ratio(tmp_path):
     (["resume=/nonexistent/step_4"], CheckpointError, "is no checkpoint directory"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, monkeypatch, overrides, error, message):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests (the CPU interpreter)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it for the suite
     with pytest.raises(error, match=message):
         prepare(cfg(*overrides), str(tmp_path), world_size=2, device=torch.device("cpu"))
 
