@@ -60,6 +60,16 @@ def as_pattern(pattern: Pattern | str, num_layers: int) -> Pattern:
     return Pattern.parse(pattern, num_layers)
 
 
+def checked_mode(model: nn.Module, pattern: Pattern | str | None, topk: int | None) -> Pattern | None:
+    """The pattern checked against the model's DSA layers (None: dense attention, where `topk` has no meaning), and
+    `topk` (None: the model's index_topk) checked to be a positive number of keys."""
+    if pattern is None and topk is not None:
+        raise ValueError("topk has no meaning in dense mode (pattern None attends to all causal keys)")
+    if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
+        raise ValueError(f"topk must be a positive number of keys, got {topk!r}")
+    return None if pattern is None else as_pattern(pattern, len(family_of(model).dsa_attentions(model)))
+
+
 @contextlib.contextmanager
 def pattern_applied(model: nn.Module, pattern: Pattern, topk: int | None = None):
     """`apply_pattern` for the duration of the block, yielding its `AppliedPattern` ({F layer: indexer}); the
@@ -154,12 +164,7 @@ def evaluate(model: nn.Module, pattern: Pattern | str | None, batches, *, topk: 
     family = family_of(model)
     num_layers = len(family.dsa_attentions(model))
     device = next(model.parameters()).device
-    if pattern is None and topk is not None:
-        raise ValueError("topk has no meaning in dense mode (pattern None attends to all causal keys)")
-    if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
-        raise ValueError(f"topk must be a positive number of keys, got {topk!r}")
-    if pattern is not None:
-        pattern = as_pattern(pattern, num_layers)
+    pattern = checked_mode(model, pattern, topk)
     nll, tokens, rows = 0.0, 0, 0
     mass = torch.zeros(num_layers, dtype=torch.float64)
     for batch in batches:

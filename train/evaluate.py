@@ -1,7 +1,8 @@
 """What a pattern costs in quality, as a command: `python -m train.evaluate pattern=FSSSFSSS` (conf/evaluate.yaml).
 
-Loads cfg.model and the batches of cfg.batches, measures the pattern and the anchors with `distill.evaluate`,
-writes metrics.json and topk_overlap.png into the Hydra run directory and logs them to wandb.
+Loads cfg.model and the batches of cfg.batches, measures the pattern and the anchors with `distill.evaluate` (and,
+with cfg.probe.enabled, the retrieval probe of `distill.probe` on held-out documents), writes metrics.json and
+topk_overlap.png into the Hydra run directory and logs them to wandb.
 `load_model_and_batches` and `log_run` serve the other apps too (`train.search`, `train.paper_table`).
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ from distill.adapters import family_of
 from distill.evaluate import CalibrationError, evaluate, plot_overlap, topk_overlap
 from distill.model import dsa_attentions
 from distill.pattern import Pattern, resolve_pattern
+from distill.probe import make_samples, retrieval
 from train.config_keys import resolve_document_mask
-from train.data import eval_batches, packed_datasets
+from train.data import build_corpus, eval_batches, packed_datasets
 from train.logger import Logger
 from train.model import build_model
 from train.tokenizer import load_tokenizer
@@ -75,8 +77,33 @@ def _flat(prefix: str, metrics: Mapping) -> dict:
     return out
 
 
+def probe_metrics(cfg, model: nn.Module, pattern: Pattern) -> dict:
+    """{"pattern", and the anchors of cfg.anchors ("dense", "full"): `distill.probe.retrieval`} on the samples of
+    cfg.probe, planted in the first cfg.probe.max_documents documents of cfg.data's validation split."""
+    probe = cfg.probe
+    validation = build_corpus(cfg.data, os.path.join(cfg.cache_dir, "data"))["validation"]
+    documents = validation.select(range(min(len(validation), probe.max_documents)))["text"]
+    samples = make_samples(load_tokenizer(cfg.model), documents, lengths=list(probe.lengths),
+                           depths=list(probe.depths), needles=probe.needles, digits=probe.digits,
+                           samples_per_cell=probe.samples_per_cell, seed=probe.seed, query=probe.query)
+    runs = {"pattern": (pattern, cfg.topk)}
+    if "dense" in cfg.anchors:
+        runs["dense"] = (None, None)
+    if "full" in cfg.anchors:
+        runs["full"] = (Pattern.all_full(len(pattern)), cfg.topk)
+    return {name: retrieval(model, measured, samples, topk=topk, batch_size=probe.batch_size)
+            for name, (measured, topk) in runs.items()}
+
+
+def _probe_rows(probe: Mapping) -> list[dict]:
+    """One row per (run, length, depth) of the probe's cells and controls (depth None), for a wandb table."""
+    return [{"run": name, "depth": None, **row} for name, m in probe.items()
+            for row in [*m["cells"], *m.get("control", [])]]
+
+
 def run_evaluation(cfg, run_dir: str) -> dict:
-    """The `python -m train.evaluate` job: metrics of cfg's pattern and anchors, overlap heatmap, wandb."""
+    """The `python -m train.evaluate` job: metrics of cfg's pattern and anchors, overlap heatmap, the retrieval probe
+    (cfg.probe.enabled), wandb."""
     unknown = [a for a in cfg.anchors if a not in ("dense", "full")]
     if unknown:
         raise ValueError(f"unknown anchors {unknown}: use 'dense' (all causal keys) and/or 'full' (all-F DSA)")
@@ -90,16 +117,24 @@ def run_evaluation(cfg, run_dir: str) -> dict:
         results["full"] = evaluate(model, Pattern.all_full(num_layers), batches, topk=cfg.topk)
     overlap = topk_overlap(model, batches[: cfg.overlap_batches], topk=cfg.topk)
     results["topk_overlap"] = overlap.tolist()
+    losses = [name for name in results if name != "topk_overlap"]
+    if cfg.probe.enabled:
+        results["probe"] = probe_metrics(cfg, model, pattern)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     heatmap = plot_overlap(overlap, os.path.join(run_dir, "topk_overlap.png"))
-    flat = {k: v for name, m in results.items() if name != "topk_overlap" for k, v in _flat(name, m).items()}
-    log_run(cfg, run_dir, flat, {"topk_overlap": heatmap})
-    for name, m in results.items():
-        if name != "topk_overlap":
-            log.info("%s: loss %.4f ppl %.3f%s", name, m["loss"], m["perplexity"],
-                     f" recall {m['mean_topk_recall']:.4f} ({m['pattern']})" if "pattern" in m else "")
+    flat = {k: v for name in losses for k, v in _flat(name, results[name]).items()}
+    probe = results.get("probe", {})
+    flat.update({f"probe/{name}/{key}": m[key] for name, m in probe.items()
+                 for key in ("exact_match", "token_accuracy")})
+    log_run(cfg, run_dir, flat, {"topk_overlap": heatmap}, {"probe": _probe_rows(probe)} if probe else None)
+    for name in losses:
+        m = results[name]
+        log.info("%s: loss %.4f ppl %.3f%s", name, m["loss"], m["perplexity"],
+                 f" recall {m['mean_topk_recall']:.4f} ({m['pattern']})" if "pattern" in m else "")
+    for name, m in probe.items():
+        log.info("probe %s: exact match %.4f, token accuracy %.4f", name, m["exact_match"], m["token_accuracy"])
     return results
 
 
