@@ -89,6 +89,8 @@ def run_mode(mode: str, args) -> dict:
             row = {"mode": mode, "seq_len": T, "stage": stage, "seconds": seconds, "tokens_per_s": T / seconds,
                    "peak_gib": peak, "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                    "loss": loss}
+            if args.profile:  # one more step under torch.profiler: where a mode's time goes
+                row["profile"] = profiled(step, cuda)
             if not args.smoke:  # the plan's peak allocated for the row (bench.plan_check.sharded)
                 row["plan_gib"] = plan_check.sharded(args.layers, T, args.weights, stage, *PLANNED[mode])[1][
                     "peak_total_gib"]
@@ -123,6 +125,19 @@ def timed(step, cuda: bool, reps: int, warmup: int) -> tuple[float, float | None
     return statistics.median(times), peak, loss.item()
 
 
+def profiled(step, cuda: bool, top: int = 12) -> list[list]:
+    """[name, self CPU ms, self device ms, calls] of the `top` operations by self CPU time of one `step()`."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [[e.key[:80], e.self_cpu_time_total / 1e3, getattr(e, "self_device_time_total", 0) / 1e3, e.count]
+            for e in events]
+
+
 def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,6 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="results/sharded.json")
     parser.add_argument("--smoke", action="store_true", help="tiny width on the CPU (fp32, gloo), for the test")
+    parser.add_argument("--profile", action="store_true", help="profile one more step per row (top operations)")
     parser.add_argument("--mode", choices=tuple(MODES), help=argparse.SUPPRESS)  # one mode, in a child process
     parser.add_argument("--port", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -171,7 +187,7 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "bench.sharded", "--mode", mode, "--port", free_port(), "--out", part,
                "--layers", str(args.layers), "--weights", args.weights, "--reps", str(args.reps),
                "--warmup", str(args.warmup), "--seq-lens", *map(str, args.seq_lens),
-               *(["--smoke"] if args.smoke else [])]
+               *(["--smoke"] if args.smoke else []), *(["--profile"] if args.profile else [])]
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode != 0:
             result["modes"][mode] = {"error": f"exit status {done.returncode}"}

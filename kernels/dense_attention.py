@@ -11,6 +11,7 @@ T x T tensor:
   returns the LSE at no extra cost; the memory-efficient backend for fp32 (cuDNN takes fp32 inputs and returns
   NaN: measured on an H200, torch 2.11) and where cuDNN refuses the shapes.
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
+- Heads in groups whose q, k, v stay under 2^31 elements (cuDNN's LSE is wrong past that).
 - Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
   each run in turn (exact, and as fast as the backend is for that length).
 The LSE a backend returns is checked, once per call, on the last query row of each head (of the longest run)
@@ -67,6 +68,19 @@ def document_runs(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[tu
 
 
 def _cuda_attention(qh, kh, vh, scale):
+    """(out, lse) of [B, H, T, D] views, a call per group of heads whose tensors stay under 2^31 elements: past that
+    (DeepSeek-V3.2's 128 heads of 192 beyond 87K tokens) cuDNN's fused attention returns a wrong LSE (measured at
+    128K on an H100, torch 2.11; bench.check_kernels.check_dense_attention_long)."""
+    B, H, T, _ = qh.shape
+    heads = max(1, (2**31 - 1) // (B * T * max(qh.shape[-1], vh.shape[-1])))
+    if heads >= H:
+        return _fused_attention(qh, kh, vh, scale)
+    parts = [_fused_attention(qh[:, h:h + heads], kh[:, h:h + heads], vh[:, h:h + heads], scale)
+             for h in range(0, H, heads)]
+    return torch.cat([out for out, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
+
+
+def _fused_attention(qh, kh, vh, scale):
     if qh.dtype in (torch.bfloat16, torch.float16):  # cuDNN's fused attention: fp32 inputs come back as NaN
         try:
             return torch.ops.aten._scaled_dot_product_cudnn_attention(

@@ -92,6 +92,7 @@ class Inventory:
     trainable: int
     trainable_bytes: int
     params: int
+    largest_param: int
     fp8: bool
 
 
@@ -123,7 +124,7 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
     keep32 = tuple(model._keep_in_fp32_modules or ()) + tuple(model._keep_in_fp32_modules_strict or ())
     sizes: dict[str, int] = {}  # parameter / buffer name -> bytes
     fp8_tensors: set[str] = set()
-    replicated = 0
+    replicated = largest_param = 0
     if fp8:
         for name, module in model.named_modules():
             if name == "lm_head" or f"{name}.".startswith(tuple(prefixes)) or any(n in name for n in not_converted):
@@ -142,6 +143,8 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
                 sizes[key] = n * rows * cols + scales
                 fp8_tensors.add(key)
                 replicated += scales
+                # BlockFp8Experts holds gate and up apart: half of gate_up_proj each
+                largest_param = max(largest_param, n * rows * cols // (2 if key.endswith("gate_up_proj") else 1))
     trainable = trainable_bytes = 0
     for table in (model.named_parameters(), model.named_buffers()):
         for name, t in table:
@@ -152,6 +155,8 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
             sizes[name] = t.numel() * item
             if not isinstance(t, torch.nn.Parameter):
                 replicated += sizes[name]
+            else:
+                largest_param = max(largest_param, sizes[name])
             if name.startswith(trainable_prefixes):
                 trainable += t.numel()
                 trainable_bytes += t.numel() * item
@@ -163,7 +168,8 @@ def inventory(config, pattern, fp8: bool, dtype_bytes: int = 2, fp32_modules: bo
     # the checkpoint stores routed experts one expert's projection at a time; other tensors whole
     largest = max(b for name, b in sizes.items() if name not in fp8_tensors or not name.endswith("_proj"))
     params = sum(p.numel() for p in model.parameters())
-    return Inventory(sum(sizes.values()), replicated, tuple(layer), largest, trainable, trainable_bytes, params, fp8)
+    return Inventory(sum(sizes.values()), replicated, tuple(layer), largest, trainable, trainable_bytes, params,
+                     largest_param, fp8)
 
 
 # ---- the activations ----------------------------------------------------------------------------------------
@@ -269,18 +275,25 @@ def attention_transient(s: Shapes, B: int, T: int, stage: str, a: int) -> int:
     return base + absorbed + max(p_scratch, B * T * H * s.v * a)
 
 
-def mlp_transient(s: Shapes, B: int, T: int, a: int) -> int:
+def mlp_transient(s: Shapes, B: int, T: int, a: int, fp8: bool = True) -> int:
     """Bytes alive at the peak of one layer's MLP: a dense MLP's gate, up and product [B,T,I]; or the MoE's router
     logits [B,T,E] fp32, routing (top_k index int64 / weights, argsort order, token ids), the shared experts'
-    [B,T,I_s] x3, the routed output [B,T,hidden] and the busiest expert's gathered tokens [n,hidden] (+ FP8 copy)
-    and its [n,I] x3 (n = MOE_IMBALANCE x B T k / E, at most B T)."""
+    [B,T,I_s] x3, the routed output [B,T,hidden], and the routed experts' own: block-FP8 (`distill.fp8.
+    BlockFp8Experts`, one expert at a time) the busiest expert's gathered tokens [n,hidden] (+ FP8 copy) and its
+    [n,I] x3 (n = MOE_IMBALANCE x B T k / E, at most B T); else transformers' grouped experts (`grouped_mm`, every
+    token-expert pair at once, S = B T k rows): the gathered tokens [S,hidden], gate_up [S,2I], the product [S,I],
+    the down projection [S,hidden] and its weighted copy [S,hidden] fp32."""
     dense = 3 * B * T * s.dense_mlp * a
     moe = 0
     if s.experts:
-        n = min(B * T, MOE_IMBALANCE * B * T * s.active // s.experts)
         moe = (B * T * s.experts * 4 + B * T * s.active * (8 + 4 + 8 + 8)
-               + 3 * B * T * s.moe_inter * s.shared_experts * a + B * T * s.hidden * a
-               + n * (s.hidden * (a + 1) + 3 * s.moe_inter * a))
+               + 3 * B * T * s.moe_inter * s.shared_experts * a + B * T * s.hidden * a)
+        if fp8:
+            n = min(B * T, MOE_IMBALANCE * B * T * s.active // s.experts)
+            moe += n * (s.hidden * (a + 1) + 3 * s.moe_inter * a)
+        else:
+            pairs = B * T * s.active
+            moe += pairs * (2 * s.hidden * a + 3 * s.moe_inter * a + s.hidden * 4)
     return max(dense, moe)
 
 
@@ -450,11 +463,14 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
     gpu: dict[str, int] = {}
     if zero == 3 and offload_param:
         gpu["weights: two whole layers (offload: this one and the next, prefetched)"] = 2 * layer
+        gpu["offload staging: the largest parameter's shard, copied in before its gather"] = inv.largest_param // world
         gpu["buffers, whole on every GPU (FP8 scales, RoPE tables)"] = inv.replicated
     elif zero == 3:
         gpu["weights: 1/world shard (ZeRO-3)"] = (inv.total - inv.replicated) // world
         gpu["buffers, whole on every GPU (FP8 scales, RoPE tables)"] = inv.replicated
-        gpu["gathered layers (ZeRO-3: this one and the next, prefetched)"] = 2 * layer
+        # one process: the shard is the whole parameter and DeepSpeed's gather allocates nothing (measured:
+        # bench.sharded, docs/BENCHMARKS.md)
+        gpu["gathered layers (ZeRO-3: this one and the next, prefetched)"] = 2 * layer if world > 1 else 0
     else:
         gpu[f"weights ({'block-FP8' if fp8 else 'bf16'}, replicated under ZeRO-{zero})"] = inv.total
     P = inv.trainable
@@ -478,7 +494,7 @@ def plan(config, *, pattern, gpus_per_node: int = 1, nodes: int = 1, gpu_gib: fl
             terms["indexer saved tensors, every F layer (offload_saved=false)"] = F * saved
         transient = {f"attention of the group's last layer ({'expanded' if stage == 'dense' else 'absorbed'})":
                      attention_transient(s, B, T, stage, a),
-                     "MLP (dense gate/up, or MoE routing + busiest expert)": mlp_transient(s, B, T, a),
+                     "MLP (dense gate/up, or MoE routing + the routed experts)": mlp_transient(s, B, T, a, fp8),
                      "fused loss (scratch, LSE copy, input gradients)": loss_transient(s, B, T, G, stage, a)}
         if stage == "sparse":
             transient["F layer's selection (top-k scratch, projections)"] = topk_transient(s, B, T, a)
