@@ -11,7 +11,7 @@ T x T tensor:
   returns the LSE at no extra cost; the memory-efficient backend for fp32 (cuDNN takes fp32 inputs and returns
   NaN: measured on an H200, torch 2.11) and where cuDNN refuses the shapes.
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
-- Heads in groups whose q, k, v stay under 2^31 elements (cuDNN's LSE is wrong past that).
+- Heads in groups whose q, k, v stay under 2^31 elements (one cuDNN call past that failed the LSE check).
 - Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
   each run in turn (exact, and as fast as the backend is for that length).
 The LSE a backend returns is checked, once per call, on the last query row of each head (of the longest run)
@@ -68,9 +68,10 @@ def document_runs(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[tu
 
 
 def _cuda_attention(qh, kh, vh, scale):
-    """(out, lse) of [B, H, T, D] views, a call per group of heads whose tensors stay under 2^31 elements: past that
-    (DeepSeek-V3.2's 128 heads of 192 beyond 87K tokens) cuDNN's fused attention returns a wrong LSE (measured at
-    128K on an H100, torch 2.11; bench.check_kernels.check_dense_attention_long)."""
+    """(out, lse) of [B, H, T, D] views, a call per group of heads whose tensors stay under 2^31 elements. One call
+    past that (DeepSeek-V3.2's 128 heads of 192 at 128K tokens, an H100, torch 2.11) failed `_check_last_row_lse`,
+    while 64K passed; heads are independent, so groups of them give the same result at sizes every backend indexes
+    in 32 bits. `bench.check_kernels.check_dense_attention_long` compares both against direct rows (not yet run)."""
     B, H, T, _ = qh.shape
     heads = max(1, (2**31 - 1) // (B * T * max(qh.shape[-1], vh.shape[-1])))
     if heads >= H:
