@@ -12,9 +12,10 @@ completed by `train.distill.deepspeed_config` and `fill_zero3_auto`, world size 
 The model is bench.real_width's slice of DeepSeek-V3.2 at its real width (hidden 7168, 256 experts of 2048, 128 MLA
 heads; `--layers` decoder layers, the first dense), random block-FP8 weights (or bf16 with `--weights bf16`), the
 pattern F S...S (one group: every layer served by layer 0's indexer). Per mode, T and stage (batch 1), one optimizer
-step of the job (`train.step.train_step`'s body: forward, backward into the indexer, DeepSpeed's step) is timed with
-CUDA events (median of --reps after --warmup), its peak GPU memory measured, and the host's resident set recorded.
-A row's ratio is its seconds over the replicated row's of the same T and stage, measured in the same run.
+step of the job (`train.step.train_step`'s body: forward, backward into the indexer, DeepSpeed's step) is timed by
+`bench.real_width.timed` (CUDA events, median of --reps after --warmup), its peak GPU memory measured, and the
+host's resident set recorded. A row's ratio is its seconds over the replicated row's of the same T and stage,
+measured in the same run.
 
     python -m bench.sharded --layers 4 --seq-lens 2048 32768 --out results/sharded.json
     python -m bench.sharded --smoke --out /tmp/sharded.json      (tiny width on the CPU, gloo: the test's run)
@@ -55,7 +56,7 @@ def run_mode(mode: str, args) -> dict:
     import deepspeed
 
     from bench import plan_check
-    from bench.real_width import REAL, TINY, bench_config, random_model
+    from bench.real_width import REAL, TINY, bench_config, random_model, timed
     from distill.objective import Distiller
     from distill.pattern import Pattern
     from distill.source import resolve_dtype
@@ -80,15 +81,21 @@ def run_mode(mode: str, args) -> dict:
         ids = torch.randint(3, config.vocab_size, (1, T), device=device,
                             generator=torch.Generator(device).manual_seed(0))
         for stage in STAGES:
+            losses = []
+
             def step():
                 loss = engine(ids, sparse=stage == "sparse").loss
                 engine.backward(loss)
                 engine.step()
-                return loss
-            seconds, peak, loss = timed(step, cuda, args.reps, args.warmup)
+                losses.append(loss.detach())
+            seconds, _ = timed(step, device, reps=args.reps, warmup=args.warmup)
+            if isinstance(seconds, str):  # 'OOM': this mode does not fit
+                raise torch.OutOfMemoryError(f"{mode}: T={T} {stage} step out of memory")
             row = {"mode": mode, "seq_len": T, "stage": stage, "seconds": seconds, "tokens_per_s": T / seconds,
-                   "peak_gib": peak, "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                   "loss": loss}
+                   # timed resets the peak after the warm-up: the peak of the timed steps, weights included
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                   "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                   "loss": losses[-1].item()}
             if args.profile:  # one more step under torch.profiler: where a mode's time goes
                 row["profile"] = profiled(step, cuda)
             if not args.smoke:  # the plan's peak allocated for the row (bench.plan_check.sharded)
@@ -97,32 +104,6 @@ def run_mode(mode: str, args) -> dict:
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
     return out
-
-
-def timed(step, cuda: bool, reps: int, warmup: int) -> tuple[float, float | None, float]:
-    """(median seconds, peak GPU GiB during the timed steps, the last loss) of `step()`."""
-    import statistics
-    import time
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return statistics.median(times), peak, loss.item()
 
 
 def profiled(step, cuda: bool, top: int = 12) -> list[list]:

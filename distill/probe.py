@@ -31,7 +31,7 @@ from torch import nn
 
 from distill.adapters import family_of
 from distill.capture import Capture
-from distill.evaluate import as_pattern, checked_mode
+from distill.evaluate import checked_mode
 from distill.pattern import Pattern
 
 KEY_LETTERS = 6
@@ -178,11 +178,12 @@ def retrieval(model: nn.Module, pattern: Pattern | str | None, samples: Sequence
     was never planted. Plus mode, and under a pattern its letters and index_topk.
     """
     samples = list(samples)
+    pattern = checked_mode(model, pattern, topk)
     metrics = {"mode": "dense" if pattern is None else "sparse"}
     if pattern is not None:
         family = family_of(model)
-        metrics.update(pattern=str(as_pattern(pattern, len(family.dsa_attentions(model)))),
-                       index_topk=topk or family.indexer(family.dsa_attentions(model)[0]).index_topk)
+        index_topk = topk or family.indexer(family.dsa_attentions(model)[0]).index_topk
+        metrics.update(pattern=str(pattern), index_topk=index_topk)
     metrics.update(score(samples, predict_values(model, pattern, samples, topk=topk, batch_size=batch_size)))
     return metrics
 

@@ -62,5 +62,6 @@ def zero3_partition(ds_config: Mapping):
     def partition(params: list[nn.Parameter]) -> None:
         holder = nn.Module()
         holder.params = nn.ParameterList(params)  # the same Parameter objects: converted in place
-        deepspeed.zero.Init(module=holder, config_dict_or_path=dict(ds_config), mem_efficient_linear=False)
+        # DeepSpeed reads memory_efficient_linear from the config (conf/deepspeed/zero3.yaml turns it off)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=dict(ds_config))
     return partition
