@@ -1,51 +1,68 @@
 #!/usr/bin/env bash
-# Reproduce the reference DSA model (models/reference/MODEL_CARD.md) from scratch on one GPU:
-#   1. dense pretraining: python -m train.pretrain (trains the BPE tokenizer into $MODEL_DIR first if it has none)
+# Reproduce a reference DSA model from scratch on one GPU. RECIPE picks which (default reference):
+#   reference  models/reference (MODEL_CARD.md): 12 layers, 1024 tokens, top-64; conf/pretrain.yaml, data=stdlib
+#   deep       models/reference_deep (MODEL_CARD.md): 24 layers, 8192 tokens, top-256; conf/pretrain_deep.yaml,
+#              data=packages (the .py sources of installed packages, joined per package directory)
+# Stages:
+#   1. dense pretraining: python -m train.pretrain (trains the BPE tokenizer first if tokenizer.path has none)
 #   2. indexer warm-up: the distillation job at pattern all-F, dense stage then sparse stage (launch/distill.sh)
 #   3. evaluation (python -m train.evaluate): held-out LM loss with dense attention, DSA all-F and DSA at
-#      retention 1/8 (uniform pattern, untrained sharing), per-layer top-k recall; also before the warm-up
-#   4. $MODEL_DIR: the warmed-up model, held-out tokens, stage records, reference_outputs.json (CPU fp32)
-# Extra Hydra overrides (whitespace-separated): DATA_ARGS for every stage, PRETRAIN_ARGS, WARMUP_ARGS, EVAL_ARGS.
+#      retention 1/8 (uniform pattern, untrained sharing), per-layer top-k recall; also before the warm-up;
+#      deep: the retrieval probe too
+#   4. $MODEL_DIR: the warmed-up model, held-out tokens and sources, stage records, reference_outputs.json (CPU fp32)
+# Extra Hydra overrides (whitespace-separated): DATA_ARGS for every stage, PRETRAIN_ARGS (train.pretrain, both stages),
+# WARMUP_ARGS, EVAL_ARGS.
 #   bash launch/pretrain.sh                                   # corpus: this interpreter's standard library
 #   PRETRAIN_ARGS="train.time_budget_s=300" bash launch/pretrain.sh
-# The shipped model's corpus, Python 3.11.7's standard library, pinned as jsonl (made on Python 3.11.7 with
-# `python -m train.pretrain stage=corpus corpus_dir=.cache/corpus`):
+#   RECIPE=deep PRETRAIN_ARGS="data.num_proc=16" bash launch/pretrain.sh
+# The shipped reference model's corpus, Python 3.11.7's standard library, pinned as jsonl (made on Python 3.11.7
+# with `python -m train.pretrain stage=corpus corpus_dir=.cache/corpus`):
 #   DATA_ARGS="data=text data.files=.cache/corpus/train.jsonl data.validation_files=.cache/corpus/validation.jsonl" \
 #     bash launch/pretrain.sh
-# Run directories: $RUNS/{pretrain,warmup,evaluate_pretrained,evaluate} (default runs/reference).
+# Run directories: $RUNS/{pretrain,warmup,evaluate_pretrained,evaluate} (default runs/<model>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL_DIR=${MODEL_DIR:-models/reference}
-RUNS=${RUNS:-runs/reference}
+case "${RECIPE:-reference}" in
+  reference) config=pretrain model=reference seq_len=1024 micro_batch=8 eval_rows=(8 16)
+             recipe_data=(data=stdlib) probe=();;
+  deep) config=pretrain_deep model=reference_deep seq_len=8192 micro_batch=1 eval_rows=(2 8)
+        recipe_data=(data=packages)
+        probe=(probe.enabled=true "probe.lengths=[2048,8192]" "probe.depths=[0.1,0.5,0.9]");;
+  *) echo "launch/pretrain.sh: RECIPE=$RECIPE is neither reference nor deep" >&2; exit 2;;
+esac
+seq_len=${SEQ_LEN:-$seq_len}  # a smaller one only to try the recipe out (PRETRAIN_ARGS then sets train.seq_len)
+MODEL_DIR=${MODEL_DIR:-models/$model}
+RUNS=${RUNS:-runs/$model}
 export PYTHON=${PYTHON:-python}  # launch/distill.sh uses it too
 read -r -a data_args <<< "${DATA_ARGS:-}"
 read -r -a pretrain_args <<< "${PRETRAIN_ARGS:-}"
 read -r -a warmup_args <<< "${WARMUP_ARGS:-}"
 read -r -a eval_args <<< "${EVAL_ARGS:-}"
-seq_len=1024
-evaluation=(data=stdlib batches.seq_len=$seq_len batches.batch_size=8 batches.max_batches=16 logger=disabled
-            "${data_args[@]}")
+data_args=("${recipe_data[@]}" "${data_args[@]}")
+evaluation=(batches.seq_len=$seq_len batches.batch_size=${eval_rows[0]} batches.max_batches=${eval_rows[1]}
+            logger=disabled "${data_args[@]}")
 
-"$PYTHON" -m train.pretrain tokenizer.path="$MODEL_DIR" hydra.run.dir="$RUNS/pretrain" train.seq_len=$seq_len \
-  "${data_args[@]}" "${pretrain_args[@]}"
+"$PYTHON" -m train.pretrain --config-name $config hydra.run.dir="$RUNS/pretrain" "${data_args[@]}" \
+  "${pretrain_args[@]}"
 
-bash launch/distill.sh model=reference model.path="$RUNS/pretrain/model" model.dtype=bfloat16 \
-  name=reference-indexer-warmup hydra.run.dir="$RUNS/warmup" resume=never \
-  distill.retention=1.0 distill.seq_len=$seq_len distill.micro_batch_size=8 \
+bash launch/distill.sh model=$model model.path="$RUNS/pretrain/model" model.dtype=bfloat16 \
+  name=$model-indexer-warmup hydra.run.dir="$RUNS/warmup" resume=never \
+  distill.retention=1.0 distill.seq_len=$seq_len distill.micro_batch_size=$micro_batch \
   distill.dense_steps=400 distill.sparse_steps=200 distill.lr=3e-3 distill.warmup_steps=20 \
   distill.eval_every=100 distill.eval_batches=4 distill.save_every=100000 \
   export.enabled=true export.full_model=true "${data_args[@]}" "${warmup_args[@]}"
 
-"$PYTHON" -m train.evaluate model=reference model.path="$RUNS/pretrain/model" 'anchors=[]' \
+"$PYTHON" -m train.evaluate model=$model model.path="$RUNS/pretrain/model" 'anchors=[]' \
   hydra.run.dir="$RUNS/evaluate_pretrained" "${evaluation[@]}" "${eval_args[@]}"
-"$PYTHON" -m train.evaluate model=reference model.path="$RUNS/warmup/export/model" freq=8 'anchors=[dense,full]' \
-  hydra.run.dir="$RUNS/evaluate" "${evaluation[@]}" "${eval_args[@]}"
+"$PYTHON" -m train.evaluate model=$model model.path="$RUNS/warmup/export/model" freq=8 'anchors=[dense,full]' \
+  hydra.run.dir="$RUNS/evaluate" "${evaluation[@]}" "${probe[@]}" "${eval_args[@]}"
 
 mkdir -p "$MODEL_DIR"
 cp "$RUNS"/warmup/export/model/* "$MODEL_DIR"/
-cp "$RUNS/pretrain/model/heldout.safetensors" "$RUNS/pretrain/model/pretrain_record.json" "$MODEL_DIR"/
+cp "$RUNS"/pretrain/model/{heldout.safetensors,heldout_sources.txt,pretrain_record.json} "$MODEL_DIR"/
 cp "$RUNS/warmup/export/manifest.json" "$MODEL_DIR/indexer_warmup_manifest.json"
 cp "$RUNS/evaluate_pretrained/metrics.json" "$MODEL_DIR/evaluation_before_warmup.json"
 cp "$RUNS/evaluate/metrics.json" "$MODEL_DIR/evaluation.json"
-"$PYTHON" -m train.pretrain stage=reference reference.model_dir="$MODEL_DIR" hydra.run.dir="$RUNS/reference"
+"$PYTHON" -m train.pretrain --config-name $config stage=reference reference.model_dir="$MODEL_DIR" \
+  hydra.run.dir="$RUNS/reference" "${pretrain_args[@]}"
 echo "wrote $MODEL_DIR"

@@ -1,4 +1,5 @@
-"""Training text: corpora (stdlib sources, local txt/jsonl(.gz/.zst)/parquet, HF datasets on disk), packed token
+"""Training text: corpora (stdlib or installed packages' sources, local txt/jsonl(.gz/.zst)/parquet, HF datasets on
+disk), packed token
 sequences, batches.
 
 A corpus is a `DatasetDict` with splits "train" and "validation" and columns "text" and "source". Text and
@@ -44,10 +45,10 @@ from train.tokenizer import encode_batch, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("stdlib", "text", "hf_disk")
+SOURCES = ("stdlib", "packages", "text", "hf_disk")
 SPLITS = ("train", "validation")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
-# data.join_by of the stdlib and text sources: documents whose source path shares a directory / a file join.
+# data.join_by of the stdlib, packages and text sources: documents whose source path shares a directory / a file join.
 JOIN_BY_PATH = ("directory", "file")
 JOIN_SEPARATOR = "\n\n"
 # Keys of a data config that do not change the packed sequences (left out of the cache key).
@@ -74,8 +75,24 @@ def stdlib_sources() -> list[tuple[str, str]]:
     Site-packages/dist-packages and files that cannot be read or are not UTF-8 are left out.
     """
     root = sysconfig.get_paths()["stdlib"]
+    return _python_sources(root, _stdlib_paths(root))
+
+
+def package_sources(packages, root: str | None = None) -> list[tuple[str, str]]:
+    """(path relative to `root`, source text) of every `.py` file of the installed `packages` (directory names under
+    `root`, default: this interpreter's site-packages, sysconfig's "purelib"), sorted by path: "torch/nn/linear.py".
+
+    The paths are relative, so a document's split (a hash of its path) is the same wherever the packages are
+    installed. Files that cannot be read or are not UTF-8 are left out; a package that is not a directory under
+    `root` is a DataError naming it.
+    """
+    root = root or sysconfig.get_paths()["purelib"]
+    return _python_sources(root, _package_paths(packages, root))
+
+
+def _python_sources(root: str, paths) -> list[tuple[str, str]]:
     sources = []
-    for path in _stdlib_paths(root):
+    for path in paths:
         try:
             with open(path, "rb") as f:
                 text = f.read().decode("utf-8")
@@ -93,6 +110,19 @@ def _stdlib_paths(root: str) -> Iterator[str]:
         yield from (os.path.join(directory, name) for name in files if name.endswith(".py"))
 
 
+def _package_paths(packages, root: str) -> list[str]:
+    """The .py files under `root`/<package> of each of `packages`, sorted."""
+    if not packages or isinstance(packages, str):
+        raise DataError(f"data.packages={packages!r}: list the installed packages to read, e.g. [torch, numpy]")
+    missing = [name for name in packages if not os.path.isdir(os.path.join(root, str(name)))]
+    if missing:
+        raise DataError(f"data.packages: {', '.join(map(str, missing))} not installed under {root} (a package is a "
+                        f"directory there); install it, drop it from data.packages or set data.packages_root")
+    return sorted(os.path.join(directory, name) for package in packages
+                  for directory, _, files in os.walk(os.path.join(root, str(package)))
+                  for name in files if name.endswith(".py"))
+
+
 def source_identity(data_cfg: Mapping) -> str:
     """A digest of what the corpus is read from, without reading it: the source's files (stdlib .py files, data.files
     and data.validation_files, the files of an hf_disk directory) by absolute path, size and modification time."""
@@ -100,6 +130,9 @@ def source_identity(data_cfg: Mapping) -> str:
     if source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
         return _digest("stdlib", root, _file_stats(sorted(_stdlib_paths(root))))
+    if source == "packages":
+        root = data_cfg.get("packages_root") or sysconfig.get_paths()["purelib"]
+        return _digest("packages", root, _file_stats(_package_paths(data_cfg.get("packages"), root)))
     if source == "text":
         keys = ["files"] + (["validation_files"] if data_cfg.get("validation_files") else [])
         return _digest("text", {key: _file_stats(_expand_files(data_cfg.get(key), key)) for key in keys})
@@ -134,7 +167,8 @@ def stage_seq_lens(distill_cfg: Mapping) -> dict[str, int]:
 def build_corpus(data_cfg: Mapping, cache_dir: str | None = None) -> DatasetDict:
     """The "train" and "validation" splits (columns "text", "source") of a `conf/data/*.yaml` mapping.
 
-    source stdlib: one document per standard-library file. source text: `files` (.txt/.jsonl paths or
+    source stdlib: one document per standard-library file. source packages: one per `.py` file of the installed
+    packages `packages` (`package_sources`). source text: `files` (.txt/.jsonl paths or
     globs). source hf_disk: the text column of `datasets.load_from_disk(path)`. Text and hf_disk
     documents are written once to memory-mapped Arrow files under `<cache_dir>/documents` (default:
     `data_cfg.cache_dir`, else `default_cache_dir()`). `max_documents` keeps the first documents (in the
@@ -146,9 +180,10 @@ def build_corpus(data_cfg: Mapping, cache_dir: str | None = None) -> DatasetDict
     """
     source = data_cfg.get("source")
     documents_dir = os.path.join(_cache_root(data_cfg, cache_dir), "documents")
-    if source == "stdlib":
-        stdlib = _documents_dataset(stdlib_sources())
-        corpus = _split(_joined(_head(stdlib, _max_documents(data_cfg)), data_cfg, documents_dir), data_cfg)
+    if source in ("stdlib", "packages"):
+        files = _documents_dataset(stdlib_sources() if source == "stdlib" else
+                                   package_sources(data_cfg.get("packages"), data_cfg.get("packages_root")))
+        corpus = _split(_joined(_head(files, _max_documents(data_cfg)), data_cfg, documents_dir), data_cfg)
     elif source == "text":
         corpus = _text_corpus(data_cfg, documents_dir)
     elif source == "hf_disk":

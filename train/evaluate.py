@@ -23,7 +23,7 @@ from distill.adapters import family_of
 from distill.evaluate import CalibrationError, evaluate, plot_overlap, topk_overlap
 from distill.model import dsa_attentions
 from distill.pattern import Pattern, resolve_pattern
-from distill.probe import make_samples, retrieval
+from distill.probe import ProbeSample, make_samples, retrieval
 from train.config_keys import resolve_document_mask
 from train.data import build_corpus, eval_batches, packed_datasets
 from train.logger import Logger
@@ -77,15 +77,21 @@ def _flat(prefix: str, metrics: Mapping) -> dict:
     return out
 
 
-def probe_metrics(cfg, model: nn.Module, pattern: Pattern) -> dict:
-    """{"pattern", and the anchors of cfg.anchors ("dense", "full"): `distill.probe.retrieval`} on the samples of
-    cfg.probe, planted in the first cfg.probe.max_documents documents of cfg.data's validation split."""
+def probe_samples(cfg) -> list[ProbeSample]:
+    """The samples of cfg.probe (`distill.probe.make_samples`), planted in the first cfg.probe.max_documents
+    documents of cfg.data's validation split."""
     probe = cfg.probe
     validation = build_corpus(cfg.data, os.path.join(cfg.cache_dir, "data"))["validation"]
     documents = validation.select(range(min(len(validation), probe.max_documents)))["text"]
-    samples = make_samples(load_tokenizer(cfg.model), documents, lengths=list(probe.lengths),
-                           depths=list(probe.depths), needles=probe.needles, digits=probe.digits,
-                           samples_per_cell=probe.samples_per_cell, seed=probe.seed, query=probe.query)
+    return make_samples(load_tokenizer(cfg.model), documents, lengths=list(probe.lengths),
+                        depths=list(probe.depths), needles=probe.needles, digits=probe.digits,
+                        samples_per_cell=probe.samples_per_cell, seed=probe.seed, query=probe.query)
+
+
+def probe_metrics(cfg, model: nn.Module, pattern: Pattern) -> dict:
+    """{"pattern", and the anchors of cfg.anchors ("dense", "full"): `distill.probe.retrieval`} on `probe_samples`."""
+    probe = cfg.probe
+    samples = probe_samples(cfg)
     runs = {"pattern": (pattern, cfg.topk)}
     if "dense" in cfg.anchors:
         runs["dense"] = (None, None)

@@ -1,12 +1,14 @@
-"""The paper's table on a model (issue 7): held-out LM loss as retention falls, per pattern and method.
+"""The paper's table on a model: held-out LM loss, top-k recall and retrieval as retention falls, per pattern and
+method, and which distillation stage matters.
 
-    python -m train.paper_table patterns OUT            # the uniform and greedy patterns, comma-separated
-    python -m train.paper_table summarize OUT [overrides]   # the table, plots, prefill timing, wandb
+    python -m train.paper_table cells OUT --experiment E [--ratios R,R] [overrides]  # the runs, one per line
+    python -m train.paper_table summarize OUT [--ratios R,R] [overrides]   # the table, plots, prefill timing, wandb
 
-`launch/paper_table.sh` runs the whole experiment: greedy search (OUT/search/search.json), one distillation
-run per (pattern, target) cell (Hydra multirun, experiment=paper_table, OUT/runs/*), then `summarize`.
-Methods per pattern: training-free sharing (the all-F indexers, pattern applied), distillation against the
-layer's own attention (`own`), against the centroid of the layers it serves (`centroid`).
+`launch/paper_table.sh` runs the whole experiment: greedy search (OUT/search/search.json), one distillation run
+per line of `cells` (OUT/runs/<name>), then `summarize`. Methods per pattern: training-free sharing (the all-F
+indexers, pattern applied), distillation against the layer's own attention (`own`), against the centroid of the
+layers it serves (`centroid`). The stage ablation: the centroid run of one pattern repeated with the same number of
+steps (the same tokens) all in the dense stage, then all in the sparse stage.
 """
 from __future__ import annotations
 
@@ -20,21 +22,25 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from distill.evaluate import evaluate, pattern_applied, plot_overlap, topk_overlap
 from distill.export import load_indexers_into
+from distill.probe import retrieval
 from distill.pattern import Pattern
-from train.evaluate import load_model_and_batches, log_run
+from train.evaluate import load_model_and_batches, log_run, probe_samples
 
 RATIOS = (0.5, 0.25, 0.125)
+TARGETS = ("own", "centroid")
+BOTH = "dense+sparse"  # the stages of a run: both, or one of them alone ("dense", "sparse")
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def patterns(out: str, num_layers: int) -> dict[tuple[str, float], Pattern]:
+def patterns(out: str, num_layers: int, ratios=RATIOS) -> dict[tuple[str, float], Pattern]:
     """(kind, ratio) -> pattern: 'uniform' (evenly spread F layers) and 'greedy' (from OUT/search/search.json)."""
     steps = json.loads((Path(out) / "search" / "search.json").read_text())["greedy"]
     table = {}
-    for ratio in RATIOS:
+    for ratio in ratios:
         table[("uniform", ratio)] = Pattern.from_retention(num_layers, ratio)
         n_full = len(table[("uniform", ratio)].full_layers)
         greedy = [Pattern.parse(s["pattern"]) for s in steps if len(Pattern.parse(s["pattern"]).full_layers) == n_full]
@@ -45,12 +51,48 @@ def patterns(out: str, num_layers: int) -> dict[tuple[str, float], Pattern]:
     return table
 
 
-def distilled_runs(out: str) -> dict[tuple[str, str], Path]:
-    """(pattern, target) -> export dir of each finished run under OUT/runs."""
+def search_layers(out: str) -> int:
+    """The layer count of the model searched in OUT/search/search.json."""
+    return len(json.loads((Path(out) / "search" / "search.json").read_text())["greedy"][0]["pattern"])
+
+
+def stages(distill_cfg) -> str:
+    """BOTH, "dense" or "sparse": the stages a run with these distill.* settings trains."""
+    if distill_cfg["dense_steps"] and distill_cfg["sparse_steps"]:
+        return BOTH
+    return "dense" if distill_cfg["dense_steps"] else "sparse"
+
+
+def ablation_pattern(table: dict[tuple[str, float], Pattern]) -> Pattern:
+    """The pattern of the stage ablation: uniform at retention 1/4 if the table has it, else its first uniform one."""
+    return table.get(("uniform", 0.25)) or next(p for (kind, _), p in table.items() if kind == "uniform")
+
+
+def cells(out: str, experiment: str, ratios=RATIOS, overrides=()) -> list[tuple[str, list[str]]]:
+    """(run name, the distillation job's overrides) of every run of the table: each pattern of `patterns` x TARGETS
+    with the steps of `experiment` (conf/experiment), then the stage ablation: centroid on `ablation_pattern` with
+    dense_steps + sparse_steps steps of the dense stage alone, then of the sparse stage alone."""
+    import train.distill  # noqa: F401  (registers the config's resolvers: ${gpu:...}, ${run_tag:...})
+
+    with initialize_config_dir(CONF, version_base="1.3"):
+        distill = compose("config", overrides=[f"experiment={experiment}", *overrides]).distill
+    table = patterns(out, search_layers(out), ratios)
+    runs = [(f"{p}-{target}", [f"distill.pattern={p}", f"distill.target={target}"])
+            for p in sorted({str(p) for p in table.values()}) for target in TARGETS]
+    p, steps = ablation_pattern(table), distill.dense_steps + distill.sparse_steps
+    for stage, (dense, sparse) in (("dense", (steps, 0)), ("sparse", (0, steps))):
+        runs.append((f"{p}-centroid-{stage}-only", [f"distill.pattern={p}", "distill.target=centroid",
+                                                    f"distill.dense_steps={dense}", f"distill.sparse_steps={sparse}"]))
+    return runs
+
+
+def distilled_runs(out: str) -> dict[tuple[str, str, str], Path]:
+    """(pattern, target, stages) -> export dir of each finished run under OUT/runs."""
     runs = {}
     for manifest in sorted((Path(out) / "runs").glob("*/export/manifest.json")):
         m = json.loads(manifest.read_text())
-        runs[(m["pattern"], m["training_config"]["distill"]["target"])] = manifest.parent
+        d = m["training_config"]["distill"]
+        runs[(m["pattern"], d["target"], stages(d))] = manifest.parent
     return runs
 
 
@@ -85,44 +127,63 @@ def indexer_gflops(config, pattern: Pattern, seq_len: int) -> float:
     return len(pattern.full_layers) * per_layer / 1e9
 
 
-def summarize(out: str, overrides: list[str], prefill_len: int) -> list[dict]:
+def summarize(out: str, overrides: list[str], prefill_len: int, ratios=RATIOS) -> list[dict]:
+    """Evaluate every row of the table (conf/evaluate.yaml with `overrides`; cfg.probe.enabled adds the retrieval
+    probe to each row), write OUT/table.{json,md} and the plots, log them; returns the rows."""
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("evaluate", overrides=overrides)
     model, batches = load_model_and_batches(cfg)
+    samples = probe_samples(cfg) if cfg.probe.enabled else None
     L = model.config.num_hidden_layers
     all_f = Pattern.all_full(L)
-    table = patterns(out, L)
+    table = patterns(out, L, ratios)
     runs = distilled_runs(out)
     rows = []
 
-    def row(method: str, kind: str, pattern: Pattern | None, m: dict, overlap: torch.Tensor | None) -> dict:
-        r = {"method": method, "pattern_kind": kind, "pattern": str(pattern) if pattern else "-",
+    def row(method: str, kind: str, pattern: Pattern | None, evaluated: nn.Module, overlap: bool = True,
+            stage: str | None = None) -> dict:
+        m = evaluate(evaluated, pattern, batches)
+        matrix = topk_overlap(evaluated, batches[:1], pattern=pattern) if overlap and pattern is not None else None
+        r = {"method": method, "pattern_kind": kind, "pattern": str(pattern) if pattern else "-", "stages": stage,
              "retention": pattern.retention if pattern else 1.0, "loss": m["loss"], "perplexity": m["perplexity"],
-             "topk_recall": m.get("mean_topk_recall"), "adjacent_overlap": adjacent_overlap(overlap)
-             if overlap is not None else None}
-        print(json.dumps(r), flush=True)
+             "topk_recall": m.get("mean_topk_recall"),
+             "adjacent_overlap": adjacent_overlap(matrix) if matrix is not None else None}
+        if samples is not None:
+            probe = retrieval(evaluated, pattern, samples, batch_size=cfg.probe.batch_size)
+            r.update(probe_token_accuracy=probe["token_accuracy"], probe_exact_match=probe["exact_match"],
+                     probe_cells=probe["cells"], probe_control=probe.get("control"))
+        print(json.dumps({k: v for k, v in r.items() if not k.startswith("probe_c")}), flush=True)
         rows.append(r)
         return r
 
-    row("dense attention", "-", None, evaluate(model, None, batches), None)
-    before = topk_overlap(model, batches[:1])
-    row("all-F DSA", "-", all_f, evaluate(model, all_f, batches), before)
-    plot_overlap(before, os.path.join(out, "overlap_all_f.png"), "top-k overlap, all-F (before)")
+    def distilled(pattern: Pattern, target: str, stage: str) -> nn.Module | None:
+        export = runs.get((str(pattern), target, stage))
+        if export is None:
+            print(f"no {stage} run for {pattern} target={target} under {out}/runs", flush=True)
+            return None
+        trained = copy.deepcopy(model)
+        load_indexers_into(trained, export, pattern)
+        return trained
+
+    row("dense attention", "-", None, model)
+    plot_overlap(topk_overlap(model, batches[:1], pattern=all_f), os.path.join(out, "overlap_all_f.png"),
+                 "top-k overlap, all-F (before)")
+    row("all-F DSA", "-", all_f, model)
     for (kind, ratio), pattern in table.items():
-        row("training-free", kind, pattern, evaluate(model, pattern, batches),
-            topk_overlap(model, batches[:1], pattern=pattern))
-        for target in ("own", "centroid"):
-            export = runs.get((str(pattern), target))
-            if export is None:
-                print(f"no run for {pattern} target={target} under {out}/runs", flush=True)
+        row("training-free", kind, pattern, model)
+        for target in TARGETS:
+            if (trained := distilled(pattern, target, BOTH)) is None:
                 continue
-            trained = copy.deepcopy(model)
-            load_indexers_into(trained, export, pattern)
-            overlap = topk_overlap(trained, batches[:1], pattern=pattern)
-            row(f"distilled ({target})", kind, pattern, evaluate(trained, pattern, batches), overlap)
-            if (kind, ratio, target) == ("uniform", 0.25, "centroid"):
-                plot_overlap(overlap, os.path.join(out, "overlap_uniform_r0.25_centroid.png"),
+            row(f"distilled ({target})", kind, pattern, trained, stage=BOTH)
+            if (kind, target) == ("uniform", "centroid") and pattern == ablation_pattern(table):
+                plot_overlap(topk_overlap(trained, batches[:1], pattern=pattern),
+                             os.path.join(out, "overlap_ablation_centroid.png"),
                              f"top-k used under {pattern}, centroid-distilled (after)")
+            del trained
+    pattern = ablation_pattern(table)
+    for stage in ("dense", "sparse"):
+        if (trained := distilled(pattern, "centroid", stage)) is not None:
+            row(f"distilled (centroid), {stage} stage only", "uniform", pattern, trained, stage=stage)
             del trained
 
     timing = {str(p): prefill_seconds(model, p, prefill_len) for p in [all_f, *table.values()]}
@@ -142,17 +203,34 @@ def write(out: str, rows: list[dict], prefill_len: int, cfg) -> None:
 
     Path(out, "table.json").write_text(json.dumps(rows, indent=1))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    probe = "probe_token_accuracy" in rows[0]
     lines = [f"Held-out LM loss ({cfg.batches.max_batches} x {cfg.batches.batch_size} rows of {cfg.batches.seq_len} "
-             f"tokens, validation split) on {device}; prefill of 1 x {prefill_len} tokens in transformers.", "",
+             f"tokens, validation split) on {device}; prefill of 1 x {prefill_len} tokens in transformers."
+             + (f" Retrieval probe: {len(rows[0]['probe_cells'])} cells (lengths x depths) of "
+                f"{cfg.probe.samples_per_cell} samples, token accuracy and exact match." if probe else ""), "",
              "| method | pattern kind | pattern | retention | loss | ppl | top-k recall | adjacent overlap | "
-             "indexer GFLOPs | prefill s | prefill speed-up vs all-F |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             + ("probe token acc | probe exact | " if probe else "")
+             + "indexer GFLOPs | prefill s | prefill speed-up vs all-F |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if probe else "")]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['method']} | {r['pattern_kind']} | `{r['pattern']}` | {r['retention']:.3f} | "
                      f"{r['loss']:.4f} | {r['perplexity']:.3f} | {fmt(r['topk_recall'], '.4f')} | "
-                     f"{fmt(r['adjacent_overlap'], '.3f')} | {fmt(r.get('indexer_gflops'), '.3f')} | "
+                     f"{fmt(r['adjacent_overlap'], '.3f')} | "
+                     + (f"{r['probe_token_accuracy']:.3f} | {r['probe_exact_match']:.3f} | " if probe else "")
+                     + f"{fmt(r.get('indexer_gflops'), '.3f')} | "
                      f"{fmt(r.get('prefill_s'), '.4f')} | {fmt(r.get('prefill_vs_all_f'), '.2f')} |")
+    if probe:
+        cells = [(c["length"], c["depth"]) for c in rows[0]["probe_cells"]]
+        lines += ["", "Retrieval probe, token accuracy per (length, depth):", "",
+                  "| method | pattern kind | retention | " + " | ".join(f"{n} @ {d:g}" for n, d in cells)
+                  + " | control |",
+                  "|---|---|---|" + "---|" * (len(cells) + 1)]
+        for r in rows:
+            control = r["probe_control"] or []
+            lines.append(f"| {r['method']} | {r['pattern_kind']} | {r['retention']:.3f} | "
+                         + " | ".join(f"{c['token_accuracy']:.3f}" for c in r["probe_cells"])
+                         + f" | {', '.join(format(c['token_accuracy'], '.3f') for c in control) or '-'} |")
     Path(out, "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -173,25 +251,28 @@ def write(out: str, rows: list[dict], prefill_len: int, cfg) -> None:
     fig.savefig(os.path.join(out, "loss_vs_retention.png"), dpi=120)
     plt.close(fig)
     metrics = {f"{r['method']}/{r['pattern_kind']}/r{r['retention']:.3f}/loss": r["loss"] for r in rows}
+    metrics.update({f"{r['method']}/{r['pattern_kind']}/r{r['retention']:.3f}/probe_token_accuracy":
+                    r["probe_token_accuracy"] for r in rows if "probe_token_accuracy" in r})
     images = {name: os.path.join(out, f"{name}.png") for name in ("loss_vs_retention", "overlap_all_f",
-                                                                   "overlap_uniform_r0.25_centroid")}
-    log_run(cfg, out, metrics, {k: v for k, v in images.items() if os.path.exists(v)}, {"table": rows})
+                                                                   "overlap_ablation_centroid")}
+    log_run(cfg, out, metrics, {k: v for k, v in images.items() if os.path.exists(v)},
+            {"table": [{k: v for k, v in r.items() if not k.startswith("probe_c")} for r in rows]})
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.paper_table", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["patterns", "summarize"])
+    ap.add_argument("command", choices=["cells", "summarize"])
     ap.add_argument("out")
-    ap.add_argument("--layers", type=int, default=None, help="patterns: the model's layer count (default: from "
-                    "OUT/search/search.json)")
+    ap.add_argument("--experiment", default="paper_table", help="cells: the distillation runs' conf/experiment")
+    ap.add_argument("--ratios", type=lambda text: [float(r) for r in text.split(",")], default=list(RATIOS),
+                    help="retention ratios of the table, comma-separated (default 0.5,0.25,0.125)")
     ap.add_argument("--prefill-len", type=int, default=8192)
-    args, overrides = ap.parse_known_args(argv)  # summarize: the rest are Hydra overrides of conf/evaluate.yaml
-    if args.command == "patterns":
-        steps = json.loads((Path(args.out) / "search" / "search.json").read_text())["greedy"]
-        layers = args.layers or len(steps[0]["pattern"])
-        print(",".join(sorted({str(p) for p in patterns(args.out, layers).values()})))
+    args, overrides = ap.parse_known_args(argv)  # Hydra overrides: of conf/config.yaml (cells), conf/evaluate.yaml
+    if args.command == "cells":
+        for name, run_overrides in cells(args.out, args.experiment, args.ratios, overrides):
+            print(name, *run_overrides)
     else:
-        summarize(args.out, overrides, args.prefill_len)
+        summarize(args.out, overrides, args.prefill_len, args.ratios)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ whichever is further along). Attention is dense and causal (the flash SDPA kerne
 set aside and keep their init, as in DeepSeek-V3.2, whose indexers are trained after dense training
 against the frozen backbone (here: by the distillation job). Writes `<run dir>/model`: weights
 (save.dtype), config, tokenizer, `heldout.safetensors` (the first validation rows, so held-out losses
-are reproducible on any machine) and `pretrain_record.json` (stages, steps, tokens, wall time, losses).
+are reproducible on any machine), `heldout_sources.txt` (the source of every validation document, one per line:
+what the model never trained on) and `pretrain_record.json` (stages, steps, tokens, wall time, losses).
 
 stage=corpus: the train and validation documents of `data` as jsonl files in `corpus_dir`, to pin a corpus
 (such as one interpreter's standard library) for training on another machine with `data=text`.
@@ -30,6 +31,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 
 import hydra
 import torch
@@ -50,6 +52,7 @@ from train.tokenizer import has_tokenizer_files, load_tokenizer, train_bpe_token
 
 DENSE_ATTENTION = "pretrain_dense_causal"
 HELDOUT = "heldout.safetensors"
+HELDOUT_SOURCES = "heldout_sources.txt"
 RECORD = "pretrain_record.json"
 REFERENCE_OUTPUTS = "reference_outputs.json"
 STAGES = ("corpus", "pretrain", "reference")
@@ -187,7 +190,8 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
     val = eval_batches(data["validation"], t.batch_size, t.eval_batches)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else contextlib.nullcontext)
-    logger = Logger(cfg.logger, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True), rank=0)
+    logger = Logger(cfg.logger, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True), rank=0,
+                    run_id=uuid.uuid4().hex)
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
     num_params = sum(p.numel() for p in model.parameters())
     with dense_attention(model):
@@ -250,6 +254,9 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
     tokenizer.save_pretrained(out)
     heldout = eval_batches(data["validation"], cfg.save.heldout_rows, 1)[0]
     save_file({"input_ids": heldout.to(torch.int32).contiguous()}, os.path.join(out, HELDOUT))
+    with open(os.path.join(out, HELDOUT_SOURCES), "w") as f:
+        f.writelines(f"{source}\n" for source in build_corpus(cfg.data, os.path.join(cfg.cache_dir, "data"))
+                     ["validation"]["source"])
     with open(os.path.join(out, RECORD), "w") as f:
         json.dump(record, f, indent=2)
     print(f"[pretrain] {step} steps, {step * tokens_per_step / 1e6:.1f}M tokens in {wall_s:.0f} s; held-out loss "

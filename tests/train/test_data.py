@@ -440,6 +440,43 @@ def test_stdlib_long_joins_each_package_into_one_long_document():
     assert documents[module] == dict(files)[module]  # a top-level module stays one document
 
 
+def test_packages_source_joins_each_package_directory_and_splits_by_relative_path(tmp_path):
+    root = tmp_path / "site"
+    write(root / "pkg" / "a.py", "A = 1")
+    write(root / "pkg" / "b.py", "B = 2")
+    write(root / "pkg" / "sub" / "c.py", "C = 3")
+    write(root / "pkg" / "data.txt", "not python")
+    write(root / "other" / "d.py", "D = 4")
+    (root / "pkg" / "bad.py").write_bytes(b"\xff\xfe")  # not UTF-8: left out
+    assert data.package_sources(["pkg"], str(root)) == [("pkg/a.py", "A = 1"), ("pkg/b.py", "B = 2"),
+                                                         ("pkg/sub/c.py", "C = 3")]
+    cfg = {"source": "packages", "packages": ["pkg", "other"], "packages_root": str(root), "val_fraction": 0.5,
+           "join_by": "directory"}
+    corpus = build_corpus(cfg, str(tmp_path / "cache"))
+    documents = dict(zip(*(col(corpus["train"], c) + col(corpus["validation"], c) for c in ("source", "text"))))
+    assert documents == {"pkg": "A = 1\n\nB = 2", "pkg/sub": "C = 3", "other": "D = 4"}
+    for split in ("train", "validation"):  # the split hashes the path relative to the root, not where it lies
+        assert all(data._in_validation(key, 0.5) == (split == "validation") for key in col(corpus[split], "source"))
+    moved = tmp_path / "elsewhere"
+    root.rename(moved)
+    assert data.source_identity({**cfg, "packages_root": str(moved)}) != data.source_identity(
+        {**cfg, "packages_root": str(moved), "packages": ["pkg"]})
+    with pytest.raises(DataError, match=r"data.packages: nope not installed under .*data.packages_root"):
+        build_corpus({**cfg, "packages_root": str(moved), "packages": ["pkg", "nope"]})
+    with pytest.raises(DataError, match=r"data.packages='pkg': list the installed packages"):
+        data.package_sources("pkg", str(moved))
+
+
+def test_packages_data_config_reads_this_interpreters_site_packages():
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
+        cfg = compose(overrides=["+data=packages", "data.packages=[omegaconf]"]).data
+    assert cfg.source == "packages" and cfg.join_by == "directory" and cfg.min_doc_tokens == 8192
+    corpus = build_corpus({**cfg, "val_fraction": 0.3})
+    sources = col(corpus["train"], "source") + col(corpus["validation"], "source")
+    assert "omegaconf" in sources and all(s.startswith("omegaconf") for s in sources)
+
+
 def test_text_and_hf_disk_documents_are_memory_mapped_arrow_files(tmp_path):
     files = [write(tmp_path / f"{i}.txt", f"document {i}") for i in range(3)]
     Dataset.from_dict({"text": [f"row {i}" for i in range(10)]}).save_to_disk(str(tmp_path / "hf"))
