@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce a reference DSA model from scratch on one GPU. RECIPE picks which (default reference):
 #   reference  models/reference (MODEL_CARD.md): 12 layers, 1024 tokens, top-64; conf/pretrain.yaml, data=stdlib
-#   deep       models/reference_deep (MODEL_CARD.md): 24 layers, 8192 tokens, top-256; conf/pretrain_deep.yaml,
-#              data=packages (the .py sources of installed packages, joined per package directory)
+#   deep       models/reference_deep: 24 layers, 8192 tokens, top-256; data=packages (the .py sources of installed
+#              packages, joined per package directory); pretrained in two phases, conf/pretrain_deep.yaml at 2048
+#              tokens, then conf/pretrain_deep_8k.yaml at 8192 from the first phase's model
 # Stages:
-#   1. dense pretraining: python -m train.pretrain (trains the BPE tokenizer first if tokenizer.path has none)
+#   1. dense pretraining: python -m train.pretrain, once per phase (trains the BPE tokenizer first if tokenizer.path
+#      has none)
 #   2. indexer warm-up: the distillation job at pattern all-F, dense stage then sparse stage (launch/distill.sh)
 #   3. evaluation (python -m train.evaluate): held-out LM loss with dense attention, DSA all-F and DSA at
 #      retention 1/8 (uniform pattern, untrained sharing), per-layer top-k recall; also before the warm-up;
@@ -19,14 +21,14 @@
 # with `python -m train.pretrain stage=corpus corpus_dir=.cache/corpus`):
 #   DATA_ARGS="data=text data.files=.cache/corpus/train.jsonl data.validation_files=.cache/corpus/validation.jsonl" \
 #     bash launch/pretrain.sh
-# Run directories: $RUNS/{pretrain,warmup,evaluate_pretrained,evaluate} (default runs/<model>).
+# Run directories: $RUNS/{<each phase's config name>,warmup,evaluate_pretrained,evaluate} (default runs/<model>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${RECIPE:-reference}" in
-  reference) config=pretrain model=reference seq_len=1024 micro_batch=8 eval_rows=(8 16)
-             recipe_data=(data=stdlib) probe=();;
-  deep) config=pretrain_deep model=reference_deep seq_len=8192 micro_batch=1 eval_rows=(2 8)
-        recipe_data=(data=packages)
+  reference) phases=(pretrain) model=reference seq_len=1024 micro_batch=8 warmup_steps=(400 200)
+             eval_rows=(8 16) recipe_data=(data=stdlib) probe=();;
+  deep) phases=(pretrain_deep pretrain_deep_8k) model=reference_deep seq_len=8192 micro_batch=1
+        warmup_steps=(800 200) eval_rows=(2 8) recipe_data=(data=packages)
         probe=(probe.enabled=true "probe.lengths=[2048,8192]" "probe.depths=[0.1,0.5,0.9]");;
   *) echo "launch/pretrain.sh: RECIPE=$RECIPE is neither reference nor deep" >&2; exit 2;;
 esac
@@ -42,27 +44,31 @@ data_args=("${recipe_data[@]}" "${data_args[@]}")
 evaluation=(batches.seq_len=$seq_len batches.batch_size=${eval_rows[0]} batches.max_batches=${eval_rows[1]}
             logger=disabled "${data_args[@]}")
 
-"$PYTHON" -m train.pretrain --config-name $config hydra.run.dir="$RUNS/pretrain" "${data_args[@]}" \
-  "${pretrain_args[@]}"
+pretrained=""
+for phase in "${phases[@]}"; do  # each phase starts from the model of the one before
+  "$PYTHON" -m train.pretrain --config-name $phase hydra.run.dir="$RUNS/$phase" ${pretrained:+model.path=$pretrained} \
+    "${data_args[@]}" "${pretrain_args[@]}"
+  pretrained=$RUNS/$phase/model
+done
 
-bash launch/distill.sh model=$model model.path="$RUNS/pretrain/model" model.dtype=bfloat16 \
+bash launch/distill.sh model=$model model.path="$pretrained" model.dtype=bfloat16 \
   name=$model-indexer-warmup hydra.run.dir="$RUNS/warmup" resume=never \
   distill.retention=1.0 distill.seq_len=$seq_len distill.micro_batch_size=$micro_batch \
-  distill.dense_steps=400 distill.sparse_steps=200 distill.lr=3e-3 distill.warmup_steps=20 \
+  distill.dense_steps=${warmup_steps[0]} distill.sparse_steps=${warmup_steps[1]} distill.lr=3e-3 distill.warmup_steps=20 \
   distill.eval_every=100 distill.eval_batches=4 distill.save_every=100000 \
   export.enabled=true export.full_model=true "${data_args[@]}" "${warmup_args[@]}"
 
-"$PYTHON" -m train.evaluate model=$model model.path="$RUNS/pretrain/model" 'anchors=[]' \
+"$PYTHON" -m train.evaluate model=$model model.path="$pretrained" 'anchors=[]' \
   hydra.run.dir="$RUNS/evaluate_pretrained" "${evaluation[@]}" "${eval_args[@]}"
 "$PYTHON" -m train.evaluate model=$model model.path="$RUNS/warmup/export/model" freq=8 'anchors=[dense,full]' \
   hydra.run.dir="$RUNS/evaluate" "${evaluation[@]}" "${probe[@]}" "${eval_args[@]}"
 
 mkdir -p "$MODEL_DIR"
 cp "$RUNS"/warmup/export/model/* "$MODEL_DIR"/
-cp "$RUNS"/pretrain/model/{heldout.safetensors,heldout_sources.txt,pretrain_record.json} "$MODEL_DIR"/
+cp "$pretrained"/{heldout.safetensors,heldout_sources.txt,pretrain_record.json} "$MODEL_DIR"/
 cp "$RUNS/warmup/export/manifest.json" "$MODEL_DIR/indexer_warmup_manifest.json"
 cp "$RUNS/evaluate_pretrained/metrics.json" "$MODEL_DIR/evaluation_before_warmup.json"
 cp "$RUNS/evaluate/metrics.json" "$MODEL_DIR/evaluation.json"
-"$PYTHON" -m train.pretrain --config-name $config stage=reference reference.model_dir="$MODEL_DIR" \
+"$PYTHON" -m train.pretrain --config-name "${phases[-1]}" stage=reference reference.model_dir="$MODEL_DIR" \
   hydra.run.dir="$RUNS/reference" "${pretrain_args[@]}"
 echo "wrote $MODEL_DIR"

@@ -3,8 +3,9 @@
 The whole recipe of models/reference (this pretraining, the indexer warm-up with the distillation job,
 evaluation, reference outputs) is `bash launch/pretrain.sh`.
 
-stage=pretrain: a GlmMoeDsa built from `model` (conf/model/reference_arch.yaml) trained from scratch on
-the packed corpus (`data`), nanoGPT style: AdamW, bf16 autocast on GPU, linear warm-up then cosine decay,
+stage=pretrain: a GlmMoeDsa built from `model` (conf/model/reference_arch.yaml) trained from scratch, or with
+model.path from that model (a later phase of a recipe, e.g. a longer context: its record is kept under "init_from"),
+on the packed corpus (`data`), nanoGPT style: AdamW, bf16 autocast on GPU, linear warm-up then cosine decay,
 for train.max_steps steps or train.time_budget_s seconds, whichever comes first (the schedule follows
 whichever is further along). Attention is dense and causal (the flash SDPA kernel); the DSA indexers are
 set aside and keep their init, as in DeepSeek-V3.2, whose indexers are trained after dense training
@@ -180,6 +181,7 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     t = cfg.train
+    os.makedirs(run_dir, exist_ok=True)
     tokenizer = pretraining_tokenizer(cfg.tokenizer, cfg.data)
     model = build_model(cfg.model, device).train()
     check_vocabulary(model.config, tokenizer)
@@ -246,6 +248,7 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
         "wall_s": wall_s, "packing_s": packing_s, "final_train_loss": loss, "heldout_evals": evals,
         "train_rows": len(data["train"]), "validation_rows": len(data["validation"]), "seq_len": t.seq_len,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "init_from": _previous_phase(cfg.model.get("path")),
     }
     logger.summary({"eval/loss": evals[-1]["loss"], "train/loss": loss})
     logger.finish()
@@ -262,6 +265,20 @@ def pretrain(cfg: DictConfig, run_dir: str) -> dict:
     print(f"[pretrain] {step} steps, {step * tokens_per_step / 1e6:.1f}M tokens in {wall_s:.0f} s; held-out loss "
           f"{evals[-1]['loss']:.4f}; saved to {out}", flush=True)
     return record
+
+
+def _previous_phase(model_dir: str | None) -> dict | None:
+    """{"path", "record"} of the model a phase starts from (model.path; its pretrain_record.json, if it has one), or
+    None for a model trained from scratch."""
+    if not model_dir:
+        return None
+    path = os.path.join(model_dir, RECORD)
+    record = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+        record.pop("config", None)  # the earlier phase's whole config: its record keeps the numbers
+    return {"path": str(model_dir), "record": record}
 
 
 def heldout_tokens(model_dir: str) -> torch.Tensor:

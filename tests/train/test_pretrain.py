@@ -34,7 +34,23 @@ def test_deep_recipe_pretrains_and_saves_a_model_with_its_heldout_rows_and_sourc
     validation = build_corpus(cfg.data, str(tmp_path / "cache" / "data"))["validation"]["source"]
     assert (out / HELDOUT_SOURCES).read_text().splitlines() == list(validation) and validation
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.num_hidden_layers == 2 and next(model.parameters()).dtype == torch.bfloat16
+    assert model.config.num_hidden_layers == 2 and next(model.parameters()).dtype == torch.float32  # phase 1: fp32
+
+
+def test_deep_recipe_second_phase_starts_from_the_first_phases_model(tmp_path):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        first = compose("pretrain_deep", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}"])
+        second = compose("pretrain_deep_8k", overrides=[
+            *TINY, f"cache_dir={tmp_path / 'cache'}", f"model.path={tmp_path / 'first' / 'model'}", "train.seq_len=128",
+            "train.max_steps=1", "train.lr=0"])  # no update: phase 2's model is phase 1's
+    assert (first.save.dtype, second.save.dtype) == ("float32", "bfloat16")
+    pretrain(first, str(tmp_path / "first"))
+    record = pretrain(second, str(tmp_path / "second"))
+    assert record["init_from"]["path"] == str(tmp_path / "first" / "model")
+    assert record["init_from"]["record"]["steps"] == 3 and record["seq_len"] == 128
+    phase_1, phase_2 = (load_file(tmp_path / phase / "model" / "model.safetensors") for phase in ("first", "second"))
+    assert phase_1.keys() == phase_2.keys() and phase_1["model.embed_tokens.weight"].dtype == torch.float32
+    assert all(torch.equal(phase_1[k].to(torch.bfloat16), phase_2[k]) for k in phase_1)
 
 
 def search_json(out, patterns):
