@@ -4,9 +4,10 @@
 #   deep       models/reference_deep, retention 1/4, 1/8, 8192-token rows (conf/experiment/paper_table_deep.yaml)
 # Steps:
 #   1. the greedy layer search (OUT/search/search.json),
-#   2. the distillation runs (`python -m train.paper_table cells`): each pattern x target (own, centroid), then the
-#      stage ablation (one pattern's centroid run with its steps all dense, then all sparse); JOBS of them at a time
-#      (default 1), each through launch/distill.sh into OUT/runs/<name> (its log: OUT/runs/<name>.log),
+#   2. the distillation runs (`python -m train.paper_table cells`): all-F (the anchor, trained as long as the others),
+#      each pattern x target (own, centroid), then the stage ablation (one pattern's centroid run with its steps all
+#      dense, then all sparse); JOBS of them at a time (default 1), each through launch/distill.sh into
+#      OUT/runs/<name> (its log: OUT/runs/<name>.log),
 #   3. the table, plots and prefill timing (OUT/table.md, OUT/*.png), held-out LM loss, top-k recall and the
 #      retrieval probe per row, logged to wandb (offline).
 # Usage: bash launch/paper_table.sh [OUT]   (default runs/paper_table[_deep]).

@@ -69,16 +69,21 @@ def ablation_pattern(table: dict[tuple[str, float], Pattern]) -> Pattern:
 
 
 def cells(out: str, experiment: str, ratios=RATIOS, overrides=()) -> list[tuple[str, list[str]]]:
-    """(run name, the distillation job's overrides) of every run of the table: each pattern of `patterns` x TARGETS
-    with the steps of `experiment` (conf/experiment), then the stage ablation: centroid on `ablation_pattern` with
-    dense_steps + sparse_steps steps of the dense stage alone, then of the sparse stage alone."""
+    """(run name, the distillation job's overrides) of every run of the table: all-F with the steps of `experiment`
+    (conf/experiment; the anchor trained as long as the cells, so that a cell is not better only for its extra
+    steps), each pattern of `patterns` x TARGETS with those steps, then the stage ablation: centroid on
+    `ablation_pattern` with dense_steps + sparse_steps steps of the dense stage alone, then of the sparse stage
+    alone."""
     import train.distill  # noqa: F401  (registers the config's resolvers: ${gpu:...}, ${run_tag:...})
 
     with initialize_config_dir(CONF, version_base="1.3"):
         distill = compose("config", overrides=[f"experiment={experiment}", *overrides]).distill
-    table = patterns(out, search_layers(out), ratios)
-    runs = [(f"{p}-{target}", [f"distill.pattern={p}", f"distill.target={target}"])
-            for p in sorted({str(p) for p in table.values()}) for target in TARGETS]
+    layers = search_layers(out)
+    table = patterns(out, layers, ratios)
+    all_f = Pattern.all_full(layers)
+    runs = [(f"{all_f}-own", [f"distill.pattern={all_f}", "distill.target=own"])]  # own = centroid: one layer a group
+    runs += [(f"{p}-{target}", [f"distill.pattern={p}", f"distill.target={target}"])
+             for p in sorted({str(p) for p in table.values()}) for target in TARGETS]
     p, steps = ablation_pattern(table), distill.dense_steps + distill.sparse_steps
     for stage, (dense, sparse) in (("dense", (steps, 0)), ("sparse", (0, steps))):
         runs.append((f"{p}-centroid-{stage}-only", [f"distill.pattern={p}", "distill.target=centroid",
@@ -169,6 +174,9 @@ def summarize(out: str, overrides: list[str], prefill_len: int, ratios=RATIOS) -
     plot_overlap(topk_overlap(model, batches[:1], pattern=all_f), os.path.join(out, "overlap_all_f.png"),
                  "top-k overlap, all-F (before)")
     row("all-F DSA", "-", all_f, model)
+    if (trained := distilled(all_f, "own", BOTH)) is not None:
+        row("all-F DSA, distilled as long as the cells", "-", all_f, trained, stage=BOTH)
+        del trained
     for (kind, ratio), pattern in table.items():
         row("training-free", kind, pattern, model)
         for target in TARGETS:

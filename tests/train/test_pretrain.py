@@ -63,7 +63,7 @@ def test_cells_are_each_pattern_and_target_then_the_stage_ablation_at_the_same_s
     runs = dict((name, overrides) for name, overrides in
                 cells(str(tmp_path), "paper_table", [0.25, 0.125], ["distill.dense_steps=7", "distill.sparse_steps=3"]))
     uniform = {"FSSSFSSS", "FSSSSSSS"}  # Pattern.from_retention(8, 1/4) and (8, 1/8); greedy gives the same here
-    assert list(runs) == [f"{p}-{t}" for p in sorted(uniform) for t in ("own", "centroid")] + [
+    assert list(runs) == ["FFFFFFFF-own"] + [f"{p}-{t}" for p in sorted(uniform) for t in ("own", "centroid")] + [
         "FSSSFSSS-centroid-dense-only", "FSSSFSSS-centroid-sparse-only"]
     assert runs["FSSSSSSS-own"] == ["distill.pattern=FSSSSSSS", "distill.target=own"]
     assert runs["FSSSFSSS-centroid-dense-only"][2:] == ["distill.dense_steps=10", "distill.sparse_steps=0"]
@@ -80,25 +80,28 @@ def test_cells_refuse_a_search_that_did_not_reach_the_ratio(tmp_path):
 
 @pytest.mark.slow
 def test_summarize_evaluates_each_row_with_the_probe_and_the_runs_that_finished(tmp_path):
-    from tests.jobs import job
+    from tests.jobs import jobs
     from train.paper_table import summarize
 
     out = tmp_path / "out"
     search_json(out, ["FSFFFFFF", "FSFFFSFF", "FSFSFSFF", "FSFSFSFS", "FSSSFSFS", "FSSSSFSS"])
-    job(tmp_path, out / "runs" / "FSSSFSSS-centroid", "distill.pattern=FSSSFSSS", "distill.target=centroid",
-        "distill.dense_steps=3", "distill.sparse_steps=1", "distill.lm_eval=false", "distill.lr=0.05")
+    steps = ["distill.dense_steps=3", "distill.sparse_steps=1", "distill.lm_eval=false", "distill.lr=0.05"]
+    jobs(*[((tmp_path, out / "runs" / f"{p}-{t}", f"distill.pattern={p}", f"distill.target={t}", *steps), {})
+           for p, t in (("FSSSFSSS", "centroid"), ("FFFFFFFF", "own"))])
     overrides = ["model=tiny_glm", "data=stdlib_small", "batches.seq_len=64", "batches.batch_size=2",
                  "batches.max_batches=1", "device=cpu", f"cache_dir={tmp_path / 'cache'}", "logger=disabled",
                  "probe.enabled=true", "probe.lengths=[96]", "probe.depths=[0.5]", "probe.needles=2", "probe.digits=3",
                  "probe.samples_per_cell=2", "probe.max_documents=4"]
     rows = summarize(str(out), overrides, prefill_len=64, ratios=[0.25])
     assert [(r["method"], r["pattern"]) for r in rows] == [
-        ("dense attention", "-"), ("all-F DSA", "FFFFFFFF"), ("training-free", "FSSSFSSS"),
-        ("distilled (centroid)", "FSSSFSSS"), ("training-free", "FSSSSFSS")]  # the runs that finished
-    free, distilled = rows[2], rows[3]
+        ("dense attention", "-"), ("all-F DSA", "FFFFFFFF"), ("all-F DSA, distilled as long as the cells", "FFFFFFFF"),
+        ("training-free", "FSSSFSSS"), ("distilled (centroid)", "FSSSFSSS"),
+        ("training-free", "FSSSSFSS")]  # the runs that finished
+    assert rows[2]["loss"] != rows[1]["loss"]
+    free, distilled = rows[3], rows[4]
     assert distilled["stages"] == "dense+sparse" and distilled["loss"] != free["loss"]  # its indexers were loaded
     for r in rows:
         assert 0 <= r["probe_token_accuracy"] <= 1 and [c["length"] for c in r["probe_cells"]] == [96]
     table = (out / "table.md").read_text()
     assert "| probe token acc | probe exact |" in table and "| 96 @ 0.5 | control |" in table
-    assert json.loads((out / "table.json").read_text())[3]["pattern"] == "FSSSFSSS"
+    assert json.loads((out / "table.json").read_text())[4]["pattern"] == "FSSSFSSS"
