@@ -115,10 +115,11 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
                            "not a safetensors model directory (convert its weights to safetensors)")
 
 
-def tensor_headers(model_dir: str | os.PathLike, names: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+def tensor_headers(model_dir: str | os.PathLike, names: list[str],
+                   shards: dict[str, str] | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (safetensors dtype, shape)} of tensors of a model directory (`weight_map` names), read from the
-    shard headers only."""
-    model_dir, shards = Path(model_dir), weight_map(model_dir)
+    shard headers only. shards: the directory's `weight_map`, when the caller has read it already."""
+    model_dir, shards = Path(model_dir), shards if shards is not None else weight_map(model_dir)
     headers = {}
     for shard in sorted({shards[name] for name in names}):
         try:

@@ -45,7 +45,7 @@ def load_block_fp8(path: str, config, device: torch.device, dtype: torch.dtype, 
     with torch.device("meta"):
         model = MODEL_TYPES[config.model_type][1](config)
     shards = weight_map(path)
-    headers = tensor_headers(path, list(shards))
+    headers = tensor_headers(path, list(shards), shards)
     skipped = _skipped_indexers(model, shared_layers)
     slots = _plan(model, headers, fmt, skipped, path)
     _check_scales(path, shards, [name for name in slots if name.endswith(SCALE)])
