@@ -1,6 +1,5 @@
 """Training text: corpora (stdlib or installed packages' sources, local txt/jsonl(.gz/.zst)/parquet, HF datasets on
-disk), packed token
-sequences, batches.
+disk), packed token sequences, batches.
 
 A corpus is a `DatasetDict` with splits "train" and "validation" and columns "text" and "source". Text and
 hf_disk corpora are memory-mapped Arrow datasets written under the cache directory, never Python lists of
