@@ -145,10 +145,12 @@ def summarize(out: str, overrides: list[str], prefill_len: int, ratios=RATIOS) -
     runs = distilled_runs(out)
     rows = []
 
-    def row(method: str, kind: str, pattern: Pattern | None, evaluated: nn.Module, overlap: bool = True,
-            stage: str | None = None) -> dict:
+    def row(method: str, kind: str, pattern: Pattern | None, evaluated: nn.Module,
+            stage: str | None = None) -> torch.Tensor | None:
+        """Evaluate `evaluated` under `pattern` into a row of the table; returns its top-k overlap matrix (for the
+        plots), None for dense attention."""
         m = evaluate(evaluated, pattern, batches)
-        matrix = topk_overlap(evaluated, batches[:1], pattern=pattern) if overlap and pattern is not None else None
+        matrix = topk_overlap(evaluated, batches[:1], pattern=pattern) if pattern is not None else None
         r = {"method": method, "pattern_kind": kind, "pattern": str(pattern) if pattern else "-", "stages": stage,
              "retention": pattern.retention if pattern else 1.0, "loss": m["loss"], "perplexity": m["perplexity"],
              "topk_recall": m.get("mean_topk_recall"),
@@ -159,7 +161,7 @@ def summarize(out: str, overrides: list[str], prefill_len: int, ratios=RATIOS) -
                      probe_cells=probe["cells"], probe_control=probe.get("control"))
         print(json.dumps({k: v for k, v in r.items() if not k.startswith("probe_c")}), flush=True)
         rows.append(r)
-        return r
+        return matrix
 
     def distilled(pattern: Pattern, target: str, stage: str) -> nn.Module | None:
         export = runs.get((str(pattern), target, stage))
@@ -171,9 +173,8 @@ def summarize(out: str, overrides: list[str], prefill_len: int, ratios=RATIOS) -
         return trained
 
     row("dense attention", "-", None, model)
-    plot_overlap(topk_overlap(model, batches[:1], pattern=all_f), os.path.join(out, "overlap_all_f.png"),
+    plot_overlap(row("all-F DSA", "-", all_f, model), os.path.join(out, "overlap_all_f.png"),
                  "top-k overlap, all-F (before)")
-    row("all-F DSA", "-", all_f, model)
     if (trained := distilled(all_f, "own", BOTH)) is not None:
         row("all-F DSA, distilled as long as the cells", "-", all_f, trained, stage=BOTH)
         del trained
@@ -182,10 +183,9 @@ def summarize(out: str, overrides: list[str], prefill_len: int, ratios=RATIOS) -
         for target in TARGETS:
             if (trained := distilled(pattern, target, BOTH)) is None:
                 continue
-            row(f"distilled ({target})", kind, pattern, trained, stage=BOTH)
+            overlap = row(f"distilled ({target})", kind, pattern, trained, stage=BOTH)
             if (kind, target) == ("uniform", "centroid") and pattern == ablation_pattern(table):
-                plot_overlap(topk_overlap(trained, batches[:1], pattern=pattern),
-                             os.path.join(out, "overlap_ablation_centroid.png"),
+                plot_overlap(overlap, os.path.join(out, "overlap_ablation_centroid.png"),
                              f"top-k used under {pattern}, centroid-distilled (after)")
             del trained
     pattern = ablation_pattern(table)
