@@ -168,13 +168,14 @@ def check_dense_attention(T, *, B=1, H=DSA["H"], docs=None, dtype=torch.bfloat16
 
 
 def check_dense_attention_long(T=131072, *, H=DSA["H"], rows=(0, 4095, 65537, -1), tol=2e-2):
-    """Past 2^31 elements per tensor (DeepSeek-V3.2's 128 heads of 192 beyond 87K tokens) the fused attention runs in
-    groups of heads: its out and LSE at a few query rows against a direct fp32 computation of those rows, and the
-    same rows of one ungrouped cuDNN call for comparison (what the grouping avoids)."""
+    """Past 2^31 elements of extent per tensor (DeepSeek-V3.2's 128 heads of 192 beyond 87K tokens; v, a slice of
+    MLA's kv of 256 per head, beyond 64K) the fused attention runs in groups of heads, each contiguous: its out and LSE
+    at a few query rows against a direct fp32 computation of those rows, and the same rows of one ungrouped cuDNN call
+    for comparison (what the grouping avoids)."""
     from kernels import dense_attention
     g = torch.Generator(device="cuda").manual_seed(T)
     q, k = (torch.randn(1, T, H, DSA["Dq"], generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(1, T, H, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, T, H, 256, generator=g, device="cuda", dtype=torch.bfloat16)[..., 128:]  # MLA: kv's v half
     scale = DSA["Dq"] ** -0.5
     out, lse = causal_attention(q, k, v, scale)
     torch.cuda.synchronize()
@@ -187,7 +188,7 @@ def check_dense_attention_long(T=131072, *, H=DSA["H"], rows=(0, 4095, 65537, -1
     errors = [max(relative_error(out[0, t], w_out), relative_error(lse[0, :, t], w_lse))
               for t, (w_out, w_lse) in zip(picked, wants)]
     del out, lse
-    one_out, one_lse = dense_attention._fused_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale)
+    one_out, one_lse = dense_attention._cuda_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale)
     ungrouped = [max(relative_error(one_out[0, :, t], w_out), relative_error(one_lse[0, :, t].float(), w_lse))
                  for t, (w_out, w_lse) in zip(picked, wants)]
     ok = max(errors) < tol

@@ -11,7 +11,10 @@ T x T tensor:
   returns the LSE at no extra cost; the memory-efficient backend for fp32 (cuDNN takes fp32 inputs and returns
   NaN: measured on an H200, torch 2.11) and where cuDNN refuses the shapes.
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
-- Heads in groups whose q, k, v stay under 2^31 elements (one cuDNN call past that failed the LSE check).
+- Heads in groups, each made contiguous, wherever a q, k or v view reaches 2^31 elements of memory (its extent:
+  the elements between its first and its last, so v sliced out of a wider kv counts that width): past that one
+  cuDNN call over all heads gave inf, and groups of strided views failed the LSE check (DeepSeek-V3.2's 128 heads
+  at 128K tokens, an H100, torch 2.11). Heads are independent: the groups give the same result.
 - Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
   each run in turn (exact, and as fast as the backend is for that length).
 The LSE a backend returns is checked, once per call, on the last query row of each head (of the longest run)
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+INDEX_LIMIT = 2**31 - 1  # the largest element offset a kernel indexing in 32 bits reaches
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
@@ -49,14 +54,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 def _attention(q, k, v, scale):
     """(out [B, T, H, Dv], lse [B, H, T] fp32) of one causal run, from the device's fused backend."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D] views
-    if q.device.type == "cuda":
-        out, lse = _cuda_attention(qh, kh, vh, scale)
-    else:
-        dv = v.shape[-1]
-        padded = F.pad(vh, (0, q.shape[-1] - dv)) if dv < q.shape[-1] else vh
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, kh, padded, 0.0, True, scale=scale)[:2]
-        out = out[..., :dv]
+    fused = _cuda_attention if q.device.type == "cuda" else _cpu_attention
+    out, lse = in_head_groups(fused, qh, kh, vh, scale)
     lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., : q.shape[1]].float()
     return out.transpose(1, 2), lse
 
@@ -67,21 +66,46 @@ def document_runs(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[tu
     return [(a // seq_len, a % seq_len, b - (a // seq_len) * seq_len) for a, b in zip(flat, flat[1:]) if b > a]
 
 
-def _cuda_attention(qh, kh, vh, scale):
-    """(out, lse) of [B, H, T, D] views, a call per group of heads whose tensors stay under 2^31 elements. One call
-    past that (DeepSeek-V3.2's 128 heads of 192 at 128K tokens, an H100, torch 2.11) failed `_check_last_row_lse`,
-    while 64K passed; heads are independent, so groups of them give the same result at sizes every backend indexes
-    in 32 bits. `bench.check_kernels.check_dense_attention_long` compares both against direct rows (not yet run)."""
+def in_head_groups(fused, qh, kh, vh, scale, *, max_extent: int = INDEX_LIMIT):
+    """fused(qh, kh, vh, scale) -> (out [B, H, T, Dv], lse [B, H, T']) of [B, H, T, D] views, in one call where every
+    view's memory extent is at most max_extent elements, else one call per group of heads whose contiguous copies
+    stay within it (the module docstring says why)."""
+    if max(map(memory_extent, (qh, kh, vh))) <= max_extent:
+        return fused(qh, kh, vh, scale)
     B, H, T, _ = qh.shape
-    heads = max(1, (2**31 - 1) // (B * T * max(qh.shape[-1], vh.shape[-1])))
-    if heads >= H:
-        return _fused_attention(qh, kh, vh, scale)
-    parts = [_fused_attention(qh[:, h:h + heads], kh[:, h:h + heads], vh[:, h:h + heads], scale)
-             for h in range(0, H, heads)]
+    heads = max(1, max_extent // (B * T * max(qh.shape[-1], vh.shape[-1])))
+    parts = [fused(*(t[:, h:h + heads].contiguous() for t in (qh, kh, vh)), scale) for h in range(0, H, heads)]
     return torch.cat([out for out, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
 
 
-def _fused_attention(qh, kh, vh, scale):
+def head_group_bytes(B: int, T: int, H: int, dq: int, dv: int, v_row: int, element_size: int,
+                     max_extent: int = INDEX_LIMIT) -> int:
+    """Bytes `in_head_groups` holds beyond its inputs and the one call's out and lse, for q, k [B, T, H, dq] and v
+    [B, T, H, dv] with v_row elements between a token's heads (dv for a tensor of its own, nope + dv for MLA's view
+    into kv): 0 where it makes one call; else one group's contiguous q, k, v and, while the groups' outs and lses are
+    concatenated, a second out [B, H, T, dv] and lse [B, H, T] fp32."""
+    if max(B * T * H * dq, B * T * H * v_row - (v_row - dv)) <= max_extent:  # the views' extents
+        return 0
+    heads = min(H, max(1, max_extent // (B * T * max(dq, dv))))
+    return heads * B * T * (2 * dq + dv) * element_size + B * H * T * (dv * element_size + 4)
+
+
+def memory_extent(t: torch.Tensor) -> int:
+    """Elements from t's first to its last in memory: what a kernel indexing t from its data pointer addresses."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _cpu_attention(qh, kh, vh, scale):
+    """torch's CPU flash attention, which takes one head size: v padded to q's and the padding sliced off out."""
+    dv = vh.shape[-1]
+    padded = F.pad(vh, (0, qh.shape[-1] - dv)) if dv < qh.shape[-1] else vh
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, padded, 0.0, True, scale=scale)[:2]
+    return out[..., :dv], lse
+
+
+def _cuda_attention(qh, kh, vh, scale):
+    """cuDNN's fused attention where it takes the inputs, else the memory-efficient backend: (out, lse) of [B, H, T, D]
+    views."""
     if qh.dtype in (torch.bfloat16, torch.float16):  # cuDNN's fused attention: fp32 inputs come back as NaN
         try:
             return torch.ops.aten._scaled_dot_product_cudnn_attention(

@@ -21,6 +21,8 @@
 # with `python -m train.pretrain stage=corpus corpus_dir=.cache/corpus`):
 #   DATA_ARGS="data=text data.files=.cache/corpus/train.jsonl data.validation_files=.cache/corpus/validation.jsonl" \
 #     bash launch/pretrain.sh
+# PRETRAINED=<dir>: skip dense pretraining and start at the indexer warm-up from that pretrained backbone (a phase's
+# <run dir>/model, with its pretrain_record.json, heldout.safetensors and heldout_sources.txt).
 # Run directories: $RUNS/{<each phase's config name>,warmup,evaluate_pretrained,evaluate} (default runs/<model>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,12 +46,20 @@ data_args=("${recipe_data[@]}" "${data_args[@]}")
 evaluation=(batches.seq_len=$seq_len batches.batch_size=${eval_rows[0]} batches.max_batches=${eval_rows[1]}
             logger=disabled "${data_args[@]}")
 
-pretrained=""
-for phase in "${phases[@]}"; do  # each phase starts from the model of the one before
-  "$PYTHON" -m train.pretrain --config-name $phase hydra.run.dir="$RUNS/$phase" ${pretrained:+model.path=$pretrained} \
-    "${data_args[@]}" "${pretrain_args[@]}"
-  pretrained=$RUNS/$phase/model
-done
+if [ -n "${PRETRAINED:-}" ]; then
+  pretrained=$PRETRAINED
+  for f in model.safetensors pretrain_record.json heldout.safetensors heldout_sources.txt; do
+    [ -f "$pretrained/$f" ] || { echo "launch/pretrain.sh: PRETRAINED=$pretrained has no $f: point it at a" \
+                                      "pretraining phase's <run dir>/model" >&2; exit 2; }
+  done
+else
+  pretrained=""
+  for phase in "${phases[@]}"; do  # each phase starts from the model of the one before
+    "$PYTHON" -m train.pretrain --config-name $phase hydra.run.dir="$RUNS/$phase" ${pretrained:+model.path=$pretrained} \
+      "${data_args[@]}" "${pretrain_args[@]}"
+    pretrained=$RUNS/$phase/model
+  done
+fi
 
 bash launch/distill.sh model=$model model.path="$pretrained" model.dtype=bfloat16 \
   name=$model-indexer-warmup hydra.run.dir="$RUNS/warmup" resume=never \

@@ -40,6 +40,7 @@ from distill.fp8 import BlockFp8
 from distill.pattern import resolve_pattern
 from distill.source import MODEL_TYPES, model_config, resolve_dtype
 from kernels import reference
+from kernels.dense_attention import head_group_bytes
 from kernels.tiles import DEFAULT_TILES, SCRATCH_BYTES  # SCRATCH_BYTES: the dense loss's R x S fp32 scratch budget
 from train.fp8_loader import fused_experts
 
@@ -266,7 +267,9 @@ def attention_transient(s: Shapes, B: int, T: int, stage: str, a: int) -> int:
     if stage == "dense":
         # MlaForms.expanded: kv_b_proj out [B,T,H,nope+v] (v a view), q and k cats [B,T,H,Dq]; the attention's
         # out [B,T,H,Dv] and lse [B,H,T] fp32
-        return base + B * T * H * (s.nope + s.v) * a + 2 * B * T * H * dq * a + B * T * H * s.v * a + B * H * T * 4
+        # + the fused attention's head groups where a view passes 2^31 elements (kernels.dense_attention)
+        return (base + B * T * H * (s.nope + s.v) * a + 2 * B * T * H * dq * a + B * T * H * s.v * a + B * H * T * 4
+                + head_group_bytes(B, T, H, dq, s.v, s.nope + s.v, a))
     C = s.kv_lora
     # MlaForms.absorbed: q [B,T,H,C+rope], kv [B,T,C+rope]; sparse_mqa_attention's latent out [B,T,H,C], lse; then
     # either its p scratch (<= 1 GiB) or MlaForms.output's [B,T,H,Dv]
