@@ -73,7 +73,7 @@ def in_head_groups(fused, qh, kh, vh, scale, *, max_extent: int = INDEX_LIMIT):
     if max(map(memory_extent, (qh, kh, vh))) <= max_extent:
         return fused(qh, kh, vh, scale)
     B, H, T, _ = qh.shape
-    heads = max(1, max_extent // (B * T * max(qh.shape[-1], vh.shape[-1])))
+    heads = _group_heads(B, T, qh.shape[-1], vh.shape[-1], max_extent)
     parts = [fused(*(t[:, h:h + heads].contiguous() for t in (qh, kh, vh)), scale) for h in range(0, H, heads)]
     return torch.cat([out for out, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
 
@@ -86,8 +86,14 @@ def head_group_bytes(B: int, T: int, H: int, dq: int, dv: int, v_row: int, eleme
     concatenated, a second out [B, H, T, dv] and lse [B, H, T] fp32."""
     if max(B * T * H * dq, B * T * H * v_row - (v_row - dv)) <= max_extent:  # the views' extents
         return 0
-    heads = min(H, max(1, max_extent // (B * T * max(dq, dv))))
+    heads = min(H, _group_heads(B, T, dq, dv, max_extent))
     return heads * B * T * (2 * dq + dv) * element_size + B * H * T * (dv * element_size + 4)
+
+
+def _group_heads(B: int, T: int, dq: int, dv: int, max_extent: int) -> int:
+    """Heads per group: the most whose contiguous q, k [B, heads, T, dq] and v [B, heads, T, dv] stay within
+    max_extent elements (at least one)."""
+    return max(1, max_extent // (B * T * max(dq, dv)))
 
 
 def memory_extent(t: torch.Tensor) -> int:

@@ -36,9 +36,11 @@ BOTH = "dense+sparse"  # the stages of a run: both, or one of them alone ("dense
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def patterns(out: str, num_layers: int, ratios=RATIOS) -> dict[tuple[str, float], Pattern]:
-    """(kind, ratio) -> pattern: 'uniform' (evenly spread F layers) and 'greedy' (from OUT/search/search.json)."""
+def patterns(out: str, num_layers: int | None = None, ratios=RATIOS) -> dict[tuple[str, float], Pattern]:
+    """(kind, ratio) -> pattern: 'uniform' (evenly spread F layers) and 'greedy' (from OUT/search/search.json) of
+    num_layers layers (None: the searched model's)."""
     steps = json.loads((Path(out) / "search" / "search.json").read_text())["greedy"]
+    num_layers = num_layers or len(steps[0]["pattern"])
     table = {}
     for ratio in ratios:
         table[("uniform", ratio)] = Pattern.from_retention(num_layers, ratio)
@@ -49,11 +51,6 @@ def patterns(out: str, num_layers: int, ratios=RATIOS) -> dict[tuple[str, float]
                              f"search down to retention {ratio} or lower")
         table[("greedy", ratio)] = greedy[0]
     return table
-
-
-def search_layers(out: str) -> int:
-    """The layer count of the model searched in OUT/search/search.json."""
-    return len(json.loads((Path(out) / "search" / "search.json").read_text())["greedy"][0]["pattern"])
 
 
 def stages(distill_cfg) -> str:
@@ -78,9 +75,8 @@ def cells(out: str, experiment: str, ratios=RATIOS, overrides=()) -> list[tuple[
 
     with initialize_config_dir(CONF, version_base="1.3"):
         distill = compose("config", overrides=[f"experiment={experiment}", *overrides]).distill
-    layers = search_layers(out)
-    table = patterns(out, layers, ratios)
-    all_f = Pattern.all_full(layers)
+    table = patterns(out, ratios=ratios)
+    all_f = Pattern.all_full(len(next(iter(table.values()))))
     runs = [(f"{all_f}-own", [f"distill.pattern={all_f}", "distill.target=own"])]  # own = centroid: one layer a group
     runs += [(f"{p}-{target}", [f"distill.pattern={p}", f"distill.target={target}"])
              for p in sorted({str(p) for p in table.values()}) for target in TARGETS]

@@ -75,7 +75,7 @@ def test_cells_are_each_pattern_and_target_then_the_stage_ablation_at_the_same_s
 @pytest.mark.parametrize("experiment", ["paper_table", "paper_table_deep"])
 def test_an_experiment_keeps_the_logger_chosen_on_the_command_line(experiment):
     """DISTILL_ARGS="logger=disabled" reaches every run of the table (a machine without wandb runs it)."""
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
+    with initialize_config_dir(CONF, version_base="1.3"):
         for logger in ("disabled", "offline"):
             assert compose("config", overrides=[f"experiment={experiment}", f"logger={logger}"]).logger.mode == logger
 
