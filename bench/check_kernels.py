@@ -280,6 +280,23 @@ def check_block_fp8(M, N, K, *, tol=4e-3):  # the output is bf16: up to 2^-8 of 
     return ok
 
 
+def check_quantize_rows_long(M=131072, K=18432, rows=(0, 65535, 116508, 131071)):
+    """quantize_rows past 2^31 elements (DeepSeek-V3.2's dense MLP input at 128K tokens: 2.4e9), where 32-bit offsets
+    wrap from row 2^31 // K on: the fp8 bytes and scales of a few rows, the last ones included, against the
+    reference on those rows."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    q, scale = block_fp8.quantize_rows(x)
+    torch.cuda.synchronize()
+    picked = list(rows)
+    q_ref, scale_ref = reference.quantize_rows(x[picked])
+    differing = (q[picked].view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    scale_error = relative_error(scale[picked], scale_ref)
+    ok = differing < 1e-3 and scale_error < 1e-6
+    print(f"block_fp8 quantize_rows M={M} K={K} ({M * K / 2**31:.2f} x 2^31 elements), rows {picked}: rel.err scales "
+          f"{scale_error:.1e}, fp8 bytes differing {differing:.1e}" + ("  ok" if ok else "  FAIL"), flush=True)
+    return ok
+
+
 def main() -> int:
     print(torch.cuda.get_device_name(), flush=True)
     results = [
@@ -309,6 +326,7 @@ def main() -> int:
         check_block_fp8(4096, 1536, 7168),
         check_block_fp8(1000, 576, 7168),     # kv_a_proj_with_mqa: rows not a whole number of 128-blocks
         check_block_fp8(77, 7168, 2048),       # a routed expert's few tokens: rows padded to 16
+        check_quantize_rows_long(),
     ]
     return 0 if all(results) else 1
 

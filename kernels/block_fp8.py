@@ -36,8 +36,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, M_out, K, x_row_stride, BL
                           BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr):
     """One program quantises BLOCK_M rows x one 128-column block: scale = amax / FP8_MAX (1 where the block is 0),
     q = x / scale in float8; scale written K-block-major, scale[kb, m] (the layout the GEMM takes). Rows M .. M_out
-    - 1 (padding) are written as zeros with scale 1."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    - 1 (padding) are written as zeros with scale 1. Offsets in 64 bits: M x K passes 2^31 elements at long context
+    (DeepSeek-V3.2's dense MLP input, 18432 columns, beyond 116K tokens)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     kb = tl.program_id(1)
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :],

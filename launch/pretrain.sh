@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce a reference DSA model from scratch on one GPU. RECIPE picks which (default reference):
 #   reference  models/reference (MODEL_CARD.md): 12 layers, 1024 tokens, top-64; conf/pretrain.yaml, data=stdlib
-#   deep       models/reference_deep (not shipped yet: docs/RESULTS.md): 24 layers, 8192 tokens, top-256;
+#   deep       models/reference_deep (shipped; its card says how it was made): 24 layers, 8192 tokens, top-256;
 #              data=packages (the .py sources of installed packages, joined per package directory); two phases,
 #              conf/pretrain_deep.yaml at 2048 tokens, then conf/pretrain_deep_8k.yaml at 8192 from its model
 # Stages:
