@@ -72,12 +72,13 @@ def enable_cpu_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     _patch_interpreter_loop_bounds()
     _interpret_language_helpers()
-    # triton_utils first: the op files import its @jit helpers (kernels.tiles holds no kernels and keeps any
-    # override in effect)
-    for name in ("kernels.triton_utils", "kernels.centroid_kl", "kernels.indexer_topk", "kernels.sparse_attention",
-                 "kernels.sparse_centroid_kl"):
-        module = sys.modules.get(name)
-        if module is not None and any(isinstance(v, JITFunction) for v in vars(module).values()):
+    # every loaded kernel module with kernels, triton_utils first: the op files import its @jit helpers
+    # (kernels.tiles holds no kernels and keeps any override in effect)
+    loaded = sorted((name for name in sys.modules if name.startswith("kernels.")),
+                    key=lambda name: name != "kernels.triton_utils")
+    for name in loaded:
+        module = sys.modules[name]
+        if any(isinstance(v, JITFunction) for v in vars(module).values()):
             importlib.reload(module)
 
 

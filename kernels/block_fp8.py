@@ -54,8 +54,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, M_out, K, x_row_stride, BL
 def quantize_rows(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q [M', K] float8_e4m3fn, scale [M', ceil(K / block)] fp32 with strides (1, M')), M' = M rounded
     up to a multiple of ROWS (the rows past M are zeros): x ~= q[:M] * scale[:M], one scale per row and `block`
-    columns. Same values as `kernels.reference.quantize_rows` on the first M rows, checked on the GPU by
-    `bench.check_kernels` (no CPU test runs it: Triton 3.6's interpreter casts to float8 wrongly, 126.9 -> 64)."""
+    columns. Same values as `kernels.reference.quantize_rows` on the first M rows: the fp8 bytes are checked on the GPU
+    by `bench.check_kernels` (Triton 3.6's CPU interpreter casts to float8 wrongly, 126.9 -> 64), the scales and the
+    padding rows also on the CPU (tests/kernels/test_kernel_block_fp8.py)."""
     M, K = x.shape
     M_out = -(-M // ROWS) * ROWS
     if x.stride(-1) != 1:
