@@ -13,8 +13,10 @@ T x T tensor:
 - CPU: torch's flash attention for the CPU, with v padded to q's width (it takes one head size).
 - Heads in groups, each made contiguous, wherever a q, k or v view reaches 2^31 elements of memory (its extent:
   the elements between its first and its last, so v sliced out of a wider kv counts that width): past that one
-  cuDNN call over all heads gave inf, and groups of strided views failed the LSE check (DeepSeek-V3.2's 128 heads
-  at 128K tokens, an H100, torch 2.11). Heads are independent: the groups give the same result.
+  cuDNN call over all heads gave inf (DeepSeek-V3.2's 128 heads at 128K tokens, H100 and H200, torch 2.11). The
+  copies keep every call within 32-bit offsets; whether cuDNN would take a strided group whose extent passes 2^31
+  is not measured (the 128K real-width failure first blamed on such groups came from `kernels.block_fp8`'s 32-bit
+  offsets, docs/BENCHMARKS.md). Heads are independent: the groups give the same result.
 - Packed documents (`cu_seqlens`): each document is a contiguous run of a row, so the fused kernel runs on
   each run in turn (exact, and as fast as the backend is for that length).
 The LSE a backend returns is checked, once per call, on the last query row of each head (of the longest run)
